@@ -716,8 +716,13 @@ private:
         PathGuard g(*this, "shape_predictor");
         ShapePredictor sp;
         std::size_t p0 = p;
-        sp.version = read_int(p, 4, "shape_predictor version");
-        if (sp.version != 1) fail_at(p0, "trailing data after the network (not a shape_predictor)");
+        const std::string trailing = std::to_string(n_ - p0) + " byte(s) of trailing data after the network (not a shape_predictor)";
+        try {
+            sp.version = read_int(p, 4, "shape_predictor version");
+        } catch (const Fail&) {
+            fail_at(p0, trailing);
+        }
+        if (sp.version != 1) fail_at(p0, trailing);
         int fmt = -1;
         sp.initial_shape = read_matrix(p, fmt, "initial_shape");
         uint64_t ncascades = read_count(p, 2, "forest count");
