@@ -77,6 +77,14 @@ class DlibInput(nn.Module):
         # float32, like dlib's avg_red/avg_green/avg_blue fields.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
 
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) must not round the means (122.782 is 122.75 in fp16): they stay
+        # float32, only their device follows the module.
+        mean = self.mean
+        out = super()._apply(fn, recurse)
+        self.mean = mean.to(device=self.mean.device)
+        return out
+
     def to_nchw(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(0)
