@@ -1,0 +1,634 @@
+"""Face images in, training batches out.
+
+Two halves, both used by ``align`` and by training code:
+
+* :func:`read_image` turns any photo a user is likely to have into the 8-bit RGB array that
+  dlib's detector and ``get_face_chip`` expect, or raises :class:`ImageReadError` whose
+  ``reason`` is one of the stable codes in :data:`REASONS`.  A dataset of thousands of photos
+  always holds a few broken ones; callers record the reason and move on.
+
+* The chip store (:func:`pack`, :class:`ChipStore`) keeps every aligned chip of a data set in
+  one raw uint8 array of N×150×150×3 that is memory-mapped, plus labels and paths, so a
+  training epoch does no PNG/JPEG decoding: loading a batch is an index into the array.
+  :class:`ChipDataset` (a map-style torch dataset) and :class:`PKBatchSampler` (P identities ×
+  K images per batch, what metric learning needs) read it.  torch is imported only inside the
+  methods that build tensors, so packing and reading a store need numpy only.
+
+Typical training use::
+
+    store = ChipStore("celeba.store")
+    ds = ChipDataset(store)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=PKBatchSampler(store.labels, p=32, k=4, seed=0), num_workers=2)
+    for chips, labels in loader:   # chips: uint8 (B, 3, 150, 150) RGB; labels: int64 (B,)
+        ...
+
+Decoding decisions (each is the one that keeps chips identical to what dlib computes):
+
+* JPEG is decoded by dlib's own decoder (``dlib.load_rgb_image``) by default.  It differs
+  from Pillow/OpenCV (libjpeg-turbo) by up to ~40 grey levels per pixel on chroma edges, which
+  moves descriptors; with dlib's decoder a chip equals the one dlib's examples would compute.
+  Its libjpeg warnings are captured to tell corrupt and truncated files, which Pillow decodes
+  silently into garbage.  ``decoder="pillow"`` uses Pillow instead.
+* EXIF orientation is applied to the decoded pixels (dlib itself ignores it).
+* Transparent pixels are composited onto black with dlib's own integer arithmetic
+  ``(v * ((alpha << 8) // 255)) >> 8`` (what ``load_rgb_image`` does for RGBA PNGs).
+* 16-bit samples keep their high byte (``v >> 8``), as Pillow does for 16-bit RGB PNGs; dlib
+  saturates them to 255 instead, which is no use.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Reading images
+# --------------------------------------------------------------------------------------------
+
+#: Why a file was not turned into an image.  Codes are stable (they go into manifests).
+REASONS = {
+    "zero_size": "the file has 0 bytes",
+    "empty": "the file holds only NUL bytes or whitespace",
+    "unreadable": "the file could not be read (permissions, not a regular file, I/O error)",
+    "not_an_image": "not an image file",
+    "unsupported_format": "an image format outside JPEG/PNG/BMP/WebP/TIFF/PNM/GIF",
+    "too_large": "more pixels than the decompression-bomb limit (max_pixels)",
+    "truncated": "the image data ends early",
+    "corrupt": "the header or the compressed data is damaged",
+    "unsupported_mode": "a pixel type with no defined 8-bit RGB rendering (e.g. float)",
+}
+
+#: Pillow format names we decode.  PPM covers PBM/PGM/PPM; MPO is the multi-picture JPEG that
+#: many cameras write (first frame used).
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "DIB", "WEBP", "TIFF", "PPM", "GIF"})
+
+#: Default decompression-bomb guard: 40 megapixels (a 48 MP phone photo must be allowed
+#: explicitly).  Checked from the header, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+DECODERS = ("dlib", "pillow")
+
+# Leading bytes of the formats we accept: a file that starts like an image but that Pillow
+# cannot even identify is damaged, not "not an image".
+_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*",
+               b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+
+
+class ImageReadError(ValueError):
+    """A file that could not be read as an image; ``reason`` is a key of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str, path: str | os.PathLike | None = None):
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{reason}: {detail}" + (f" ({self.path})" if self.path else ""))
+
+
+@dataclasses.dataclass
+class Photo:
+    """A decoded image: ``rgb`` is (H, W, 3) uint8, already EXIF-oriented."""
+
+    rgb: np.ndarray
+    format: str           # Pillow's format name, e.g. 'JPEG'
+    mode: str             # Pillow's mode of the stored pixels, e.g. 'CMYK', 'I;16'
+    orientation: int      # EXIF orientation that was applied (1 = none)
+    decoder: str          # 'dlib' or 'pillow'
+    note: str = ""        # harmless decoder warnings, e.g. extraneous bytes in a JPEG
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               decoder: str = "dlib") -> Photo:
+    """Decode ``path`` to 8-bit RGB, or raise :class:`ImageReadError` (never anything else
+    for a bad file: callers process thousands of files and must not die on one)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    from PIL import Image
+
+    path = os.fspath(path)
+    try:
+        size = os.stat(path).st_size
+        if not os.path.isfile(path):
+            raise ImageReadError("unreadable", "not a regular file", path)
+        if size == 0:
+            raise ImageReadError("zero_size", REASONS["zero_size"], path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise ImageReadError("unreadable", f"{type(e).__name__}: {e.strerror or e}", path) from None
+
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces Pillow's global limit (a process-wide setting we
+        # must not change); its warning below 2x the limit would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ImageReadError("too_large", str(e), path) from None
+        except Exception as e:  # Pillow raises many types for bad headers
+            raise _unidentified(path, head, e) from None
+        with im:
+            return _decode(im, path, max_pixels, decoder)
+
+
+def _unidentified(path: str, head: bytes, err: Exception) -> ImageReadError:
+    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        detail = f"image header not readable ({type(err).__name__}: {err})"
+        return ImageReadError("truncated" if "truncated" in detail.lower() else "corrupt", detail, path)
+    if _only_filler(path):
+        return ImageReadError("empty", REASONS["empty"], path)
+    return ImageReadError("not_an_image", "no known image format recognised", path)
+
+
+def _only_filler(path: str) -> bool:
+    filler = b"\x00 \t\r\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if block.strip(filler):
+                return False
+    return True
+
+
+def _decode(im, path: str, max_pixels: int, decoder: str) -> Photo:
+    from PIL import Image
+
+    fmt = im.format or "?"
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageReadError("unsupported_format", f"{fmt} images are not supported", path)
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageReadError("too_large", f"{w}x{h} = {w * h} pixels > max_pixels={max_pixels}", path)
+    orientation = _exif_orientation(im)
+    note = ""
+    rgb = None
+    used = "pillow"
+    if decoder == "dlib" and fmt in ("JPEG", "MPO"):
+        rgb, note = _decode_jpeg_with_dlib(path, (h, w))
+        used = "dlib" if rgb is not None else "pillow"
+    if rgb is None:
+        try:
+            im.seek(0)
+            im.load()
+        except Image.DecompressionBombError as e:
+            raise ImageReadError("too_large", str(e), path) from None
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            reason = "truncated" if "truncated" in msg.lower() else "corrupt"
+            raise ImageReadError(reason, msg, path) from None
+        rgb = _to_rgb8(im, path)
+        if note:
+            note = f"decoded by Pillow after dlib failed: {note}"
+    rgb = np.ascontiguousarray(_orient(rgb, orientation))
+    return Photo(rgb, fmt, im.mode, orientation, used, note)
+
+
+def _exif_orientation(im) -> int:
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # damaged EXIF must not cost the photo; it is just not rotated
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to an (H, W, C) array: the same pixels Pillow's
+    ``ImageOps.exif_transpose`` gives, done on numpy so dlib-decoded arrays get it too."""
+    if orientation == 2:
+        return a[:, ::-1]
+    if orientation == 3:
+        return a[::-1, ::-1]
+    if orientation == 4:
+        return a[::-1]
+    if orientation == 5:
+        return a.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(a, -1)
+    if orientation == 7:
+        return a[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(a, 1)
+    return a
+
+
+# libjpeg warnings that leave a correct image: junk between segments, common in camera files.
+_HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker",)
+
+
+def _decode_jpeg_with_dlib(path: str, shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """dlib's decoder, with libjpeg's warnings (printed to fd 2) captured and classified.
+    Returns (None, why) when dlib cannot decode the file at all, so Pillow gets a try."""
+    import dlib
+
+    with _captured_stderr() as captured:
+        try:
+            rgb = dlib.load_rgb_image(path)
+            failure = ""
+        except Exception as e:
+            rgb, failure = None, f"{type(e).__name__}: {e}"
+    messages = [m.strip() for m in captured[0].splitlines() if m.strip()]
+    if rgb is None:
+        return None, failure or "; ".join(messages)
+    serious = [m for m in messages if not any(h in m for h in _HARMLESS_JPEG_WARNINGS)]
+    if serious:
+        text = "; ".join(serious)
+        reason = "truncated" if "premature end of jpeg file" in text.lower() else "corrupt"
+        raise ImageReadError(reason, f"libjpeg: {text}", path)
+    if rgb.shape != (*shape, 3):
+        raise ImageReadError("corrupt", f"decoded {rgb.shape}, header says {shape}", path)
+    return rgb, "; ".join(messages)
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what C code writes to file descriptor 2 (libjpeg's warnings) while the block
+    runs; yields a one-element list that holds the text afterwards."""
+    out = [""]
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield out
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                out[0] = tmp.read().decode("utf-8", "replace")
+    finally:
+        os.close(saved)
+
+
+def _to_rgb8(im, path: str) -> np.ndarray:
+    """Pillow image of any mode → (H, W, 3) uint8 following the module's decoding rules."""
+    mode = im.mode
+    if mode == "P" or mode == "PA":
+        im = im.convert("RGBA" if (mode == "PA" or "transparency" in im.info) else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode == "L":
+        return np.repeat(np.asarray(im)[:, :, None], 3, axis=2)
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, and I (Pillow's 16-bit PGM)
+        v = np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8
+        return np.repeat(v.astype(np.uint8)[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA"):
+        a = np.asarray(im).astype(np.uint32)
+        alpha = a[:, :, -1:]
+        color = a[:, :, :3] if mode == "RGBA" else np.repeat(a[:, :, :1], 3, axis=2)
+        return ((color * ((alpha << 8) // 255)) >> 8).astype(np.uint8)
+    if mode == "F":
+        raise ImageReadError("unsupported_mode", "floating-point pixels have no defined 8-bit range", path)
+    try:  # CMYK, YCbCr, LAB, HSV, RGBX, RGBa: Pillow knows the formula
+        return np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ImageReadError("unsupported_mode", f"mode {mode}: {e}", path) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The chip store
+# --------------------------------------------------------------------------------------------
+
+STORE_VERSION = 1
+CHIP_SHAPE = (150, 150, 3)
+_CHIPS = "chips.u8"      # raw N*150*150*3 bytes, row-major; np.memmap reads it
+_LABELS = "labels.npy"   # int32 (N,), index into identities, -1 for chips without identity
+_INDEX = "index.json"    # version, count, identities, paths, sources, skipped
+_PROGRESS = "progress.json"
+_FLUSH_EVERY = 512       # chips between progress checkpoints of a resumable pack
+
+
+class StoreError(ValueError):
+    """A chip store that cannot be built or opened."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipEntry:
+    """One chip to pack: ``path`` relative to the chips folder."""
+
+    path: str
+    identity: str = ""      # '' = no identity (flat folder)
+    source: str = ""        # the photo it came from, when known (manifest)
+
+
+def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
+    """The chips of ``chips_dir``: from its ``manifest.csv`` (written by ``align``) when there
+    is one, else every image file below it, the first sub-folder being the identity."""
+    import csv
+
+    root = Path(chips_dir)
+    if not root.is_dir():
+        raise StoreError(f"{root} is not a folder")
+    manifest = root / "manifest.csv"
+    entries = []
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row.get("chip"):
+                    entries.append(ChipEntry(row["chip"], row.get("identity", ""), row.get("source", "")))
+    else:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                rel = Path(dirpath, name).relative_to(root)
+                entries.append(ChipEntry(rel.as_posix(), rel.parts[0] if len(rel.parts) > 1 else ""))
+    # Identity-contiguous order: the K images of one identity in a batch lie close together.
+    entries.sort(key=lambda e: (e.identity, e.path))
+    return entries
+
+
+def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: bool = False,
+         progress: bool = True, on_chip: Callable[[int], None] | None = None) -> "ChipStore":
+    """Build the store ``store`` (a folder) from the chips in ``chips_dir``.
+
+    Resumable: the work goes to ``<store>.partial`` with a checkpoint every few hundred chips;
+    a rerun over the same chips continues there.  The finished folder appears by one rename,
+    so ``store`` is never half-written.  Files that are not valid 150×150 chips are left out
+    and listed (with their reason) under ``skipped`` in ``index.json``.  ``on_chip(i)`` is
+    called after each chip (progress hooks; an exception from it interrupts the pack cleanly).
+    """
+    chips_dir, store = Path(chips_dir), Path(store)
+    if store.exists() and not overwrite:
+        raise StoreError(f"{store} exists (use overwrite=True / --overwrite to replace it)")
+    if store.resolve() == chips_dir.resolve() or chips_dir.resolve() in store.resolve().parents:
+        raise StoreError("the store must be outside the chips folder")
+    entries = chip_entries(chips_dir)
+    if not entries:
+        raise StoreError(f"no chips found in {chips_dir}")
+    fingerprint = hashlib.sha256(
+        json.dumps([dataclasses.astuple(e) for e in entries]).encode()).hexdigest()
+
+    partial = store.with_name(store.name + ".partial")
+    state = _read_progress(partial, fingerprint)
+    if state is None:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        with open(partial / _CHIPS, "wb") as f:
+            f.truncate(len(entries) * int(np.prod(CHIP_SHAPE)))
+        state = {"fingerprint": fingerprint, "next": 0, "written": 0, "kept": [], "skipped": []}
+        _write_json(partial / _PROGRESS, state)
+
+    n = len(entries)
+    chips = np.memmap(partial / _CHIPS, dtype=np.uint8, mode="r+", shape=(n, *CHIP_SHAPE))
+    bar = _progress_bar(n, "packing", progress, initial=state["next"])
+    try:
+        for i in range(state["next"], n):
+            entry = entries[i]
+            try:
+                rgb = read_image(chips_dir / entry.path).rgb
+                if rgb.shape != CHIP_SHAPE:
+                    raise ImageReadError("corrupt", f"a chip must be {CHIP_SHAPE[0]}x{CHIP_SHAPE[1]}, "
+                                                    f"this is {rgb.shape[1]}x{rgb.shape[0]}")
+                chips[state["written"]] = rgb
+                state["written"] += 1
+                state["kept"].append(i)
+            except ImageReadError as e:
+                state["skipped"].append({"path": entry.path, "reason": e.reason, "detail": e.detail})
+            state["next"] = i + 1
+            if state["next"] % _FLUSH_EVERY == 0:
+                chips.flush()
+                _write_json(partial / _PROGRESS, state)
+            bar.update(1)
+            if on_chip is not None:
+                on_chip(i)
+    finally:
+        bar.close()
+        chips.flush()
+        del chips
+        if state["next"] % _FLUSH_EVERY:
+            _write_json(partial / _PROGRESS, state)
+
+    kept = [entries[i] for i in state["kept"]]
+    if not kept:
+        raise StoreError(f"none of the {n} files in {chips_dir} is a valid chip")
+    os.truncate(partial / _CHIPS, len(kept) * int(np.prod(CHIP_SHAPE)))
+    identities = sorted({e.identity for e in kept if e.identity})
+    ident_index = {name: j for j, name in enumerate(identities)}
+    labels = np.array([ident_index.get(e.identity, -1) for e in kept], dtype=np.int32)
+    np.save(partial / _LABELS, labels)
+    _write_json(partial / _INDEX, {
+        "version": STORE_VERSION, "count": len(kept), "chip_shape": list(CHIP_SHAPE),
+        "chips_dir": str(chips_dir.resolve()), "identities": identities,
+        "paths": [e.path for e in kept], "sources": [e.source for e in kept],
+        "skipped": state["skipped"],
+    })
+    os.unlink(partial / _PROGRESS)
+    if store.exists():
+        old = store.with_name(store.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(store, old)
+        os.replace(partial, store)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, store)
+    return ChipStore(store)
+
+
+def _read_progress(partial: Path, fingerprint: str) -> dict | None:
+    try:
+        state = json.loads((partial / _PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+class ChipStore:
+    """A packed chip store opened read-only.
+
+    ``chips`` is an (N, 150, 150, 3) uint8 ``np.memmap`` (RGB), ``labels`` int32 (N,)
+    indices into ``identities`` (-1: no identity), ``paths[i]`` the chip file chip i came from
+    (relative to the chips folder) and ``sources[i]`` its photo when known.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            index = json.loads((self.path / _INDEX).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.path} is not a chip store: {e}") from None
+        if index.get("version") != STORE_VERSION:
+            raise StoreError(f"{self.path}: store version {index.get('version')} not supported")
+        n = int(index["count"])
+        shape = (n, *index["chip_shape"])
+        expected = int(np.prod(shape))
+        actual = os.path.getsize(self.path / _CHIPS)
+        if actual != expected:
+            raise StoreError(f"{self.path / _CHIPS} has {actual} bytes, expected {expected}")
+        self.chips = np.memmap(self.path / _CHIPS, dtype=np.uint8, mode="r", shape=shape)
+        self.labels = np.load(self.path / _LABELS)
+        self.identities: list[str] = index["identities"]
+        self.paths: list[str] = index["paths"]
+        self.sources: list[str] = index["sources"]
+        self.skipped: list[dict] = index["skipped"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: slice | Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chips, labels) for ``indices``: a slice is a view of the memory map (no copy); a
+        list/array of indices is gathered into one (B, 150, 150, 3) array."""
+        if isinstance(indices, slice):
+            return self.chips[indices], self.labels[indices]
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.chips[idx], self.labels[idx]
+
+    def identity_indices(self) -> dict[int, np.ndarray]:
+        """label → sorted chip indices of that identity (chips without identity left out)."""
+        return _group_by_label(self.labels)
+
+
+def _group_by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
+    groups = {}
+    for part in np.split(order, bounds):
+        if len(part) and labels[part[0]] >= 0:
+            groups[int(labels[part[0]])] = part
+    return groups
+
+
+class ChipDataset:
+    """Map-style torch dataset over a :class:`ChipStore` (or its path).
+
+    Item i is ``(chip, label)``: chip a uint8 tensor (3, 150, 150) in RGB — what the port's
+    input layer (``arch.DlibInput``) takes, it does dlib's (x − mean)/256 — and label a python
+    int (-1 for no identity).  ``indices`` restricts the dataset to part of the store (a
+    train/validation split); item i is store chip ``indices[i]``.
+
+    ``transform(chip, rng)`` maps a (150, 150, 3) uint8 numpy chip to another (the signature
+    of ``augment.Augment``).  Its generator is seeded by (``seed``, epoch, store index), so a
+    sample's augmentation depends on nothing else (not on DataLoader workers or order): runs
+    are reproducible and resumable.  Call :meth:`set_epoch` before iterating each epoch (with
+    the default non-persistent DataLoader workers, which copy the dataset per epoch).
+
+    ``__getitems__`` makes a ``DataLoader`` fetch a whole batch with one gather from the
+    memory map instead of one read per item.
+    """
+
+    def __init__(self, store: ChipStore | str | os.PathLike, indices: Iterable[int] | None = None,
+                 transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+                 seed: int = 0):
+        self.store = store if isinstance(store, ChipStore) else ChipStore(store)
+        self.indices = (np.arange(len(self.store)) if indices is None
+                        else np.asarray(list(indices), dtype=np.int64))
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.store)):
+            raise IndexError(f"indices outside the store's {len(self.store)} chips")
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of this dataset's items, in item order (what :class:`PKBatchSampler` needs)."""
+        return self.store.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list:
+        import torch
+
+        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        chips, labels = self.store.batch(rows)
+        out = []
+        for row, chip, label in zip(rows.tolist(), chips, labels.tolist()):
+            if self.transform is not None:
+                chip = self.transform(np.array(chip), np.random.default_rng([self.seed, self.epoch, row]))
+            out.append((torch.from_numpy(np.ascontiguousarray(chip.transpose(2, 0, 1))), label))
+        return out
+
+
+class PKBatchSampler:
+    """Batches of ``p`` identities × ``k`` images each, for metric learning.
+
+    dlib's metric loss learns from pairs inside a mini-batch, so every batch must hold several
+    images of the same people; a random sampler almost never does.  Each epoch walks a fresh
+    shuffle of the identities (each identity appears about equally often), and takes ``k``
+    distinct images of each, drawing with replacement only when an identity has fewer than
+    ``k``.  Identities with fewer than ``min_images`` images are left out (a lone image has
+    no positive pair).  Yields lists of indices into ``labels`` (i.e. dataset items); use as a
+    ``DataLoader(batch_sampler=...)``.  Deterministic for a given ``seed`` and
+    :meth:`set_epoch`.
+
+    ``batches`` per epoch defaults to (images in eligible identities) // (p·k), so one epoch
+    sees about every image once.
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, p: int, k: int, *,
+                 batches: int | None = None, seed: int = 0, min_images: int = 2):
+        if p < 1 or k < 1:
+            raise ValueError(f"p and k must be >= 1 (got p={p}, k={k})")
+        self.groups = {lab: idx for lab, idx in _group_by_label(np.asarray(labels)).items()
+                       if len(idx) >= min_images}
+        if len(self.groups) < p:
+            raise ValueError(f"p={p} identities per batch, but only {len(self.groups)} identities "
+                             f"have at least {min_images} images")
+        self.p, self.k, self.seed, self.epoch = p, k, seed, 0
+        total = sum(len(v) for v in self.groups.values())
+        self.batches = batches if batches is not None else max(1, total // (p * k))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        ids = np.array(sorted(self.groups))
+        queue: list[int] = []
+        for _ in range(self.batches):
+            chosen: list[int] = []
+            while len(chosen) < self.p:
+                if not queue:
+                    queue = rng.permutation(ids).tolist()
+                lab = queue.pop()
+                if lab not in chosen:
+                    chosen.append(lab)
+            batch = []
+            for lab in chosen:
+                pool = self.groups[lab]
+                pick = rng.choice(pool, size=self.k, replace=len(pool) < self.k)
+                batch.extend(int(i) for i in pick)
+            yield batch
