@@ -46,3 +46,50 @@ def real_model_files(shared_dir) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def johns_dir(shared_dir) -> Path:
     return shared_dir / "data" / "johns"
+
+
+# ---- aligned face chips (dlib's own decoder and aligner), shared by the port's tests ----
+
+@pytest.fixture(scope="session")
+def johns_chips(johns_dir):
+    """The 55 aligned johns chips: (relative paths, person labels, uint8 RGB N×150×150×3).
+    Decoded with dlib's own JPEG loader: OpenCV's decoder differs by up to ~20 levels."""
+    import dlib
+    import numpy as np
+    files = sorted(johns_dir.glob("*/*.jpg"))
+    chips = np.stack([dlib.load_rgb_image(str(f)) for f in files])
+    return [f.relative_to(johns_dir).as_posix() for f in files], [f.parent.name for f in files], chips
+
+
+@pytest.fixture(scope="session")
+def photo_chips(shared_dir):
+    """Chips cut from ../shared/data/faces by dlib's pipeline: HOG detector (upsample 1),
+    5-point landmarks, ``get_face_chip(img, shape, 150, 0.25)``.  (names, uint8 N×150×150×3)."""
+    import dlib
+    import numpy as np
+    from dlibbridge import assets
+    detector = dlib.get_frontal_face_detector()
+    sp = dlib.shape_predictor(str(assets.landmarks5_path()))
+    names, chips = [], []
+    for f in sorted((shared_dir / "data" / "faces").glob("*.jpg")):
+        img = dlib.load_rgb_image(str(f))
+        for i, det in enumerate(detector(img, 1)):
+            chips.append(dlib.get_face_chip(img, sp(img, det), 150, 0.25))
+            names.append(f"{f.name}#{i}")
+    return names, np.stack(chips)
+
+
+@pytest.fixture(scope="session")
+def face_chips(johns_chips, photo_chips):
+    """Every aligned test chip: the johns, then the photo chips (uint8 N×150×150×3)."""
+    import numpy as np
+    return np.concatenate([johns_chips[2], photo_chips[1]])
+
+
+@pytest.fixture(scope="session")
+def dlib_descriptors(face_model_path, face_chips):
+    """Real dlib's descriptors of ``face_chips`` (batched ``compute_face_descriptor``)."""
+    import dlib
+    import numpy as np
+    fr = dlib.face_recognition_model_v1(str(face_model_path))
+    return np.array(fr.compute_face_descriptor(list(face_chips)))
