@@ -100,11 +100,189 @@ def _run_pack(args) -> int:
     return 0
 
 
+# ---- evaluate (issue 7: evaluation and reports) --------------------------------------------
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="LFW-protocol verification, TAR@FAR, identification; models side by side",
+        description="Evaluate one or more face models on LFW-style pairs (pairs.txt, or --gen-pairs from "
+                    "identity folders): 10-fold accuracy, accuracy at 0.6, ROC AUC, EER, TAR@FAR 1e-3/1e-4, "
+                    "rank-1 and clustering. Prints a table, writes results.json (schema: docs/evaluation.md) "
+                    "and, with --report, an HTML/Markdown report with plots.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="dlib .dat, dlibbridge torch checkpoint, TorchScript or ONNX file; 'default' = the "
+                        "installed dlib model; prefix dlib: or torch: to pick the engine for one model")
+    p.add_argument("--data", required=True, metavar="DIR", help="identity folders: DIR/<person>/<image>")
+    p.add_argument("--pairs", metavar="PAIRS",
+                   help="LFW pairs.txt to evaluate on (with --gen-pairs: where to save the generated pairs)")
+    p.add_argument("--gen-pairs", type=int, metavar="N",
+                   help="generate N balanced pairs in identity-disjoint folds from DIR (seeded, saved for reuse)")
+    p.add_argument("--folds", type=int, default=10, metavar="K", help="folds for --gen-pairs (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --gen-pairs and the gallery split (default 0)")
+    p.add_argument("--report", metavar="OUT_DIR", help="write report.html/report.md, plots and worst errors here")
+    p.add_argument("--json", metavar="PATH", help="results.json path (default: OUT_DIR/results.json or ./results.json)")
+    p.add_argument("--engine", choices=("torch", "dlib"), default="torch",
+                   help="run .dat models through the torch port (default) or the dlib package itself")
+    p.add_argument("--flip", action="store_true", help="average each descriptor with its mirror image's")
+    p.add_argument("--jitter", type=int, default=0, metavar="N",
+                   help="average N of dlib's random jitters per face (dlib's 99.38%% LFW figure used 100)")
+    p.add_argument("--no-identification", action="store_true", help="skip rank-1 and clustering (fewer images)")
+    p.add_argument("--cache", metavar="DIR", help="chips and descriptor cache (default ~/.cache/dlibbridge/evaluate)")
+    p.add_argument("--no-cache", action="store_true", help="keep nothing between runs")
+    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="face detector for non-chip images")
+    p.add_argument("--upsample", type=int, default=1, metavar="N", help="detector upsampling (default 1)")
+    p.add_argument("--multi", choices=("center", "largest"), default="center",
+                   help="several faces in a photo: the most central (default; LFW's subject is centred) or largest")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="photos without a detected face get no chip (default: a central box, as for LFW crops)")
+    p.add_argument("--jobs", "-j", type=int, metavar="N", help="alignment processes (default: all cores)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="faces per forward pass (default 64)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from pathlib import Path
+    from . import evaluate as ev
+    try:
+        for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if args.jitter < 0 or (args.jobs is not None and args.jobs < 1):
+            raise ValueError("--jitter must be >= 0 and --jobs >= 1")
+        cfg = ev.EvalConfig(
+            models=[ev.ModelSpec.parse(m, args.engine) for m in args.models], data=Path(args.data),
+            pairs=args.pairs and Path(args.pairs), gen_pairs=args.gen_pairs, n_folds=args.folds, seed=args.seed,
+            report=args.report and Path(args.report), json_path=args.json and Path(args.json), flip=args.flip,
+            jitter=args.jitter, identification=not args.no_identification,
+            cache_dir=None if args.no_cache else (Path(args.cache) if args.cache else ev.default_cache_dir()),
+            detector=args.detector, upsample=args.upsample, multi=args.multi,
+            fallback=None if args.no_fallback else "center", jobs=args.jobs, device=args.device,
+            batch_size=args.batch_size, progress=not args.quiet)
+        evaluation = ev.run(cfg)
+    except (ValueError, FileExistsError, NotADirectoryError) as e:
+        print(f"dlibbridge evaluate: {e}", file=sys.stderr)
+        return 2
+    print(ev.format_table(evaluation.results))
+    print(f"results: {evaluation.results_file}")
+    if cfg.report is not None:
+        from .report import write_report
+        print(f"report: {write_report(evaluation, cfg.report)}")
+    return 0
+
+
+# ---- finetune (issue 6: fine-tuning) ---------------------------------------------------------
+
+def _add_finetune(sub) -> None:
+    S = argparse.SUPPRESS      # only options given on the command line reach the config
+    p = sub.add_parser(
+        "finetune", help="fine-tune the face model on your faces; export model.dat for dlib",
+        description="Fine-tune dlib's face ResNet on DATA (a chip store, a folder of aligned 150x150 chips "
+                    "DATA/<person>/<chip>, or raw photos DATA/<person>/<photo>, aligned first) and write "
+                    "RUN_DIR/model.dat (dlib.face_recognition_model_v1), model_trainable.dat, model.pt, with "
+                    "config.json, log.csv/val.csv/log.json, curves.png, checkpoint.pt, summary.json. "
+                    "Continue a killed run with --resume RUN_DIR. Multi-GPU/multi-node: launch with torchrun.")
+    p.add_argument("data", nargs="?", metavar="DATA")
+    p.add_argument("--base", default=S, metavar="MODEL",
+                   help="dlib .dat (deployed or trainable) or a dlibbridge model.pt (default: dlib's model)")
+    p.add_argument("--out", default=S, metavar="RUN_DIR", help="run folder to create (required unless --resume)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    g = p.add_argument_group("loss and batches")
+    g.add_argument("--loss", default=S, choices=("metric", "arcface", "cosface", "triplet"),
+                   help="metric = dlib's loss_metric (default); arcface/cosface: normalised head, s=64; "
+                        "triplet: semi-hard mining")
+    g.add_argument("--margin", type=float, default=S,
+                   help="loss margin (default: metric 0.04, arcface 0.5, cosface 0.35, triplet 0.2)")
+    g.add_argument("--scale", type=float, default=S, help="arcface/cosface scale s (default 64)")
+    g.add_argument("--identities-per-batch", "-P", type=int, default=S, metavar="P", help="default 5")
+    g.add_argument("--images-per-identity", "-K", type=int, default=S, metavar="K", help="default 5")
+    g.add_argument("--batches-per-epoch", type=int, default=S, metavar="N",
+                   help="default: about every training image once per epoch")
+    g.add_argument("--accumulate", type=int, default=S, metavar="N",
+                   help="split each batch into N micro-batches of whole identities (less memory)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=S, help="default 10")
+    g.add_argument("--max-steps", type=int, default=S, metavar="N", help="stop after N optimiser steps")
+    g.add_argument("--optimizer", default=S, choices=("sgd", "adamw"), help="default sgd")
+    g.add_argument("--lr", type=float, default=S, help="default: sgd 1e-3, adamw 1e-4")
+    g.add_argument("--momentum", type=float, default=S, help="sgd momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=S, help="default: sgd 1e-4, adamw 1e-2")
+    g.add_argument("--schedule", default=S, choices=("cosine", "step", "constant"), help="default cosine")
+    g.add_argument("--warmup-steps", type=int, default=S, help="default 5%% of the steps (at most 500)")
+    g.add_argument("--step-every", type=int, default=S, metavar="N", help="step schedule period (default total/3)")
+    g.add_argument("--step-gamma", type=float, default=S, help="step schedule factor (default 0.1)")
+    g.add_argument("--amp", default=S, choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision (default: bf16 on CUDA, off on CPU)")
+    g = p.add_argument_group("guards against forgetting")
+    g.add_argument("--freeze-until", default=S, choices=("none", "stem", "level4", "level3", "level2", "level1", "level0"),
+                   help="freeze the stem and the levels up to LEVEL (input side first)")
+    g.add_argument("--pretrained-lr-scale", type=float, default=S,
+                   help="lr factor for the pretrained network (default 0.1 with a new head, else 1)")
+    g.add_argument("--distill", type=float, default=S, metavar="W",
+                   help="add W * mean ||e - e_base||^2 pulling embeddings to the base model's")
+    g.add_argument("--bn", default=S, choices=("frozen", "train"),
+                   help="batch-norm statistics: frozen (default; step 0 = the deployed model) or trained "
+                        "(calibrated on training data first)")
+    g = p.add_argument_group("data")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=S,
+                   help="no jitter (dlib-example crop/rotation/flip/colour)")
+    g.add_argument("--degrade", default=S, metavar="SPEC",
+                   help="random degradations, e.g. gray=0.3,blur=0.2,lowres=0.3,jpeg=0.3")
+    g.add_argument("--val-identities", type=float, default=S, metavar="F",
+                   help="held-out identities: fraction (<1) or count (default 0.1; 0 = no validation)")
+    g.add_argument("--val-every", type=int, default=S, metavar="E", help="validate every E epochs (default 1)")
+    g.add_argument("--select-metric", default=S, choices=("tar@far", "auc", "accuracy"),
+                   help="best-checkpoint metric (default tar@far, FAR=1e-3)")
+    g.add_argument("--patience", type=int, default=S, metavar="N",
+                   help="stop after N validations without improvement")
+    g.add_argument("--export", default=S, choices=("best", "last"), help="which weights to export (default best)")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-every", type=int, default=S, metavar="N", help="default 200 steps")
+    g.add_argument("--device", default=S, help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--workers", type=int, default=S, help="data loading processes (default 2)")
+    g.add_argument("--seed", type=int, default=S, help="default 0")
+    g.add_argument("--onnx", action="store_true", default=S, help="also write model.onnx")
+    g.add_argument("--quiet", "-q", dest="progress", action="store_false", default=S, help="no progress bar")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .train import FinetuneConfig, FinetuneError, finetune, load_resume_config
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "data", "resume")}
+    cfg = None
+    try:
+        if args.resume:
+            if args.data or "out" in given:
+                raise FinetuneError("--resume RUN_DIR takes DATA and --out from the run's config.json")
+            cfg, resume = load_resume_config(args.resume, given), True
+        else:
+            if not args.data or "out" not in given:
+                raise FinetuneError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
+            cfg, resume = FinetuneConfig(data=args.data, **given), False
+        summary = finetune(cfg, resume=resume)
+    except FinetuneError as e:
+        print(f"dlibbridge finetune: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dlibbridge finetune: interrupted; continue with: dlibbridge finetune --resume {cfg.out if cfg else args.resume}",
+              file=sys.stderr)
+        return 130
+    if summary:
+        best = summary.get("best") or {}
+        print(f"{cfg.out}: exported step {summary['exported_step']} of {summary['final_step']}"
+              + (f" ({best.get('metric')} {best.get('score'):.4f})" if best else "")
+              + f"; dlib check max |diff| {summary['export_check']['max_abs_diff']:.2e}")
+    return 0
+
+
 # Registration order is the order shown by --help.
 _COMMANDS = [
     _add_inspect,
     _add_align,
     _add_pack,
+    _add_evaluate,
+    _add_finetune,
 ]
 
 
