@@ -672,11 +672,16 @@ def affine_layers(module: nn.Module) -> list[tuple[str, str]]:
 
 
 def save_torch(module: nn.Module, path: str | os.PathLike) -> None:
-    """Save config + state dict + the dlib source bytes, loadable with ``weights_only=True``."""
+    """Save config + state dict + the dlib source bytes, loadable with ``weights_only=True``.
+
+    The source file travels as a uint8 tensor (pickled ``bytes`` would grow by half under
+    torch.save's pickle protocol 2), so export after reloading is still byte-identical."""
     module = _unwrap(module)
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in module.state_dict().items()}
+    src = module.dlib_source
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "config": module.config,
-            "state_dict": state, "dlib_meta": module.dlib_meta, "dlib_source": module.dlib_source}
+            "state_dict": state, "dlib_meta": module.dlib_meta,
+            "dlib_source": None if src is None else torch.frombuffer(bytearray(src), dtype=torch.uint8)}
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     fmt.write_atomic(path, buf.getvalue())
@@ -693,7 +698,8 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     module = FaceResNet(ckpt["config"])
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.dlib_meta = ckpt.get("dlib_meta") or {}
-    module.dlib_source = ckpt.get("dlib_source")
+    src = ckpt.get("dlib_source")
+    module.dlib_source = None if src is None else src.numpy().tobytes()
     return module.eval()
 
 
