@@ -276,6 +276,103 @@ def _run_finetune(args) -> int:
     return 0
 
 
+# ---- export / embed (issue 3: the PyTorch port) -----------------------------------------------
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a face model as a dlib .dat, ONNX, TorchScript or torch checkpoint",
+        description="MODEL (a dlib .dat in affine or bn_con form, a dlibbridge torch checkpoint, or "
+                    "'default' for the installed dlib model) -> the deployed dlib file that "
+                    "dlib.face_recognition_model_v1 loads (-o), checked by loading it in dlib; with "
+                    "--trainable the bn_con form for dlib's trainer. Unchanged weights give a "
+                    "byte-identical file. --onnx/--torchscript take float32 N x 3 x 150 x 150 RGB 0-255 "
+                    "(dynamic N) and are checked against the torch module.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", metavar="OUT.dat", help="dlib file to write")
+    p.add_argument("--trainable", action="store_true", help="write bn_con2 records instead of affine")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="also write an ONNX graph (dynamic batch)")
+    p.add_argument("--torchscript", metavar="OUT.pt", help="also write a traced TorchScript module")
+    p.add_argument("--checkpoint", metavar="OUT.pt",
+                   help="also write a dlibbridge torch checkpoint (loads with torch.load(weights_only=True))")
+    p.add_argument("--atol", type=float, default=1e-5, help="largest accepted max |diff| of the checks (default 1e-5)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    import os
+    from pathlib import Path
+    from . import convert
+    outputs = [o for o in (args.output, args.onnx, args.torchscript, args.checkpoint) if o]
+    if not outputs:
+        print("dlibbridge export: nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--checkpoint",
+              file=sys.stderr)
+        return 2
+    if args.model == "default" and not Path(args.model).exists():
+        from .assets import face_model_path
+        args.model = str(face_model_path())
+    src = Path(args.model).resolve()
+    for o in outputs:
+        if Path(o).resolve() == src:
+            print(f"dlibbridge export: refusing to overwrite the input {args.model}", file=sys.stderr)
+            return 2
+    if len({os.path.abspath(o) for o in outputs}) != len(outputs):
+        print("dlibbridge export: two outputs name the same file", file=sys.stderr)
+        return 2
+    try:
+        module = convert.load_model(args.model)
+        if args.output:
+            diff = convert.to_dlib(module, args.output, trainable=args.trainable, check=True, atol=args.atol)
+            form = "bn_con2" if args.trainable else "affine"
+            print(f"{args.output}: dlib file ({form} form); dlib.face_recognition_model_v1 vs torch max |diff| {diff:.2e}")
+        if args.onnx:
+            diff = convert.export_onnx(module, args.onnx, atol=args.atol)
+            print(f"{args.onnx}: ONNX; onnxruntime vs torch max |diff| {diff:.2e}")
+        if args.torchscript:
+            diff = convert.export_torchscript(module, args.torchscript, atol=args.atol)
+            print(f"{args.torchscript}: TorchScript; vs torch max |diff| {diff:.2e}")
+        if args.checkpoint:
+            convert.save_torch(module, args.checkpoint)
+            print(f"{args.checkpoint}: dlibbridge torch checkpoint")
+    except (convert.ConversionError, convert.ExportCheckError) as e:
+        print(f"dlibbridge export: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="descriptors of a folder of aligned 150x150 chips -> OUT.npz",
+        description="Every image below IMAGES_DIR (recursive) must be an aligned 150x150 chip; others "
+                    "are reported and left out, never resized. OUT.npz holds paths (relative, sorted), "
+                    "embeddings (float32 N x 128), skipped_paths and skipped_reasons. Resumable: "
+                    "rerun the same command after an interruption.")
+    p.add_argument("model", metavar="MODEL",
+                   help="dlib .dat, dlibbridge checkpoint, TorchScript or ONNX file; 'default' = dlib's model")
+    p.add_argument("images_dir", metavar="IMAGES_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="chips per forward pass (default 64)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--engine", choices=("torch", "dlib"), default="torch",
+                   help="run a .dat through the torch port (default) or the dlib package itself")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_embed)
+
+
+def _run_embed(args) -> int:
+    from .embed import EmbedError, embed_folder
+    try:
+        res = embed_folder(args.model, args.images_dir, args.output, batch_size=args.batch_size,
+                           device=args.device, engine=args.engine, progress=not args.quiet)
+    except (EmbedError, ValueError) as e:
+        print(f"dlibbridge embed: {e}", file=sys.stderr)
+        return 2
+    for path, reason in res.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")
+          + (f" (resumed at image {res.resumed_from})" if res.resumed_from else ""))
+    return 0
+
+
 # Registration order is the order shown by --help.
 _COMMANDS = [
     _add_inspect,
@@ -283,6 +380,8 @@ _COMMANDS = [
     _add_pack,
     _add_evaluate,
     _add_finetune,
+    _add_export,
+    _add_embed,
 ]
 
 

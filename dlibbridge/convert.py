@@ -171,7 +171,7 @@ def parse_structure(model: Model) -> Structure:
     elif d.version == "input_rgb_image":
         size = [150, 150]
     else:
-        raise ConversionError(f"{e.path}: input {d.version} is not an RGB image input")
+        raise ConversionError(f"not dlib's face ResNet: {e.path} has input {d.version}, not input_rgb_image(_sized)")
     bind("input", e, "input")
 
     # stem: con → norm → relu → max_pool
@@ -559,10 +559,46 @@ def to_dlib_tree(module: nn.Module, trainable: bool = False) -> Model:
     return model
 
 
-def to_dlib(module: nn.Module, path: str | os.PathLike, trainable: bool = False) -> None:
+def to_dlib(module: nn.Module, path: str | os.PathLike, trainable: bool = False, check: bool = False,
+            atol: float = 1e-5) -> float | None:
     """Write a FaceResNet as a dlib file that ``dlib.face_recognition_model_v1`` loads
-    (``trainable=True``: ``bn_con2`` records for dlib's trainer).  Written atomically."""
-    fmt.save(to_dlib_tree(module, trainable), path)
+    (``trainable=True``: ``bn_con2`` records for dlib's trainer).  Written atomically.
+
+    ``check=True`` first loads the new file with the ``dlib`` package itself and compares its
+    descriptors with the module's on :func:`check_chips`; the file only replaces ``path``
+    when max |Δ| ≤ ``atol`` (returned), else :class:`ExportCheckError`.
+    """
+    data = fmt.dumps(to_dlib_tree(module, trainable))
+    if not check:
+        fmt.write_atomic(path, data)
+        return None
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        fmt.write_atomic(tmp, data)
+        diff = dlib_check(tmp, module)
+        if not diff <= atol:
+            raise ExportCheckError(f"dlib computes descriptors {diff:.3g} away from the torch module "
+                                   f"with the exported file (> {atol})")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return diff
+
+
+def dlib_check(path: str | os.PathLike, module: nn.Module, n: int = 3) -> float:
+    """max |Δ| between ``dlib.face_recognition_model_v1(path)`` and the module (fp32, CPU)
+    on ``n`` :func:`check_chips`."""
+    import dlib
+
+    m = _export_copy(module)
+    x = check_chips(n, 0, tuple(m.config["input_size"]))
+    chips = [np.ascontiguousarray(c) for c in x.to(torch.uint8).permute(0, 2, 3, 1).numpy()]
+    got = np.array(dlib.face_recognition_model_v1(os.fspath(path)).compute_face_descriptor(chips))
+    with torch.inference_mode():
+        want = m(x)
+    return _max_diff(got, want)
 
 
 # ---------------------------------------------------------------------------------------
@@ -790,6 +826,6 @@ def export_torchscript(module: nn.Module, path: str | os.PathLike, atol: float =
 
 __all__ = [
     "ConversionError", "ExportCheckError", "Binding", "Structure", "parse_structure", "fold_bn",
-    "to_torch", "to_dlib", "to_dlib_tree", "build_tree", "layer_bindings", "affine_layers",
+    "to_torch", "to_dlib", "dlib_check", "to_dlib_tree", "build_tree", "layer_bindings", "affine_layers",
     "save_torch", "load_torch", "load_model", "check_chips", "export_onnx", "export_torchscript",
 ]
