@@ -637,8 +637,11 @@ def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FinetuneError(f"{run_dir} is not a fine-tuning run (no {CONFIG_FILE})")
-    saved = json.loads(path.read_text())
-    cfg = FinetuneConfig.from_json(saved["config"])
+    try:
+        saved = json.loads(path.read_text())
+        cfg = FinetuneConfig.from_json(saved["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FinetuneError(f"{path} is damaged or not a dlibbridge run config ({type(e).__name__}: {e})") from None
     cfg.out = str(run_dir)
     for k, v in (overrides or {}).items():
         if k not in RESUME_OVERRIDABLE:

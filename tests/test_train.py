@@ -1,0 +1,202 @@
+"""Fine-tuning end to end on the real johns chips and dlib's real model, kept tiny (a few steps of
+2-4 identities x 2 images) because the suite runs on two shared CPU cores.
+
+* smoke: the CLI writes every output; model.dat and model_trainable.dat load in
+  ``dlib.face_recognition_model_v1`` and give the torch model's descriptors; frozen levels
+  stay bit-identical to the base, trained ones move;
+* kill -9 + --resume reproduces an uninterrupted run bit for bit (seeded CPU determinism and
+  "same data order" in one test);
+* DDP: ``torchrun --nproc_per_node 2`` (gloo, CPU) equals one process accumulating the same two
+  shares (tolerance 1e-6: only the order of the gradient sum differs);
+* data that cannot give positive and negative pairs per batch / per rank is refused with a
+  message saying what to change.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlibbridge import cli
+from dlibbridge.train import FinetuneConfig, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["-K", "2", "--workers", "0", "--quiet", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def johns_store(tmp_path_factory, johns_dir):
+    from dlibbridge.data import pack
+    return pack(johns_dir, tmp_path_factory.mktemp("store") / "johns.store", progress=False).path
+
+
+def _finetune(*args) -> int:
+    return cli.main(["finetune", *map(str, args)])
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, johns_chips):
+    import dlib
+    from dlibbridge.convert import load_torch
+    from dlibbridge.train import load_base_model
+
+    run = tmp_path / "run"
+    rc = _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "2", "--margin", "0.3",
+                   "--val-identities", "2", "--freeze-until", "level4", "--export", "last", "--lr", "0.01")
+    assert rc == 0
+    for name in ("config.json", "log.csv", "val.csv", "log.json", "curves.png", "checkpoint.pt",
+                 "summary.json", "model.dat", "model_trainable.dat", "model.pt"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["lr"] == 0.01 and cfg["derived"]["frozen"] == ["stem", "level4"]
+    assert len(cfg["data"]["val_identities"]) == 2 and cfg["data"]["train_identities"] == 3
+    log = json.loads((run / "log.json").read_text())
+    assert [r["step"] for r in log["steps"]] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in log["steps"]) and log["steps"][0]["loss"] > 0
+    assert [v["step"] for v in log["validation"]] == [0, 2]      # baseline, then final
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["exported_step"] == 2 and summary["export_check"]["max_abs_diff"] < 1e-5
+
+    # The exported files are the trained network, in dlib itself.
+    trained = load_torch(run / "model.pt")
+    chips = np.ascontiguousarray(johns_chips[2][:3])
+    with torch.no_grad():
+        want = trained(torch.from_numpy(chips)).numpy()
+        base_out = load_base_model(None).eval()(torch.from_numpy(chips)).numpy()
+    for name in ("model.dat", "model_trainable.dat"):
+        net = dlib.face_recognition_model_v1(str(run / name))
+        got = np.array([net.compute_face_descriptor(c) for c in chips])
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+    assert np.abs(want - base_out).max() > 1e-4                     # training moved the model
+
+    # --freeze-until level4: stem and level4 bit-identical to the base, the rest moved.
+    base = load_base_model(None).state_dict()
+    after = trained.state_dict()
+    frozen = [k for k in base if k.startswith(("stem.", "level4.")) and isinstance(base[k], torch.Tensor)]
+    assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
+    assert not torch.equal(base["level0.0.branch1.conv.weight"], after["level0.0.branch1.conv.weight"])
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(johns_store, tmp_path):
+    """Run A uninterrupted; run B killed with SIGKILL after its step-2 checkpoint, then resumed.
+    Same config and seed, so B must end bit-identical to A: weights, head, optimiser, losses."""
+    args = ["-P", "2", *TINY, "--max-steps", "4", "--checkpoint-every", "2", "--val-identities", "0",
+            "--loss", "arcface", "--distill", "0.5", "--lr", "0.01", "--export", "last"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "dlibbridge", "finetune", str(johns_store), "--out", str(b), *args],
+                            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            log = b / "log.csv"
+            if log.is_file() and any(line.startswith("2,") for line in log.read_text().splitlines()):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert _state(b)["step"] == 2 and not (b / "model.dat").exists()
+
+    assert _finetune(johns_store, "--out", a, *args) == 0
+    assert _finetune("--resume", b, "--quiet") == 0
+
+    sa, sb = _state(a), _state(b)
+    assert sa["step"] == sb["step"] == 4
+    for part in ("model", "loss_fn"):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), f"{part}.{k} differs after resume"
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert [r["loss"] for r in sa["step_log"]] == [r["loss"] for r in sb["step_log"]]
+    assert sa["step_log"][0]["distill_loss"] == 0.0 and sa["step_log"][-1]["distill_loss"] > 0
+    assert (b / "model.dat").read_bytes() == (a / "model.dat").read_bytes()
+
+
+def test_ddp_two_processes_match_one_process_accumulating(johns_store, tmp_path):
+    """DDP averages the two ranks' gradients; --accumulate 2 averages the same two shares in one
+    process.  Same per-sample augmentation (seeded by global position), so same weights."""
+    args = ["-P", "4", *TINY, "--max-steps", "2", "--val-identities", "0", "--margin", "0.3",
+            "--lr", "0.01", "--export", "last", "--checkpoint-every", "100"]
+    ddp, acc = tmp_path / "ddp", tmp_path / "acc"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dlibbridge", "finetune", str(johns_store), "--out", str(ddp), *args],
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _finetune(johns_store, "--out", acc, *args, "--accumulate", "2") == 0
+    sd, sa = _state(ddp), _state(acc)
+    assert json.loads((ddp / "config.json").read_text())["derived"]["world_size"] == 2
+    assert sd["step"] == sa["step"] == 2
+    assert sd["step_log"][0]["loss"] > 0
+    np.testing.assert_allclose([r["loss"] for r in sd["step_log"]], [r["loss"] for r in sa["step_log"]], rtol=1e-5)
+    for k, v in sd["model"].items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            torch.testing.assert_close(v, sa["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+    assert (ddp / "model.dat").is_file() and not list(ddp.glob("*.tmp*"))
+
+
+def _make_folder(root: Path, johns_dir: Path, counts: dict[str, int]) -> Path:
+    for person, n in counts.items():
+        (root / person).mkdir(parents=True)
+        for f in sorted((johns_dir / person).glob("*.jpg"))[:n]:
+            shutil.copy(f, root / person / f.name)
+    return root
+
+
+@pytest.mark.parametrize("counts, argv, message", [
+    ({"John_Salley": 1, "John_Schneider": 1, "John_Savage": 4},
+     ["-P", "2"], "only 1 training identities have >= 2 images (2 identities with a single image"),
+    ({"John_Salley": 3, "John_Schneider": 3, "John_Savage": 3},
+     ["-P", "3", "--accumulate", "2"], "must split into whole identities"),
+    ({"John_Salley": 3, "John_Schneider": 3, "John_Savage": 3, "John_Simm": 3},
+     ["-P", "2", "--accumulate", "2"], "needs >= 2 per share for negative pairs"),
+    ({"John_Salley": 3, "John_Schneider": 3},
+     ["-P", "2", "-K", "1"], "needs --images-per-identity >= 2"),
+])
+def test_refuses_data_without_positive_and_negative_pairs(tmp_path, johns_dir, capsys, counts, argv, message):
+    data = _make_folder(tmp_path / "data", johns_dir, counts)
+    rc = _finetune(data, "--out", tmp_path / "run", *argv, "--val-identities", "0", "--quiet", "--workers", "0")
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_run_and_bad_resume(johns_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert _finetune(johns_store, "--out", run, "--quiet") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _finetune("--resume", tmp_path / "nothing") == 2
+    assert "not a fine-tuning run" in capsys.readouterr().err
+    assert _finetune("--resume", run, "--lr", "0.1") == 2
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    cfg = FinetuneConfig(data="", out="", lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.0)
+    f = [lr_factor(s, 110, cfg) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.5) and f[109] < 1e-3
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    st = FinetuneConfig(data="", out="", warmup_steps=0, schedule="step", step_every=5, step_gamma=0.1)
+    assert [lr_factor(s, 15, st) for s in (0, 4, 5, 10)] == pytest.approx([1, 1, 0.1, 0.01])
