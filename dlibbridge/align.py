@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import sys
 import time
 from collections import Counter
@@ -115,6 +116,22 @@ class Face:
         return (r - l + 1) * (b - t + 1)
 
 
+_HOG_PICKLE: bytes | None = None
+
+
+def frontal_face_detector():
+    """``dlib.get_frontal_face_detector()``, fast after the first call in a process tree.
+
+    Building it decodes the model embedded in dlib (3-4 s of CPU here); its pickle (dlib's own
+    serialization) loads in ~10 ms.  The pickle is made once and handed to worker processes,
+    so N workers do not each pay those seconds."""
+    global _HOG_PICKLE
+    if _HOG_PICKLE is None:
+        import dlib
+        _HOG_PICKLE = pickle.dumps(dlib.get_frontal_face_detector())
+    return pickle.loads(_HOG_PICKLE)
+
+
 class FaceAligner:
     """dlib's detector + 5-point landmarks + ``get_face_chip``, loaded once per process."""
 
@@ -124,7 +141,7 @@ class FaceAligner:
         self._dlib = dlib
         self.detector, self.upsample = detector, upsample
         if detector == "hog":
-            self._hog = dlib.get_frontal_face_detector()
+            self._hog = frontal_face_detector()
         else:
             self._cnn = dlib.cnn_face_detection_model_v1(str(assets.cnn_face_detector_path()))
         self._landmarks = dlib.shape_predictor(str(assets.landmarks5_path()))
@@ -230,7 +247,11 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
 _WORKER: dict = {}
 
 
-def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str) -> None:
+def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str,
+                 hog_pickle: bytes | None = None) -> None:
+    global _HOG_PICKLE
+    if hog_pickle is not None:
+        _HOG_PICKLE = hog_pickle
     _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample), settings=settings,
                    raw_dir=Path(raw_dir), out_dir=Path(out_dir), policy=policy)
 
@@ -439,9 +460,12 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             results: Iterable = map(_work, tasks)
         else:
             import multiprocessing
+            if settings.detector == "hog":
+                frontal_face_detector()   # makes _HOG_PICKLE for the workers
+            # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
             pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
-                                       initargs=(settings, str(raw), str(out), policy))
+                                       initargs=(settings, str(raw), str(out), policy, _HOG_PICKLE))
             results = _unordered(pool, _work, tasks, window=4 * jobs)
         for src, sha, rows in results:
             for r in rows:

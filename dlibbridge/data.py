@@ -617,15 +617,16 @@ class PKBatchSampler:
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         ids = np.array(sorted(self.groups))
-        queue: list[int] = []
+        queue: list[int] = []   # the current shuffle of identities; the next one is at the end
         for _ in range(self.batches):
             chosen: list[int] = []
             while len(chosen) < self.p:
                 if not queue:
                     queue = rng.permutation(ids).tolist()
-                lab = queue.pop()
-                if lab not in chosen:
-                    chosen.append(lab)
+                # Across a reshuffle an identity may come up twice for one batch: take the
+                # next one not yet in it, leaving the other where it is for a later batch.
+                j = next(j for j in range(len(queue) - 1, -1, -1) if queue[j] not in chosen)
+                chosen.append(queue.pop(j))
             batch = []
             for lab in chosen:
                 pool = self.groups[lab]
