@@ -181,7 +181,24 @@ class Parser {
 public:
     Parser(const unsigned char* d, std::size_t n) : d_(d), n_(n) {}
 
+    // Two passes.  dlib writes add_layer version 2 since before any released model, and
+    // version 1 only in its oldest files, which then contain no version 2 at all.  Version 1
+    // is also the tag/skip version, and allowing both readings everywhere makes the search
+    // quadratic; so pass 1 reads v1 as tag/skip/repeat only, and pass 2 (old files, and
+    // inputs that failed pass 1) reads add_layers as v1 only.  The error reported is the
+    // furthest failure over both passes.
     ModelTree parse_file() {
+        for (bool legacy : {false, true}) {
+            legacy_ = legacy;
+            memo_.clear();
+            ModelTree tree;
+            if (parse_pass(tree)) return tree;
+        }
+        if (!have_failure_) fail_record(0, "not a dlib DNN model");
+        throw CodecError(furthest_msg_, furthest_off_, furthest_path_);
+    }
+
+    bool parse_pass(ModelTree& out) {
         std::vector<Alt> tops;
         std::size_t p = 0;
         // (a) a loss wrapper: version 1, then a loss details record.
@@ -215,12 +232,12 @@ public:
                 while (q < n_) {
                     tree.trailers.push_back(parse_shape_predictor(q));
                 }
-                return tree;
+                out = std::move(tree);
+                return true;
             } catch (const Fail&) {
             }
         }
-        if (!have_failure_) fail_at(0, "not a dlib DNN model");
-        throw CodecError(furthest_msg_, furthest_off_, furthest_path_);
+        return false;
     }
 
 private:
@@ -229,6 +246,7 @@ private:
     std::vector<std::string> path_;
     std::unordered_map<uint64_t, std::vector<Alt>> memo_;
     uint64_t work_ = 0;
+    bool legacy_ = false;  // pass 2: add_layer is version 1 (see parse_file)
     bool have_failure_ = false;
     std::size_t furthest_off_ = 0;
     std::string furthest_msg_, furthest_path_;
@@ -241,13 +259,17 @@ private:
 
     std::string path_string() const { return join_path(path_); }
 
-    [[noreturn]] void fail_at(std::size_t off, const std::string& msg) {
-        if (!have_failure_ || off >= furthest_off_) {
+    void fail_record(std::size_t off, const std::string& msg) {
+        if (!have_failure_ || off > furthest_off_ || (off == furthest_off_ && !legacy_)) {
             have_failure_ = true;
             furthest_off_ = off;
             furthest_msg_ = msg;
             furthest_path_ = path_string();
         }
+    }
+
+    [[noreturn]] void fail_at(std::size_t off, const std::string& msg) {
+        fail_record(off, msg);
         throw Fail{};
     }
 
@@ -572,13 +594,14 @@ private:
             try {
                 const std::vector<Alt>& subs = parse_net(p, ctx, depth + 1);
                 for (const Alt& sub : subs) {
-                    if (v == 1) {  // tag or skip: nothing after the subnet
+                    if (v == 1) {  // tag or skip: nothing after the subnet (both passes)
                         auto node = std::make_shared<Node>();
                         node->kind = NodeKind::Tag;
                         node->version = 1;
                         node->subnet = sub.node;
                         add_alt(alts, node, sub.end);
                     }
+                    if ((v == 1) != legacy_) continue;
                     try {
                         std::size_t q = sub.end;
                         auto node = std::make_shared<Node>();
