@@ -12,5 +12,7 @@ VPY=.venv/bin/python
 # torch first and pinned: 2.13.0 is the CPU build available locally; an unpinned torch
 # would pull a multi-GB CUDA build.
 "$VPY" -m pip install -q "torch==2.13.0"
-"$VPY" -m pip install -q ".[test,onnx,fuzz]"
+# Editable, so that commands run from the checkout (python -m dlibbridge, pytest) import
+# the installed build, compiled extension included, not a half-built source tree.
+"$VPY" -m pip install -q -e ".[test,onnx,fuzz]"
 "$VPY" -c "import dlibbridge, dlibbridge._codec, torch, dlib; print('dlibbridge', dlibbridge.__version__, '| torch', torch.__version__, '| dlib', dlib.__version__)"
