@@ -124,6 +124,8 @@ def parse_pairs(text: str, source: str = "<pairs>") -> PairSet:
 
 
 def read_pairs(path: str | os.PathLike) -> PairSet:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"pairs file {path} not found")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
