@@ -1108,9 +1108,24 @@ ModelTree parse(const unsigned char* data, std::size_t size) {
     return p.parse_file();
 }
 
+namespace {
+// Tensor bytes in a tree, so the output buffer is allocated once.
+uint64_t tensor_bytes(const Node& n) {
+    uint64_t b = 0;
+    for (const DetailsP& d : {n.details, n.input})
+        if (d)
+            for (const Field& f : d->fields)
+                if (f.type == FieldType::Tensor) b += 4 * f.t.count();
+    for (const Tensor& t : n.tensors) b += 4 * t.count();
+    for (const NodeP& g : n.groups) b += tensor_bytes(*g);
+    return b + (n.subnet ? tensor_bytes(*n.subnet) : 0);
+}
+}  // namespace
+
 std::string serialize(const ModelTree& tree) {
     Writer w;
     if (!tree.net) w.error("empty tree");
+    w.out.reserve(tensor_bytes(*tree.net) + (1u << 16));
     const Node& top = *tree.net;
     if (top.kind == NodeKind::Loss) {
         if (top.version != 1) w.error("add_loss_layer version must be 1");

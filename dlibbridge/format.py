@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -475,9 +476,13 @@ def loads(data: bytes) -> Model:
 
 
 def load(path: str | os.PathLike) -> Model:
+    """Parse a dlib DNN file.  The file is memory-mapped, not read into a bytes object:
+    tensors are copied once, straight from the page cache into their numpy arrays."""
     with open(path, "rb") as f:
-        data = f.read()
-    return loads(data)
+        if os.fstat(f.fileno()).st_size == 0:
+            return loads(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return loads(mm)
 
 
 def dumps(model: Model) -> bytes:
