@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -64,7 +65,7 @@ STATUSES = ("ok", "fallback", "no_face", "multiple_faces", "duplicate", "error")
 STATE_DIR = ".align"
 _JOURNAL = "journal.jsonl"
 _SETTINGS = "settings.json"
-_TMP_PREFIX = ".tmp-"   # format.write_atomic's temporary files
+_TMP_PREFIX = ".tmp-"   # temporary files of write_chip (and format.write_atomic)
 
 
 class AlignError(ValueError):
@@ -194,6 +195,23 @@ def encode_png(chip: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def write_chip(path: Path, data: bytes) -> None:
+    """Write a chip via a temporary file and a rename, so an interrupted run never leaves a
+    half-written chip under its final name.  Unlike ``format.write_atomic`` there is no
+    fsync: it cost ~12 ms per chip here (10 % of the run) and a chip can always be remade
+    from its photo; a resumed run redoes any chip that is missing or empty."""
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _landmark_text(shape) -> str:
     return " ".join(f"{shape.part(i).x} {shape.part(i).y}" for i in range(shape.num_parts))
 
@@ -234,8 +252,10 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
         aligner.locate(rgb, face)
         chip_rel = src.chip_stem + (f".face{k}.png" if policy == "all" else ".png")
         path = out_dir / chip_rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encode_png(aligner.chip(rgb, face)))
+        if path.parent not in _MADE_DIRS:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _MADE_DIRS.add(path.parent)
+        write_chip(path, encode_png(aligner.chip(rgb, face)))
         l, t, r, b = face.box
         rows.append(dict(base, status=status, chip=chip_rel, face=k,
                          score="" if face.score is None else repr(face.score),
@@ -243,8 +263,10 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
     return rows
 
 
-# Worker-process state: one aligner per process, built by the pool initializer.
+# Worker-process state: one aligner per process, built by the pool initializer, and the
+# chip folders this process already created (a mkdir per chip is measurable).
 _WORKER: dict = {}
+_MADE_DIRS: set = set()
 
 
 def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str,
@@ -439,7 +461,14 @@ def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: boo
 def _is_done(record: dict | None, sha: str, out: Path) -> bool:
     if not record or not sha or record.get("sha256") != sha:
         return False
-    return all((out / r["chip"]).is_file() for r in record["rows"] if r.get("chip"))
+    return all(_nonempty_file(out / r["chip"]) for r in record["rows"] if r.get("chip"))
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: AlignSettings,
@@ -479,6 +508,7 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             results.close()   # shuts the pool down now, not when garbage-collected
         bar.close()
         _WORKER.clear()
+        _MADE_DIRS.clear()
 
 
 def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Iterator:

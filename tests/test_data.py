@@ -180,14 +180,19 @@ def test_dataloader_with_pk_sampler_gives_balanced_batches(johns_store):
     import torch
     from torch.utils.data import DataLoader
     sampler = PKBatchSampler(johns_store.labels, p=3, k=4, seed=1)
-    loader = DataLoader(ChipDataset(johns_store), batch_sampler=sampler)
+    ds = ChipDataset(johns_store)
     n = 0
-    for chips, labels in loader:
-        assert chips.shape == (12, 3, 150, 150) and chips.dtype == torch.uint8
+    for (chips, labels), batch in zip(DataLoader(ds, batch_sampler=sampler, collate_fn=ChipDataset.collate),
+                                      sampler):
+        assert chips.shape == (12, 3, 150, 150) and chips.dtype == torch.uint8 and labels.dtype == torch.int64
+        np.testing.assert_array_equal(chips.permute(0, 2, 3, 1).numpy(), johns_store.chips[batch])
         counts = np.unique(labels.numpy(), return_counts=True)[1]
         assert len(counts) == 3 and set(counts) == {4}
         n += 1
     assert n == len(sampler) == 55 // 12
+    default = next(iter(DataLoader(ds, batch_sampler=sampler)))
+    custom = next(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=ChipDataset.collate)))
+    assert torch.equal(default[0], custom[0]) and torch.equal(default[1], custom[1])
 
 
 def test_pk_sampler_is_deterministic_balanced_and_fair(johns_store):
