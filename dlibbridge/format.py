@@ -341,15 +341,11 @@ class Model:
 
 
 def _walk(node: Node, index: int, prefix: str) -> Iterator[LayerEntry]:
-    while True:
-        yield LayerEntry(index, f"{prefix}layer<{index}>", node)
-        if isinstance(node, Repeat):
-            for g, grp in enumerate(node.groups):
-                yield from _walk(grp, 0, f"{prefix}layer<{index}>.group<{g}>.")
-        if isinstance(node, (InputLayer, TagOnInput)):
-            return
-        node = node.subnet
-        index += 1
+    for entry in _chain(node, index, prefix):
+        yield entry
+        if isinstance(entry.node, Repeat):
+            for g, grp in enumerate(entry.node.groups):
+                yield from _walk(grp, 0, f"{entry.path}.group<{g}>.")
 
 
 def _forward(node: Node, index: int, prefix: str, out: list) -> None:

@@ -50,8 +50,8 @@ def main(out: str) -> None:
     for name, data in real_files().items():
         seeds.append(data[:4096])
         small = shrunk(data)
-        seeds.append(small[:65536])
-        if len(data) <= 65536:
+        seeds.append(small[:8192])
+        if len(data) <= 8192:
             seeds.append(data)
     for s in seeds:
         (d / hashlib.sha1(s).hexdigest()).write_bytes(s)

@@ -15,5 +15,5 @@ fi
 "$CXX" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -Icpp cpp/codec.cpp tools/fuzz/fuzz_codec.cpp -o "$OUT/fuzz_codec"
 python3 tools/fuzz/make_corpus.py "$OUT/corpus"
-"$OUT/fuzz_codec" "$OUT/corpus" -max_total_time="$SECS" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+"$OUT/fuzz_codec" "$OUT/corpus" -max_total_time="$SECS" -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
   -artifact_prefix="$OUT/findings/" -print_final_stats=1 "$@"
