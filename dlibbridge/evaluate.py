@@ -32,6 +32,7 @@ from .metrics import (
 from .pairs import PairSet, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
 
 CHIP_SIZE = 150               # dlib's face ResNet input (input_rgb_image_sized<150>)
+EMBED_DIM = 128               # dlib's descriptor; fine-tuned exports keep it (heads are training-only)
 RESULTS_SCHEMA_VERSION = 1
 
 
@@ -62,7 +63,7 @@ class Embedder:
         if chips.dtype != np.uint8 or chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3):
             raise ValueError(f"expected uint8 chips of shape (N,{CHIP_SIZE},{CHIP_SIZE},3), got {chips.dtype} {chips.shape}")
         if len(chips) == 0:
-            return np.zeros((0, 128), np.float32)
+            return np.zeros((0, EMBED_DIM), np.float32)
         e = self._embed(chips)
         if self.flip:
             e = (e + self._embed(np.ascontiguousarray(chips[:, :, ::-1]))) / np.float32(2)
@@ -234,13 +235,14 @@ class EmbeddingCache:
                         self.emb[k], self.status[k] = e, s
             except (OSError, ValueError, KeyError) as e:
                 print(f"warning: ignoring unreadable embedding cache {path} ({e})", file=sys.stderr)
-                self.emb.clear(); self.status.clear()
+                self.emb.clear()
+                self.status.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self.emb
 
     def put(self, key: str, emb: np.ndarray | None, status: str) -> None:
-        self.emb[key] = np.full(128, np.nan, np.float32) if emb is None else np.asarray(emb, np.float32)
+        self.emb[key] = np.full(EMBED_DIM, np.nan, np.float32) if emb is None else np.asarray(emb, np.float32)
         self.status[key] = status
         self.dirty = True
 
@@ -289,12 +291,8 @@ class ChipSource:
         self.data_root = Path(data_root)
         self.settings = AlignSettings(detector=detector, upsample=upsample, multi=multi, fallback=fallback)
         self.jobs, self.progress = jobs, progress
+        self.chips_dir = None if chips_dir is None else Path(chips_dir)   # None: a temporary folder
         self._tmp = None
-        if chips_dir is None:
-            import tempfile
-            self._tmp = tempfile.TemporaryDirectory(prefix="dlibbridge-chips-")
-            chips_dir = Path(self._tmp.name)
-        self.chips_dir = Path(chips_dir)
         self._aligned: dict[str, tuple[str, str]] | None = None   # source rel → (chip rel, status)
 
     def cache_tag(self) -> str:
@@ -324,6 +322,10 @@ class ChipSource:
 
     def _align_all(self) -> dict[str, tuple[str, str]]:
         from .align import align, read_manifest
+        if self.chips_dir is None:
+            import tempfile
+            self._tmp = tempfile.TemporaryDirectory(prefix="dlibbridge-chips-")
+            self.chips_dir = Path(self._tmp.name)
         self.chips_dir.mkdir(parents=True, exist_ok=True)
         align(self.data_root, self.chips_dir, self.settings, jobs=self.jobs, progress=self.progress)
         first: dict[str, dict] = {}       # one chip per photo under the center/largest policies
@@ -337,6 +339,12 @@ class ChipSource:
                 return r["chip"], "detected" if r["status"] == "ok" else "fallback"
             return "", f"failed:{r.get('reason') or r['status']}"
         return {src: outcome(r) for src, r in first.items()}
+
+    def prepare(self, paths: Sequence[Path]) -> None:
+        """Run the alignment now if any of ``paths`` needs it (so its progress bar is not
+        nested inside the caller's)."""
+        if self._aligned is None and not all(self._is_chip_sized(Path(p)) for p in paths):
+            self._aligned = self._align_all()
 
     def __call__(self, path: Path) -> tuple[np.ndarray | None, str]:
         from .data import ImageReadError, read_image
@@ -430,9 +438,10 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
               for e in embedders]
     todo = sorted({i for i, k in enumerate(keys) for c in caches if k not in c})
+    loader.prepare([paths[i] for i in todo])
     last_save = time.monotonic()
     try:
-        with tqdm(total=len(todo), desc="aligning + embedding", unit="img", disable=not progress or not todo) as bar:
+        with tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo) as bar:
             for s in range(0, len(todo), batch_size):
                 idx = [i for i in todo[s:s + batch_size] if any(keys[i] not in c for c in caches)]
                 loaded = [loader(paths[i]) for i in idx]
@@ -454,7 +463,7 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     finally:
         for c in caches:
             c.save()
-    out = [np.stack([c.emb[k] for k in keys]) if keys else np.zeros((0, 128), np.float32) for c in caches]
+    out = [np.stack([c.emb[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM), np.float32) for c in caches]
     return out, [caches[0].status[k] for k in keys] if caches else []
 
 
