@@ -210,10 +210,16 @@ def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: 
         return OnnxEmbedder(spec.path, flip, jitter, batch_size)
     import torch
     if _is_torchscript(spec.path):
-        module = torch.jit.load(str(spec.path), map_location="cpu")
+        try:
+            module = torch.jit.load(str(spec.path), map_location="cpu")
+        except RuntimeError as e:
+            raise ValueError(f"cannot load TorchScript model {spec.path}: {e}") from None
     else:
         from .convert import load_model
-        module = load_model(spec.path)
+        try:
+            module = load_model(spec.path)
+        except ValueError as e:            # DlibFormatError, ConversionError: say which file
+            raise ValueError(f"cannot load {spec.path} as a face model: {e}") from None
     return TorchEmbedder(spec.path, module, flip, jitter, device, batch_size)
 
 

@@ -469,18 +469,26 @@ def test_cli_evaluate_on_johns(tmp_path, johns_dir, capsys):
     assert pr.read_pairs(tmp_path / "p.txt").n_folds == 2
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--pairs", "{bad}"], "bad.txt:1: header"),
-    ([], "give --pairs FILE"),
-    (["--gen-pairs", "30"], "multiple of 20"),
-    (["--pairs", "{missing}"], "not found"),
+@pytest.mark.parametrize("model, extra, words", [
+    ("default", ["--pairs", "{bad}"], "bad.txt:1: header"),
+    ("default", [], "give --pairs FILE"),
+    ("default", ["--gen-pairs", "30"], "multiple of 20"),
+    ("default", ["--pairs", "{missing}"], "not found"),
+    ("default", ["--pairs", "{wrong_person}"], "John_Stockton"),
+    ("{garbage}", ["--pairs", "{good}", "--engine", "dlib"], "dlib cannot load"),
+    ("{garbage}", ["--pairs", "{good}"], "garbage.dat"),
+    ("{missing}", ["--pairs", "{good}"], "model file"),
 ])
-def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, extra, words):
+def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, model, extra, words):
     from dlibbridge.cli import main
-    (tmp_path / "bad.txt").write_text("hello\n")
-    extra = [a.format(bad=tmp_path / "bad.txt", missing=tmp_path / "missing.txt") for a in extra]
-    rc = main(["evaluate", "default", "--data", str(johns_dir), "--no-cache", "-q",
-               "--json", str(tmp_path / "r.json")] + extra)
+    files = {"bad": "hello\n", "good": "1\nJohn_Salley\t1\t2\nJohn_Salley\t1\tJohn_Savage\t1\n",
+             "wrong_person": "1\nJohn_Salley\t1\t2\nJohn_Salley\t1\tJohn_Stockton\t1\n",
+             "garbage": "\x01\x02 not a dlib network"}
+    paths = {k: tmp_path / (k + (".dat" if k == "garbage" else ".txt")) for k in list(files) + ["missing"]}
+    for k, text in files.items():
+        paths[k].write_text(text)
+    rc = main(["evaluate", model.format(**paths), "--data", str(johns_dir), "--no-cache", "-q",
+               "--json", str(tmp_path / "r.json")] + [a.format(**paths) for a in extra])
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
