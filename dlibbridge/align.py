@@ -21,13 +21,16 @@ detector ``mmod_human_face_detector.dat``), its 5-point landmark model, and
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -69,7 +72,18 @@ _TMP_PREFIX = ".tmp-"   # temporary files of write_chip (and format.write_atomic
 
 
 class AlignError(ValueError):
-    """A run that cannot start (bad folders, settings that contradict an earlier run)."""
+    """A run that cannot start (bad folders, settings that contradict an earlier run) or
+    cannot go on (chips cannot be written)."""
+
+
+class OutputError(AlignError):
+    """Writing into OUT_DIR failed (disk full, permissions): every later photo would fail the
+    same way, so the run stops; what is done is kept and a rerun continues."""
+
+
+#: Reasons that may not hold next time (a file being copied, a transient dlib failure): a
+#: resumed run tries these photos again instead of reusing the recorded failure.
+RETRY_REASONS = frozenset({"unreadable", "processing_failed"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,10 +266,14 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
         aligner.locate(rgb, face)
         chip_rel = src.chip_stem + (f".face{k}.png" if policy == "all" else ".png")
         path = out_dir / chip_rel
-        if path.parent not in _MADE_DIRS:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _MADE_DIRS.add(path.parent)
-        write_chip(path, encode_png(aligner.chip(rgb, face)))
+        chip = encode_png(aligner.chip(rgb, face))
+        try:
+            if path.parent not in _MADE_DIRS:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _MADE_DIRS.add(path.parent)
+            write_chip(path, chip)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e}") from None
         l, t, r, b = face.box
         rows.append(dict(base, status=status, chip=chip_rel, face=k,
                          score="" if face.score is None else repr(face.score),
@@ -283,6 +301,8 @@ def _work(task: tuple[Source, str]) -> tuple[Source, str, list[dict]]:
     w = _WORKER
     try:
         rows = process_photo(w["aligner"], w["raw_dir"], w["out_dir"], src, w["settings"], w["policy"], sha)
+    except OutputError:
+        raise
     except Exception as e:  # a bug or a dlib failure on one photo must not end a 10-hour run
         rows = [{"source": src.rel, "identity": src.identity, "sha256": sha, "status": "error",
                  "reason": "processing_failed", "note": f"{type(e).__name__}: {e}"}]
@@ -461,6 +481,8 @@ def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: boo
 def _is_done(record: dict | None, sha: str, out: Path) -> bool:
     if not record or not sha or record.get("sha256") != sha:
         return False
+    if any(r.get("reason") in RETRY_REASONS for r in record["rows"]):
+        return False
     return all(_nonempty_file(out / r["chip"]) for r in record["rows"] if r.get("chip"))
 
 
@@ -488,7 +510,6 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             _init_worker(settings, str(raw), str(out), policy)
             results: Iterable = map(_work, tasks)
         else:
-            import multiprocessing
             if settings.detector == "hog":
                 frontal_face_detector()   # makes _HOG_PICKLE for the workers
             # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
@@ -517,10 +538,11 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
     it = iter(items)
     pending = set()
     try:
-        for item in it:
-            pending.add(pool.submit(fn, item))
-            if len(pending) >= window:
-                break
+        with _children_ignore_sigint():   # the first submissions start the workers
+            for item in it:
+                pending.add(pool.submit(fn, item))
+                if len(pending) >= window:
+                    break
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -530,6 +552,23 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
                 yield fut.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started inside this block ignore SIGINT from birth (the disposition is
+    inherited through exec).  Ctrl-C reaches every process of the terminal's group; only the
+    main process should act on it — stop handing out photos and shut the pool down — while
+    workers finish the photo in hand, so no traceback or half-done photo comes from them."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:

@@ -67,6 +67,10 @@ def _run_align(args) -> int:
     except al.AlignError as e:
         print(f"dlibbridge align: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dlibbridge align: interrupted; finished photos are kept, run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
     print(al.format_summary(summary))
     return 0
 
@@ -93,6 +97,9 @@ def _run_pack(args) -> int:
     except StoreError as e:
         print(f"dlibbridge pack: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dlibbridge pack: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
     named = sum(1 for lab in store.labels if lab >= 0)
     print(f"{store.path}: {len(store)} chips, {len(store.identities)} identities "
           f"({named} chips with identity), {len(store.skipped)} files skipped"
@@ -205,7 +212,7 @@ def _add_finetune(sub) -> None:
     g.add_argument("--epochs", type=int, default=S, help="default 10")
     g.add_argument("--max-steps", type=int, default=S, metavar="N", help="stop after N optimiser steps")
     g.add_argument("--optimizer", default=S, choices=("sgd", "adamw"), help="default sgd")
-    g.add_argument("--lr", type=float, default=S, help="default: sgd 1e-3, adamw 1e-4")
+    g.add_argument("--lr", type=float, default=S, help="default: sgd 1e-4; adamw 1e-6 (1e-5 with arcface/cosface)")
     g.add_argument("--momentum", type=float, default=S, help="sgd momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=S, help="default: sgd 1e-4, adamw 1e-2")
     g.add_argument("--schedule", default=S, choices=("cosine", "step", "constant"), help="default cosine")

@@ -386,7 +386,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         partial.mkdir(parents=True)
         with open(partial / _CHIPS, "wb") as f:
             f.truncate(len(entries) * int(np.prod(CHIP_SHAPE)))
-        state = {"fingerprint": fingerprint, "next": 0, "written": 0, "kept": [], "skipped": []}
+        state = {"fingerprint": fingerprint, "next": 0, "written": 0, "skipped": []}
         _write_json(partial / _PROGRESS, state)
 
     n = len(entries)
@@ -402,9 +402,8 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
                                                     f"this is {rgb.shape[1]}x{rgb.shape[0]}")
                 chips[state["written"]] = rgb
                 state["written"] += 1
-                state["kept"].append(i)
             except ImageReadError as e:
-                state["skipped"].append({"path": entry.path, "reason": e.reason, "detail": e.detail})
+                state["skipped"].append({"index": i, "path": entry.path, "reason": e.reason, "detail": e.detail})
             state["next"] = i + 1
             if state["next"] % _FLUSH_EVERY == 0:
                 chips.flush()
@@ -419,7 +418,8 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         if state["next"] % _FLUSH_EVERY:
             _write_json(partial / _PROGRESS, state)
 
-    kept = [entries[i] for i in state["kept"]]
+    skipped = {s["index"] for s in state["skipped"]}
+    kept = [e for i, e in enumerate(entries) if i not in skipped]
     if not kept:
         raise StoreError(f"none of the {n} files in {chips_dir} is a valid chip")
     os.truncate(partial / _CHIPS, len(kept) * int(np.prod(CHIP_SHAPE)))
@@ -431,7 +431,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         "version": STORE_VERSION, "count": len(kept), "chip_shape": list(CHIP_SHAPE),
         "chips_dir": str(chips_dir.resolve()), "identities": identities,
         "paths": [e.path for e in kept], "sources": [e.source for e in kept],
-        "skipped": state["skipped"],
+        "skipped": [{k: v for k, v in s.items() if k != "index"} for s in state["skipped"]],
     })
     os.unlink(partial / _PROGRESS)
     if store.exists():

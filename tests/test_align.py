@@ -309,3 +309,56 @@ def test_cli_align_prints_the_summary(small_raw, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 files (identities): 3 chips from 3 photos" in text and "manifest:" in text
     assert json.loads((out / "summary.json").read_text())["settings"]["multi"] == "largest"
+
+
+def test_unreadable_files_are_retried_by_the_next_run(tmp_path, shared_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "later.jpg").symlink_to(tmp_path / "arrives-later.jpg")
+    first = align(raw, tmp_path / "out", jobs=1, progress=False)
+    assert first["failures_by_reason"] == {"unreadable": 1}
+    shutil.copy(shared_dir / "data" / "faces" / "2008_001009.jpg", tmp_path / "arrives-later.jpg")
+    second = align(raw, tmp_path / "out", jobs=1, progress=False)
+    assert second["processed_this_run"] == 1 and second["chips"] == 2
+
+
+def test_a_chip_that_cannot_be_written_stops_the_run(small_raw, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p1").write_text("a file where the chip folder p1/ must go")
+    with pytest.raises(AlignError, match="cannot write"):
+        align(small_raw, out, jobs=1, progress=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
+    """A real Ctrl-C (SIGINT to the whole process group) during a 2-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    raw = tmp_path / "raw"
+    for p in sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[:60]:
+        (raw / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (raw / p.parent.name / p.name).symlink_to(p)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlibbridge", "align", str(raw), str(out), "-j", "2", "-q"]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    journal = out / ".align" / "journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (journal.is_file() and journal.stat().st_size > 0):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    done = len(journal.read_text().splitlines())
+    assert 0 < done < 60
+    assert not list(out.rglob(".tmp-*")) and not (out / "manifest.csv").exists()
+    rerun = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reused_from_earlier_runs"] == done and summary["processed_this_run"] == 60 - done
