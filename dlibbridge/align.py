@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -533,23 +534,33 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
 
 
 def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Iterator:
-    """Results as they finish, with at most ``window`` tasks queued (memory stays flat on a
-    million photos); the pool is shut down however the consumer stops."""
+    """Results of ``fn`` over the ``(Source, sha256)`` tasks as they finish, with at most
+    ``window`` tasks queued (memory stays flat on a million photos); the pool is shut down
+    however the consumer stops."""
     it = iter(items)
-    pending = set()
+    pending: dict = {}   # future → its item
     try:
         with _children_ignore_sigint():   # the first submissions start the workers
             for item in it:
-                pending.add(pool.submit(fn, item))
+                pending[pool.submit(fn, item)] = item
                 if len(pending) >= window:
                     break
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.add(pool.submit(fn, nxt))
+                if fut.exception() is None:
+                    del pending[fut]
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending[pool.submit(fn, nxt)] = nxt
                 yield fut.result()
+    except BrokenProcessPool:
+        # A worker was killed (a crash inside dlib, or the OOM killer): say which photos were
+        # in flight, since rerunning will hit the same one.
+        raise AlignError("a worker process died while processing one of: "
+                         + ", ".join(task[0].rel for task in pending.values())
+                         + "; finished photos are kept — move the culprit away (find it with "
+                           "--jobs 1) and rerun to continue") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -27,10 +27,11 @@ Typical training use::
 Decoding decisions (each is the one that keeps chips identical to what dlib computes):
 
 * JPEG is decoded by dlib's own decoder (``dlib.load_rgb_image``) by default.  It differs
-  from Pillow/OpenCV (libjpeg-turbo) by up to ~40 grey levels per pixel on chroma edges, which
-  moves descriptors; with dlib's decoder a chip equals the one dlib's examples would compute.
-  Its libjpeg warnings are captured to tell corrupt and truncated files, which Pillow decodes
-  silently into garbage.  ``decoder="pillow"`` uses Pillow instead.
+  from Pillow/OpenCV (libjpeg-turbo) by up to ~45 grey levels per pixel on chroma edges, which
+  moves descriptors by ~0.06 on average (docs/benchmarks.md); with dlib's decoder a chip
+  equals the one dlib's examples compute.  Its libjpeg warnings are captured to tell truncated
+  files and corrupt ones (Pillow decodes corrupt entropy-coded data silently into garbage).
+  ``decoder="pillow"`` uses Pillow instead.
 * EXIF orientation is applied to the decoded pixels (dlib itself ignores it).
 * Transparent pixels are composited onto black with dlib's own integer arithmetic
   ``(v * ((alpha << 8) // 255)) >> 8`` (what ``load_rgb_image`` does for RGBA PNGs).

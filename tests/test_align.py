@@ -362,3 +362,23 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reused_from_earlier_runs"] == done and summary["processed_this_run"] == 60 - done
+
+
+def test_a_killed_worker_is_reported_with_the_photos_in_flight(tmp_path, shared_dir):
+    import multiprocessing
+    import os
+    import signal
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for p in sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[:16]:
+        (raw / p.name).symlink_to(p)
+
+    def kill_a_worker(rel):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+            break
+
+    with pytest.raises(AlignError, match="worker process died while processing one of: .*jpg"):
+        align(raw, tmp_path / "out", jobs=2, progress=False, on_photo=kill_a_worker)
+    rerun = align(raw, tmp_path / "out", jobs=1, progress=False)
+    assert rerun["reused_from_earlier_runs"] >= 1 and rerun["files"] == 16
