@@ -175,6 +175,16 @@ class NormalizedClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.normal_(self.weight, std=0.01)
 
+    @torch.no_grad()
+    def init_from_centres(self, centres: torch.Tensor) -> None:
+        """Start each class weight at its identity's mean embedding.  Fine-tuning starts from an
+        embedding that already separates people; a random head would instead produce maximal
+        loss and gradients ~50x larger than dlib's metric loss, which wreck the pretrained
+        network in the first steps."""
+        if centres.shape != self.weight.shape:
+            raise ValueError(f"centres {tuple(centres.shape)} do not match the head {tuple(self.weight.shape)}")
+        self.weight.copy_(F.normalize(centres.float(), dim=1))
+
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(emb.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
 
