@@ -46,6 +46,12 @@ from . import assets
 from .data import DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from .format import write_atomic
 
+__all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CENTER_BOX_FRACTION",
+           "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
+           "FaceAligner", "frontal_face_detector", "center_box", "choose_faces", "encode_png", "write_chip",
+           "Source", "process_photo", "list_sources", "default_jobs", "align", "read_manifest",
+           "format_summary"]
+
 CHIP_SIZE = 150       # compute_face_descriptor's chip size ...
 CHIP_PADDING = 0.25   # ... and padding: the chip the network was trained on
 

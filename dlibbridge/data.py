@@ -54,6 +54,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+__all__ = ["REASONS", "SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "DECODERS", "ImageReadError", "Photo",
+           "read_image", "CHIP_SHAPE", "StoreError", "ChipEntry", "chip_entries", "pack", "ChipStore",
+           "ChipDataset", "PKBatchSampler"]
+
 # --------------------------------------------------------------------------------------------
 # Reading images
 # --------------------------------------------------------------------------------------------
@@ -505,7 +509,15 @@ class ChipStore:
         if isinstance(indices, slice):
             return self.chips[indices], self.labels[indices]
         idx = np.asarray(indices, dtype=np.int64)
-        return self.chips[idx], self.labels[idx]
+        order = np.argsort(idx, kind="stable")      # read the file front to back
+        chips = np.empty((len(idx), *self.chips.shape[1:]), np.uint8)
+        chips[order] = self.chips[idx[order]]
+        return chips, self.labels[idx]
+
+    def __reduce__(self):
+        # Pickled by path (DataLoader workers under spawn): each process maps the file itself
+        # instead of receiving a copy of every chip.
+        return (ChipStore, (self.path,))
 
     def identity_indices(self) -> dict[int, np.ndarray]:
         """label → sorted chip indices of that identity (chips without identity left out)."""

@@ -107,6 +107,14 @@ def test_batch_is_a_slice_of_the_memory_map(johns_store):
     assert list(glabels) == [johns_store.labels[i] for i in (20, 3, 7)]
 
 
+def test_store_pickles_by_path(johns_store):
+    import pickle
+    blob = pickle.dumps(ChipDataset(johns_store))
+    assert len(blob) < 10_000, "chips are not copied into the pickle"
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.store.chips[7], johns_store.chips[7])
+
+
 def test_pack_is_resumable_and_atomic(tmp_path, johns_dir, johns_store, monkeypatch):
     import dlibbridge.data as data
     monkeypatch.setattr(data, "_FLUSH_EVERY", 8)
