@@ -306,7 +306,8 @@ class FaceResNet(nn.Module):
         w = self.fc.weight
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
-        if x.is_cuda and x.dtype == torch.float32:
+        if x.is_cuda and x.dtype == torch.float32 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # (traced/compiled callers set the TF32 flags themselves: the toggle is not traced)
             with _ieee_fp32():
                 return self.embed(x)
         return self.embed(x)

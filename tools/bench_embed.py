@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Throughput of the torch port vs dlib's own ``compute_face_descriptor``, same run, same chips.
+
+    python tools/bench_embed.py                       # CPU: dlib + every port variant, batches 1,16,64,256
+    python tools/bench_embed.py --variants eager,onnxruntime --batch-sizes 64
+    python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
+
+Engines (``--variants``):
+
+* ``dlib``          — ``dlib.face_recognition_model_v1.compute_face_descriptor(list_of_chips)``
+                      (the batched list form; always measured unless ``--no-dlib``);
+* ``eager``         — ``to_torch`` frozen form, NCHW, ``torch.inference_mode``;
+* ``channels_last`` — the same with NHWC memory format;
+* ``folded``        — each affine folded into its convolution's weights and bias (one less
+                      pass over every activation; arithmetic differs in the last bits);
+* ``jit_onednn``    — TorchScript trace → ``torch.jit.freeze`` → ``optimize_for_inference``
+                      (oneDNN conv+relu/add fusions, prepacked weights);
+* ``compile``       — ``torch.compile`` (inductor, ``freezing=True``: prepacked oneDNN
+                      convolutions, fused elementwise tails); compile time reported separately;
+* ``onnxruntime``   — the ``export_onnx`` graph in onnxruntime's CPU provider;
+* ``fp16`` / ``bf16`` — CUDA only: ``module.half()`` / ``.bfloat16()`` (input means stay fp32).
+
+Every variant's descriptors are compared with dlib's on the same chips (max |Δ| per element).
+The CPU's fp32 FMA peak is cores × GHz × FLOP/cycle; AVX2+FMA cores (Zen 2/3, Haswell+) issue
+two 8-lane FMAs per cycle = 32 FLOP/cycle.  GHz comes from /proc/cpuinfo ("cpu MHz", the
+nominal clock a VM reports) unless ``--ghz`` is given; a measured sgemm ceiling (2048² matmul)
+is printed beside it because other processes on a shared machine lower what is reachable.
+Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
+timed after one warm-up call; faces/s is reported for the fastest call (the machine's
+capability) and the median (what a contended run sees).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from dlibbridge import arch, assets, convert  # noqa: E402
+
+CPU_VARIANTS = ("eager", "channels_last", "folded", "jit_onednn", "compile", "onnxruntime")
+CUDA_VARIANTS = ("eager", "channels_last", "compile", "fp16", "bf16")
+FLOP_PER_CYCLE_AVX2_FMA = 2 * 8 * 2   # 2 FMA pipes × 8 fp32 lanes × (mul + add)
+
+
+def load_chips(n: int) -> np.ndarray:
+    """``n`` real aligned chips (the johns, repeated): uint8 (n,150,150,3), dlib's decoder."""
+    import dlib
+    files = sorted((SHARED / "data" / "johns").glob("*/*.jpg"))
+    if not files:
+        sys.exit(f"no chips under {SHARED / 'data' / 'johns'}")
+    base = np.stack([dlib.load_rgb_image(str(f)) for f in files])
+    return np.ascontiguousarray(base[np.arange(n) % len(base)])
+
+
+def cpu_ghz() -> float:
+    with open("/proc/cpuinfo") as f:
+        mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+    return max(mhz) / 1000.0
+
+
+def sgemm_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, min_time: float, reps: int, sync=lambda: None, warmup: bool = True) -> list[float]:
+    if warmup:                             # allocations, oneDNN primitive creation
+        fn()
+        sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def fold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
+    """Inference copy with each affine folded into its conv: w·g, bias·g + shift."""
+    m = copy.deepcopy(module)
+    for unit in m.modules():
+        if isinstance(unit, arch.ConvNorm) and isinstance(unit.norm, arch.DlibAffine):
+            with torch.no_grad():
+                g, s = unit.norm.scale, unit.norm.shift
+                unit.conv.weight.mul_(g.view(-1, 1, 1, 1))
+                unit.conv.bias.mul_(g).add_(s)
+            unit.norm = torch.nn.Identity()
+    return m
+
+
+class Runner:
+    """One engine at one batch size: ``prepare`` (untimed) then ``__call__`` → descriptors."""
+
+    def __init__(self, name: str, base: arch.FaceResNet, device: torch.device, onnx_path: Path | None):
+        self.name, self.device = name, device
+        self.setup_s = 0.0
+        t = time.perf_counter()
+        m = copy.deepcopy(base).to(device).eval()
+        self.nchw_float = False
+        if name == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+        elif name == "folded":
+            m = fold_affines(m)
+        elif name == "fp16":
+            m = m.half()
+        elif name == "bf16":
+            m = m.bfloat16()
+        elif name == "jit_onednn":
+            self.nchw_float = True
+            with torch.no_grad():
+                example = torch.zeros(2, 3, 150, 150, device=device)
+                traced = torch.jit.trace(m, (example,), check_trace=False)
+                m = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        elif name == "compile":
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+            m = torch.compile(m)
+        elif name == "onnxruntime":
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            self.nchw_float = True
+        self.module = m
+        self.setup_s = time.perf_counter() - t
+
+    def prepare(self, chips: np.ndarray):
+        if self.name == "onnxruntime":
+            return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
+        x = torch.from_numpy(chips).to(self.device)
+        if self.nchw_float:
+            x = x.permute(0, 3, 1, 2).float().contiguous()
+        return x
+
+    def __call__(self, x) -> np.ndarray:
+        if self.name == "onnxruntime":
+            return self.sess.run(None, {"chips": x})[0]
+        with torch.inference_mode():
+            return self.module(x).float().cpu().numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-sizes", default="1,16,64,256")
+    ap.add_argument("--variants", help="comma-separated (default: all for the device)")
+    ap.add_argument("--no-dlib", action="store_true", help="skip dlib (e.g. on a GPU machine)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch/ORT threads")
+    ap.add_argument("--ghz", type=float, help="clock for the FMA peak (default: /proc/cpuinfo)")
+    ap.add_argument("--min-time", type=float, default=3.0, help="seconds per cell (default 3)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per cell at least (default 3)")
+    ap.add_argument("--dlib-max-batch", type=int, default=256, help="largest batch dlib is timed at")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        # fp32 means IEEE fp32 (parity): compiled graphs do not see the port's own TF32 toggle.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    variants = args.variants.split(",") if args.variants else list(
+        CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS)
+    chips = load_chips(max(batch_sizes))
+    base = convert.to_torch(assets.face_model_path())
+    gflop = arch.gflops_per_face(base)
+    load0 = os.getloadavg()
+
+    ref = None
+    rows = []
+    if not args.no_dlib:
+        import dlib
+        fr = dlib.face_recognition_model_v1(str(assets.face_model_path()))
+        ref = np.array(fr.compute_face_descriptor(list(chips)))   # also dlib's warm-up
+        for b in batch_sizes:
+            if b > args.dlib_max_batch:
+                continue
+            batch = list(chips[:b])
+            times = time_calls(lambda: fr.compute_face_descriptor(batch), args.min_time, 1, warmup=False)
+            rows.append({"engine": "dlib", "batch": b, "best_fps": b / min(times),
+                         "median_fps": b / statistics.median(times), "calls": len(times), "max_abs_diff": 0.0})
+            print(f"dlib         batch {b:4d}: {rows[-1]['best_fps']:8.1f} faces/s", flush=True)
+
+    onnx_path = None
+    if "onnxruntime" in variants:
+        onnx_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_embed_{os.getpid()}.onnx"
+        convert.export_onnx(base, onnx_path)
+    try:
+        for name in variants:
+            for b in batch_sizes:
+                runner = Runner(name, base, device, onnx_path)   # fresh per batch size (compile shapes)
+                x = runner.prepare(chips[:b])
+                t = time.perf_counter()
+                out = runner(x)                                   # first call: compile / prepack
+                first_s = time.perf_counter() - t
+                times = time_calls(lambda: runner(x), args.min_time, args.reps,
+                                   sync=lambda: _sync(device))
+                diff = float(np.abs(out.astype(np.float64) - ref[:b]).max()) if ref is not None else None
+                rows.append({"engine": name, "batch": b, "best_fps": b / min(times),
+                             "median_fps": b / statistics.median(times), "calls": len(times),
+                             "setup_s": runner.setup_s, "first_call_s": first_s, "max_abs_diff": diff})
+                print(f"{name:12s} batch {b:4d}: {rows[-1]['best_fps']:8.1f} faces/s "
+                      f"(median {rows[-1]['median_fps']:.1f}; first call {first_s:.1f}s; "
+                      f"max|Δ| vs dlib {diff if diff is None else f'{diff:.2g}'})", flush=True)
+    finally:
+        if onnx_path is not None and onnx_path.exists():
+            onnx_path.unlink()
+
+    gemm = sgemm_gflops(device)
+    load1 = os.getloadavg()
+    info = {"device": str(device), "threads": args.threads, "gflop_per_face": gflop,
+            "sgemm_gflops": gemm, "loadavg_start": load0, "loadavg_end": load1,
+            "torch": torch.__version__, "platform": platform.platform()}
+    if device.type == "cpu":
+        ghz = args.ghz or cpu_ghz()
+        cores = len(os.sched_getaffinity(0))
+        info.update(ghz=ghz, cores=cores, fma_peak_gflops=cores * ghz * FLOP_PER_CYCLE_AVX2_FMA)
+    else:
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print_table(rows, info)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    return 0
+
+
+def print_table(rows: list[dict], info: dict) -> None:
+    dlib_fps = {r["batch"]: r["best_fps"] for r in rows if r["engine"] == "dlib"}
+    peak = info.get("fma_peak_gflops")
+    print()
+    print(f"device {info['device']}, {info['threads']} threads, torch {info['torch']}; "
+          f"{info['gflop_per_face']:.3f} GFLOP/face; sgemm ceiling now {info['sgemm_gflops']:.1f} GFLOP/s"
+          + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × 32)" if peak else "")
+          + f"; load average {info['loadavg_start'][0]:.1f} → {info['loadavg_end'][0]:.1f}")
+    print()
+    head = "| engine | batch | faces/s (best) | faces/s (median) | × dlib | GFLOP/s |"
+    sep = "|---|---:|---:|---:|---:|---:|"
+    if peak:
+        head += " % FMA peak |"
+        sep += "---:|"
+    head += " max abs diff vs dlib |"
+    sep += "---:|"
+    print(head)
+    print(sep)
+    for r in rows:
+        gf = r["best_fps"] * info["gflop_per_face"]
+        ratio = r["best_fps"] / dlib_fps[r["batch"]] if r["batch"] in dlib_fps else float("nan")
+        line = (f"| {r['engine']} | {r['batch']} | {r['best_fps']:.1f} | {r['median_fps']:.1f} | "
+                f"{ratio:.1f} | {gf:.1f} |")
+        if peak:
+            line += f" {100 * gf / peak:.0f}% |"
+        d = r["max_abs_diff"]
+        line += f" {'n/a' if d is None else f'{d:.1e}'} |"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
