@@ -124,18 +124,45 @@ bool looks_like_version_string(const std::string& s) {
     return true;
 }
 
+// One component of the layer path reported in errors.  Kept as (kind, text, number) so
+// that entering a layer costs no string formatting: the path is only rendered on failure.
+struct PathPart {
+    enum Kind { Text, Field, Layer, Group, Forest } kind;
+    const char* text;  // Text, Field: a literal or a string that outlives the part
+    uint64_t num;      // Layer, Group, Forest
+};
+
 // "loss layer<1> layer<2> ... layer<57> con_4 .params" -> "loss layer<57> con_4.params":
 // of a run of nested wrappers only the innermost is worth naming.
-std::string join_path(const std::vector<std::string>& parts) {
+std::string join_path(const std::vector<PathPart>& parts) {
     std::string s;
     for (std::size_t i = 0; i < parts.size(); ++i) {
-        const std::string& c = parts[i];
-        if (c.rfind("layer<", 0) == 0 && i + 1 < parts.size() && parts[i + 1].rfind("layer<", 0) == 0) continue;
-        if (!s.empty() && c[0] != '.') s += ' ';
-        s += c;
+        const PathPart& c = parts[i];
+        if (c.kind == PathPart::Layer && i + 1 < parts.size() && parts[i + 1].kind == PathPart::Layer) continue;
+        switch (c.kind) {
+            case PathPart::Text: s += (s.empty() ? "" : " ") + std::string(c.text); break;
+            case PathPart::Field: s += std::string(".") + c.text; break;
+            case PathPart::Layer: s += (s.empty() ? "" : " ") + std::string("layer<") + std::to_string(c.num) + ">"; break;
+            case PathPart::Group: s += ".group<" + std::to_string(c.num) + ">"; break;
+            case PathPart::Forest: s += ".forest<" + std::to_string(c.num) + ">"; break;
+        }
     }
     return s;
 }
+
+template <class Owner>
+struct PathScope {
+    PathScope(Owner& o, PathPart part) : o_(o) { o_.path_.push_back(part); }
+    PathScope(Owner& o, const char* text) : o_(o) { o_.path_.push_back({PathPart::Text, text, 0}); }
+    PathScope(Owner& o, const std::string& text) : o_(o) { o_.path_.push_back({PathPart::Text, text.c_str(), 0}); }
+    ~PathScope() { o_.path_.pop_back(); }
+    PathScope(const PathScope&) = delete;
+    PathScope& operator=(const PathScope&) = delete;
+    Owner& o_;
+};
+
+PathPart layer_part(uint64_t depth) { return {PathPart::Layer, nullptr, depth}; }
+PathPart field_part(const char* name) { return {PathPart::Field, name, 0}; }
 
 // ------------------------------------------------------------------------------------
 // Float encoding (dlib float_details): value = mantissa * 2^exponent.
@@ -243,19 +270,15 @@ public:
 private:
     const unsigned char* d_;
     std::size_t n_;
-    std::vector<std::string> path_;
+    friend struct PathScope<Parser>;
+    using PathGuard = PathScope<Parser>;
+    std::vector<PathPart> path_;
     std::unordered_map<uint64_t, std::vector<Alt>> memo_;
     uint64_t work_ = 0;
     bool legacy_ = false;  // pass 2: add_layer is version 1 (see parse_file)
     bool have_failure_ = false;
     std::size_t furthest_off_ = 0;
     std::string furthest_msg_, furthest_path_;
-
-    struct PathGuard {
-        PathGuard(Parser& p, std::string s) : p_(p) { p_.path_.push_back(std::move(s)); }
-        ~PathGuard() { p_.path_.pop_back(); }
-        Parser& p_;
-    };
 
     std::string path_string() const { return join_path(path_); }
 
@@ -472,7 +495,7 @@ private:
     }
 
     Field parse_field(std::size_t& p, const FieldSpec& fs) {
-        PathGuard g(*this, std::string(".") + fs.name);
+        PathGuard g(*this, field_part(fs.name));
         Field f;
         f.name = fs.name;
         f.type = fs.type;
@@ -503,7 +526,7 @@ private:
             out.push_back(parse_field(p, {"detector_width", U, 8}));
             out.push_back(parse_field(p, {"detector_height", U, 8}));
         } else {
-            PathGuard g(*this, ".detector_windows");
+            PathGuard g(*this, field_part("detector_windows"));
             Field w;
             w.name = "detector_windows";
             w.type = FieldType::Records;
@@ -540,7 +563,7 @@ private:
         if (it != memo_.end()) return it->second;
         std::vector<Alt> alts;
         {
-            PathGuard g(*this, "layer<" + std::to_string(depth) + ">");
+            PathGuard g(*this, layer_part(depth));
             if (depth > kMaxDepth)
                 throw CodecError("network nested deeper than " + std::to_string(kMaxDepth) + " layers", off, path_string());
             try {
@@ -608,7 +631,7 @@ private:
                         node->kind = NodeKind::AddLayer;
                         node->version = v;
                         node->subnet = sub.node;
-                        PathGuard g(*this, "layer<" + std::to_string(depth) + ">");
+                        PathGuard g(*this, layer_part(depth));
                         node->details = parse_details(q, RecordKind::Layer);
                         PathGuard g2(*this, node->details->version);
                         parse_layer_state(q, *node, v == 2 ? 3 : 2, "params_grad");
@@ -629,7 +652,7 @@ private:
                 for (uint64_t gi = 0; gi < count && !frontier.empty(); ++gi) {
                     std::vector<std::pair<std::vector<NodeP>, std::size_t>> next;
                     for (auto& [groups, end] : frontier) {
-                        PathGuard g(*this, ".group<" + std::to_string(gi) + ">");
+                        PathGuard g(*this, PathPart{PathPart::Group, nullptr, gi});
                         for (const Alt& ga : parse_net(end, Ctx::Rep, depth + 1)) {
                             bool dup = false;
                             for (auto& nx : next) dup = dup || nx.second == ga.end;
@@ -750,7 +773,7 @@ private:
         sp.initial_shape = read_matrix(p, fmt, "initial_shape");
         uint64_t ncascades = read_count(p, 2, "forest count");
         for (uint64_t c = 0; c < ncascades; ++c) {
-            PathGuard gc(*this, ".forest<" + std::to_string(c) + ">");
+            PathGuard gc(*this, PathPart{PathPart::Forest, nullptr, c});
             std::vector<RegressionTree> forest;
             uint64_t ntrees = read_count(p, 4, "tree count");
             for (uint64_t t = 0; t < ntrees; ++t) {
@@ -898,7 +921,7 @@ public:
         }
         put_string(d.version);
         for (const Field& f : d.fields) {
-            Path gf(*this, "." + f.name);
+            Path gf(*this, field_part(f.name.c_str()));
             put_field(f);
         }
     }
@@ -953,7 +976,7 @@ public:
 
     void put_net(const Node& n, bool in_repeat_group, int depth) {
         if (depth > kMaxDepth) error("network nested deeper than " + std::to_string(kMaxDepth) + " layers");
-        Path g(*this, "layer<" + std::to_string(depth) + ">");
+        Path g(*this, layer_part(static_cast<uint64_t>(depth)));
         switch (n.kind) {
             case NodeKind::Loss:
                 error("a loss layer can only be the outermost record");
@@ -996,7 +1019,7 @@ public:
                 put_int(1);
                 put_uint(n.groups.size());
                 for (std::size_t i = 0; i < n.groups.size(); ++i) {
-                    Path gg(*this, ".group<" + std::to_string(i) + ">");
+                    Path gg(*this, PathPart{PathPart::Group, nullptr, i});
                     put_net(*n.groups[i], true, depth + 1);
                 }
                 put_net(*n.subnet, in_repeat_group, depth + 1);
@@ -1059,12 +1082,9 @@ public:
     }
 
 private:
-    std::vector<std::string> path_;
-    struct Path {
-        Path(Writer& w, std::string s) : w_(w) { w_.path_.push_back(std::move(s)); }
-        ~Path() { w_.path_.pop_back(); }
-        Writer& w_;
-    };
+    friend struct PathScope<Writer>;
+    using Path = PathScope<Writer>;
+    std::vector<PathPart> path_;
     std::string path_string() const { return join_path(path_); }
 };
 
