@@ -381,6 +381,66 @@ def _run_embed(args) -> int:
 
 
 # Registration order is the order shown by --help.
+# ---- unfreeze / freeze (issue 4: trainable dlib net_type) -----------------------------------
+
+def _add_unfreeze(sub) -> None:
+    p = sub.add_parser(
+        "unfreeze", help="deployed model -> trainable dlib file (affine_ -> bn_con2) for dlib's net_type",
+        description="Rewrite every affine_ record as a trainable bn_con2 (bn_fc2 in FC mode), every other "
+                    "record byte-identical, so dlib's training net_type (bn_con) loads the file.  Exact in "
+                    "inference.  dlib's batch-norm uses batch statistics for any batch of more than one "
+                    "sample, so without --calibrate the training-mode output differs a lot from the deployed "
+                    "one; --calibrate re-seeds the statistics from your aligned chips.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="dlib .dat file (default: the installed dlib face model)")
+    p.add_argument("-o", "--out", metavar="OUT", help="output file (default: <name>_trainable.dat in the current folder)")
+    p.add_argument("--calibrate", metavar="FACES_DIR",
+                   help="aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` "
+                        "store) to estimate each batch-norm's input statistics on")
+    p.add_argument("--max-chips", type=int, default=2000, metavar="N",
+                   help="calibrate on at most N chips, a seeded random subset (default 2000)")
+    p.add_argument("--batch-size", type=int, default=25, metavar="B",
+                   help="training batch size the training-mode deviation is reported for (default 25, dlib's 5x5)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_unfreeze)
+
+
+def _run_unfreeze(args) -> int:
+    from . import assets
+    from .batchnorm import BatchNormError, unfreeze_file
+    src = args.model or assets.face_model_path()
+    out = args.out or assets.default_output_path(src, "_trainable")
+    try:
+        lines = unfreeze_file(src, out, args.calibrate, max_chips=args.max_chips, batch_size=args.batch_size,
+                              progress=not args.quiet)
+    except BatchNormError as e:
+        print(f"dlibbridge unfreeze: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _add_freeze(sub) -> None:
+    p = sub.add_parser(
+        "freeze", help="trainable dlib file (bn_con2) -> deployable model (affine_), as dlib converts it",
+        description="Rewrite every bn_con2/bn_fc2 record as affine_ exactly as dlib's own bn->affine conversion "
+                    "computes it, so a network trained with dlib's dnn_trainer loads in "
+                    "dlib.face_recognition_model_v1 and in the torch port.")
+    p.add_argument("net", metavar="NET.dat", help="trainable dlib file (e.g. saved by dnn_trainer or unfreeze)")
+    p.add_argument("-o", "--out", metavar="OUT.dat", required=True, help="output file (never the input)")
+    p.set_defaults(func=_run_freeze)
+
+
+def _run_freeze(args) -> int:
+    from .batchnorm import BatchNormError, freeze_file
+    try:
+        lines = freeze_file(args.net, args.out)
+    except BatchNormError as e:
+        print(f"dlibbridge freeze: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 _COMMANDS = [
     _add_inspect,
     _add_align,
@@ -389,6 +449,8 @@ _COMMANDS = [
     _add_finetune,
     _add_export,
     _add_embed,
+    _add_unfreeze,
+    _add_freeze,
 ]
 
 

@@ -1,0 +1,542 @@
+"""Unfreeze and freeze: dlib's deployed ``affine_`` ⇄ trainable batch-norm (``bn_con2``/``bn_fc2``).
+
+Why: dlib's training network (``net_type`` with ``bn_con``) refuses the deployed face model
+(``Unexpected version 'affine_' found while deserializing dlib::bn_``) and dlib has no
+affine → bn conversion.  :func:`unfreeze` writes one, :func:`freeze` is dlib's own bn → affine
+conversion so a network trained by ``dnn_trainer`` deploys to ``face_recognition_model_v1``.
+Both rewrite only the normalisation records; every other record and every wrapper field
+stays as it was, so the rest of the file is byte-identical.
+
+Uncalibrated unfreeze (dlib-format.md §6.7) is exact in inference but not in training:
+dlib's batch-norm has no eval mode, any batch of more than one sample is normalised with its
+own statistics, and the deployed file no longer holds the statistics the affine folded away.
+:func:`calibrate` measures each layer's input mean/variance on the user's aligned chips and
+re-seeds ``running_means``/``running_variances``/``gamma``/``beta`` so that the inference
+transform is unchanged while a training batch is normalised back to (almost) the deployed
+function.  It works on the torch port (:mod:`dlibbridge.convert`), so it needs the face ResNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import torch
+
+from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibBatchNorm2d
+from .convert import affine_layers, fold_bn, to_torch
+from . import format as fmt
+from .format import Details, Model
+
+CONV_MODE, FC_MODE = 0, 1
+_BN_VERSION = {CONV_MODE: "bn_con2", FC_MODE: "bn_fc2"}
+_BN_MODE = {v: k for k, v in _BN_VERSION.items()}
+
+
+class BatchNormError(ValueError):
+    """A record or file that cannot be (un)frozen; the message names the dlib layer."""
+
+
+# ---------------------------------------------------------------------------------------
+# Record-level conversions
+
+
+def _gamma_beta(path: str, d: Details) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    shape = tuple(int(v) for v in d["gamma"])
+    n = int(np.prod(shape))
+    flat = d["params"].reshape(-1)
+    if n == 0 or flat.size != 2 * n or tuple(d["beta"]) != shape:
+        raise BatchNormError(f"{path} {d.version}: params holds {flat.size} floats for gamma/beta "
+                             f"aliases {tuple(d['gamma'])}/{tuple(d['beta'])}")
+    return flat[:n].copy(), flat[n:].copy(), shape
+
+
+def _stat_shape(mode: int, gamma_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """bn_ keeps running statistics per channel in CONV_MODE and per element in FC_MODE."""
+    return (1, gamma_shape[1], 1, 1) if mode == CONV_MODE else (1, *gamma_shape[1:])
+
+
+def affine_as_bn_variance(eps: float = DLIB_BN_EPS) -> np.float32:
+    """The running variance that makes a batch-norm compute exactly an affine:
+    float32(1 − eps), so that float(double(var) + eps) is 1.0f and invstd exactly 1
+    (dlib-format.md §6.7; 1 + eps folded into gamma instead costs 3e-7)."""
+    return np.float32(1.0 - eps)
+
+
+def affine_to_bn(d: Details, path: str = "") -> Details:
+    """``affine_``/``affine_2`` → the bn record (``bn_con2``, or ``bn_fc2`` in FC mode) whose
+    inference output is bit-identical (dlib-format.md §6.7): gamma = g, beta = b,
+    running mean 0, running variance float32(1 − eps), eps 1e-4, ``means``/``invstds``
+    zeros/ones shaped like the statistics (never empty: num_updates > 0 would make dlib's
+    first training batch abort), num_updates = window = 100, bn's default multipliers."""
+    if d.layer_type != "affine":
+        raise BatchNormError(f"{path} {d.version}: not an affine record")
+    if d.get("disabled", False):
+        raise BatchNormError(f"{path} {d.version}: a disabled affine (identity, no parameters) has no "
+                             f"batch-norm counterpart")
+    mode = int(d["mode"])
+    if mode not in _BN_VERSION:
+        raise BatchNormError(f"{path} {d.version}: unknown mode {mode}")
+    g, b, shape = _gamma_beta(path, d)
+    stat = _stat_shape(mode, shape)
+    params = np.concatenate([g, b]).reshape(-1, 1, 1, 1)
+    return Details.build(
+        _BN_VERSION[mode],
+        ("params", "tensor", params), ("gamma", "alias", shape), ("beta", "alias", shape),
+        ("means", "tensor", np.zeros(stat, np.float32)), ("invstds", "tensor", np.ones(stat, np.float32)),
+        ("running_means", "tensor", np.zeros(stat, np.float32)),
+        ("running_variances", "tensor", np.full(stat, affine_as_bn_variance(), np.float32)),
+        ("num_updates", "uint", DLIB_BN_WINDOW), ("running_stats_window_size", "uint", DLIB_BN_WINDOW),
+        ("learning_rate_multiplier", "f64", 1.0), ("weight_decay_multiplier", "f64", 0.0),
+        ("bias_learning_rate_multiplier", "f64", 1.0), ("bias_weight_decay_multiplier", "f64", 1.0),
+        ("eps", "f64", DLIB_BN_EPS))
+
+
+def bn_to_affine(d: Details, path: str = "") -> Details:
+    """``bn_con2``/``bn_fc2`` → the ``affine_`` record (the form the face model ships), with
+    dlib's conversion (:func:`~dlibbridge.convert.fold_bn`).  Running statistics and eps are dropped, as dlib does."""
+    if d.version not in _BN_MODE:
+        raise BatchNormError(f"{path} {d.version}: not a bn_con2/bn_fc2 record")
+    mode = _BN_MODE[d.version]
+    gamma, beta, shape = _gamma_beta(path, d)
+    stat = _stat_shape(mode, shape)
+    rm, rv = d["running_means"], d["running_variances"]
+    if tuple(rm.shape) != stat or tuple(rv.shape) != stat:
+        raise BatchNormError(f"{path} {d.version}: running statistics shaped {tuple(rm.shape)}/"
+                             f"{tuple(rv.shape)}, expected {stat} (a never-trained layer?)")
+    g, b = fold_bn(gamma.reshape(stat), beta.reshape(stat), rm, rv, d["eps"])
+    params = np.concatenate([g.reshape(-1), b.reshape(-1)]).reshape(-1, 1, 1, 1)
+    return Details.build("affine_", ("params", "tensor", params), ("gamma", "alias", shape),
+                         ("beta", "alias", shape), ("mode", "int", mode))
+
+
+# ---------------------------------------------------------------------------------------
+# Whole trees
+
+
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrate` did and how close the result is (descriptor units).
+
+    ``train_before``/``train_after``: (mean, max) |Δ| between training-mode descriptors
+    (``report_chips`` chips in random batches of ``batch_size``, dlib's batch-statistics
+    normalisation) and the inference descriptors, before and after calibration.  ``inference_max``: max |Δ| of inference
+    descriptors after vs before (should be float rounding, ~1e-7)."""
+
+    chips: int
+    batch_size: int
+    report_chips: int
+    layers: int
+    train_before: tuple[float, float]
+    train_after: tuple[float, float]
+    inference_max: float
+
+    def lines(self) -> list[str]:
+        where = f"{self.report_chips} chips in batches of {self.batch_size}"
+        return [f"calibrated {self.layers} batch-norm layers on {self.chips} chips",
+                f"training-mode deviation from inference ({where}): before mean {self.train_before[0]:.4f} "
+                f"max {self.train_before[1]:.4f}; after mean {self.train_after[0]:.4f} max {self.train_after[1]:.4f}",
+                f"inference change: max {self.inference_max:.2e}"]
+
+
+@dataclass
+class Conversion:
+    """Result of :func:`unfreeze` / :func:`freeze`: the rewritten tree and the dlib layer
+    paths whose records were converted."""
+
+    model: Model
+    converted: list[str] = field(default_factory=list)
+    calibration: CalibrationReport | None = None
+
+
+def _norm_entries(model: Model, kind: str):
+    for e in model.layers():
+        d = e.details
+        if d is not None and (d.layer_type == "affine" if kind == "affine" else d.version in _BN_MODE):
+            yield e
+
+
+def unfreeze(model: Model, calibration: np.ndarray | None = None, *, batch_size: int = 25,
+             device=None, progress: bool = False) -> Conversion:
+    """Rewrite every affine record of ``model`` (in place) as its trainable bn record.
+
+    ``calibration``: uint8 RGB chips (N,150,150,3) — re-seed the statistics with
+    :func:`calibrate` (face ResNet only).  Without it the result is §6.7's exact form."""
+    converted = []
+    for e in _norm_entries(model, "affine"):
+        e.node.details = affine_to_bn(e.details, e.path)
+        converted.append(e.path)
+    if not converted:
+        raise BatchNormError("no affine_ records to unfreeze (already trainable?)")
+    out = Conversion(model, converted)
+    if calibration is not None:
+        module = to_torch(model, trainable=True)
+        out.calibration = calibrate(module, calibration, batch_size=batch_size, device=device, progress=progress)
+        _write_statistics(module, model)
+    return out
+
+
+def freeze(model: Model) -> Conversion:
+    """Rewrite every ``bn_con2``/``bn_fc2`` record of ``model`` (in place) as ``affine_``,
+    exactly as dlib converts them when an affine-typed network loads a bn file."""
+    converted = []
+    for e in _norm_entries(model, "bn"):
+        e.node.details = bn_to_affine(e.details, e.path)
+        converted.append(e.path)
+    if not converted:
+        raise BatchNormError("no bn_con2/bn_fc2 records to freeze (already deployed?)")
+    return Conversion(model, converted)
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration (torch port)
+
+
+def _unwrap(module):
+    for attr in ("module", "_orig_mod"):       # DistributedDataParallel, torch.compile
+        while hasattr(module, attr) and not hasattr(module, "dlib_source"):
+            module = getattr(module, attr)
+    return module
+
+
+def _norm_modules(module):
+    """(FaceResNet, [(module name, dlib layer path, DlibBatchNorm2d), …] in forward order)."""
+    module = _unwrap(module)
+    out = []
+    for name, path in affine_layers(module):
+        m = module.get_submodule(name)
+        if not isinstance(m, DlibBatchNorm2d):
+            raise BatchNormError(f"{name} ({path}) is a frozen affine: calibrate needs the trainable "
+                                 f"form (convert.to_torch(..., trainable=True))")
+        out.append((name, path, m))
+    return module, out
+
+
+def _batches(chips: np.ndarray, batch_size: int, device):
+    for i in range(0, len(chips), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(chips[i:i + batch_size])).to(device)
+
+
+@contextlib.contextmanager
+def _batch_statistics(norms: Sequence[DlibBatchNorm2d]):
+    """Run ``norms`` as dlib runs a batch of more than one sample (batch statistics) and
+    put their running statistics back afterwards: measuring must not train."""
+    saved = [(m.training, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    try:
+        for m in norms:
+            m.train()
+        yield
+    finally:
+        for m, (training, rm, rv, n) in zip(norms, saved):
+            m.train(training)
+            m.running_mean.copy_(rm)
+            m.running_var.copy_(rv)
+            m.num_batches_tracked.copy_(n)
+
+
+@torch.inference_mode()
+def _descriptors(module, chips: np.ndarray, batch_size: int, device, train_norms: Sequence = ()) -> np.ndarray:
+    """Descriptors (float64) of ``chips`` in batches of ``batch_size``; ``train_norms`` use
+    batch statistics, every other norm its running statistics."""
+    with _batch_statistics(train_norms):
+        return np.concatenate([module(x).double().cpu().numpy() for x in _batches(chips, batch_size, device)])
+
+
+@torch.inference_mode()
+def _input_statistics(module, norms: Sequence[DlibBatchNorm2d], chips: np.ndarray, batch_size: int,
+                      device, progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and biased variance (accumulated in float64 over N·H·W values) of
+    each norm's input, in one inference pass over ``chips``."""
+    acc = [[0, 0.0, 0.0] for _ in norms]
+
+    def hook(i):
+        def pre(_mod, args):
+            x = args[0].double()
+            xs = x.transpose(0, 1).reshape(x.shape[1], -1)
+            acc[i][0] += xs.shape[1]
+            acc[i][1] = acc[i][1] + xs.sum(1)
+            acc[i][2] = acc[i][2] + (xs * xs).sum(1)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(norms)]
+    try:
+        batches = _batches(chips, batch_size, device)
+        if progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=-(-len(chips) // batch_size), desc="calibrating", unit="batch")
+        for x in batches:
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for n, s, s2 in acc:
+        mean = (s / n).cpu().numpy()
+        out.append((mean, np.maximum((s2 / n).cpu().numpy() - mean * mean, 0.0)))
+    return out
+
+
+def _deviation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(a - b)
+    return float(d.mean()), float(d.max())
+
+
+def calibrate(module, chips: np.ndarray, *, batch_size: int = 25, report_max: int = 500, seed: int = 0,
+              device=None, progress: bool = False) -> CalibrationReport:
+    """Re-seed every batch-norm of a trainable FaceResNet (in place) from ``chips``
+    (uint8 RGB, N×150×150×3) without changing its inference function.
+
+    For each layer, with its input's per-channel mean μ and biased variance σ² over all the
+    chips (one inference pass), and the layer's current inference transform ``y = g·x + b``
+    (dlib's fold of gamma, beta and running stats): running_mean = μ, running_var = σ²,
+    gamma = g·sqrt(σ² + eps), beta = b + g·μ (dlib-format.md §6.7, end).  A training batch
+    whose statistics equal μ, σ² is then normalised to exactly the deployed output, so the
+    remaining training-mode deviation is the batch's sampling noise.
+
+    Layer-by-layer (sequential) calibration, each layer measured with the earlier ones on
+    batch statistics, was measured too and gives the same result to 1e-7 on the johns (a
+    calibrated layer passes its input's batch on unchanged when the batch is the
+    calibration set), so the single pass is used.
+
+    The report measures the training-mode deviation on random batches of ``batch_size``
+    (dlib's example trains on 5×5) drawn from at most ``report_max`` of the chips.
+    """
+    chips = np.asarray(chips)
+    if chips.ndim != 4 or chips.shape[1:] != (150, 150, 3) or chips.dtype != np.uint8:
+        raise BatchNormError(f"calibration chips must be uint8 N×150×150×3, got {chips.dtype} {chips.shape}")
+    if len(chips) < 2:
+        raise BatchNormError("calibration needs at least 2 chips (the statistics of one sample are degenerate)")
+    if batch_size < 2:
+        raise BatchNormError("batch_size must be at least 2 (dlib uses running statistics for one sample)")
+    module, named = _norm_modules(module)
+    norms = [m for _, _, m in named]
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    rng = np.random.default_rng(seed)
+    bs = min(batch_size, len(chips))
+    n_report = max(bs, min(report_max, len(chips)) // bs * bs)    # whole batches only
+    sample = chips[rng.permutation(len(chips))[:n_report]]
+    was_training = module.training
+    module.eval()
+    try:
+        infer0 = _descriptors(module, sample, bs, device)
+        train0 = _descriptors(module, sample, bs, device, norms)
+        stats = _input_statistics(module, norms, chips, 64, device, progress)
+        for m, (mean, var) in zip(norms, stats):
+            _reseed(m, *_inference_transform(m), mean, var)
+        infer1 = _descriptors(module, sample, bs, device)
+        train1 = _descriptors(module, sample, bs, device, norms)
+    finally:
+        module.train(was_training)
+    return CalibrationReport(len(chips), bs, len(sample), len(norms), _deviation(train0, infer0),
+                             _deviation(train1, infer1), float(np.abs(infer1 - infer0).max()))
+
+
+def _inference_transform(m: DlibBatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    as_np = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    return fold_bn(as_np(m.weight), as_np(m.bias), as_np(m.running_mean), as_np(m.running_var), m.eps)
+
+
+def _reseed(m: DlibBatchNorm2d, g: np.ndarray, b: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+    f32, f64 = np.float32, np.float64
+    rm, rv = mean.astype(f32), var.astype(f32)
+    std = np.sqrt(rv.astype(f64) + float(m.eps)).astype(f32)     # dlib's denominator for rv
+    gamma = (g.astype(f64) * std).astype(f32)
+    beta = (b.astype(f64) + g.astype(f64) * rm.astype(f64)).astype(f32)
+    with torch.no_grad():
+        for t, v in ((m.running_mean, rm), (m.running_var, rv), (m.weight, gamma), (m.bias, beta)):
+            t.copy_(torch.from_numpy(v).to(t.device, t.dtype))
+
+
+def _write_statistics(module, model: Model) -> None:
+    """Copy the calibrated gamma/beta/running statistics of ``module`` into the bn records
+    of ``model`` (the tree the module was built from); nothing else changes."""
+    entries = {e.path: e for e in model.layers()}
+    _, named = _norm_modules(module)
+    as_np = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    for _, path, m in named:
+        d = entries[path].details
+        c = m.num_features
+        d["params"] = np.concatenate([as_np(m.weight), as_np(m.bias)]).reshape(2 * c, 1, 1, 1)
+        d["running_means"] = as_np(m.running_mean).reshape(1, c, 1, 1)
+        d["running_variances"] = as_np(m.running_var).reshape(1, c, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration data
+
+
+def load_chips(path: str | os.PathLike, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """Aligned 150×150 chips for calibration: a chip store (``dlibbridge pack``) or a folder
+    of chip images (``dlibbridge align`` output or any tree of 150×150 images).  At most
+    ``limit`` chips, a seeded random subset."""
+    from .data import ChipStore, StoreError, chip_entries, read_image, ImageReadError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise BatchNormError(f"{root} is not a folder of aligned chips")
+    rng = np.random.default_rng(seed)
+    try:
+        store = ChipStore(root)
+    except StoreError:
+        store = None
+    if store is not None:
+        idx = np.arange(len(store))
+        if limit is not None and len(idx) > limit:
+            idx = np.sort(rng.choice(idx, limit, replace=False))
+        return np.asarray(store.chips[idx])
+    entries = chip_entries(root)
+    if limit is not None and len(entries) > limit:
+        entries = [entries[i] for i in np.sort(rng.choice(len(entries), limit, replace=False))]
+    chips = []
+    for e in entries:
+        try:
+            rgb = read_image(root / e.path).rgb
+        except ImageReadError:
+            continue
+        if rgb.shape != (150, 150, 3):
+            raise BatchNormError(f"{root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned 150x150 "
+                                 f"chip (align photos first with `dlibbridge align`)")
+        chips.append(rgb)
+    if len(chips) < 2:
+        raise BatchNormError(f"{root}: found {len(chips)} readable chips, calibration needs at least 2")
+    return np.stack(chips)
+
+
+def _check_same_elsewhere(a: Model, b: Model, converted: set[str]) -> None:
+    """Every wrapper field and every record of ``b`` outside ``converted`` equals ``a``'s."""
+    la, lb = a.layers(), b.layers()
+    if len(la) != len(lb):
+        raise BatchNormError(f"verification failed: {len(lb)} layers written, {len(la)} expected")
+    for ea, eb in zip(la, lb):
+        if type(ea.node) is not type(eb.node) or ea.path != eb.path:
+            raise BatchNormError(f"verification failed at {ea.path}: structure differs")
+        for f in ("version", "setup_called", "gradient_input_is_stale", "output_disabled", "input",
+                  "sample_expansion_factor"):
+            if getattr(ea.node, f, None) != getattr(eb.node, f, None):
+                raise BatchNormError(f"verification failed at {ea.path}: wrapper field {f} differs")
+        if ea.path not in converted and ea.details != eb.details:
+            raise BatchNormError(f"verification failed at {ea.path}: {ea.details.version} record changed")
+    if a.loss != b.loss or len(a.trailers) != len(b.trailers):
+        raise BatchNormError("verification failed: loss record or trailing objects differ")
+
+
+def _dlib_descriptors(path: Path, chips: np.ndarray) -> np.ndarray | None:
+    """Python dlib's face descriptors with the file at ``path``; None when dlib's face
+    recognition network cannot load it (not the face ResNet)."""
+    import dlib
+    try:
+        net = dlib.face_recognition_model_v1(os.fspath(path))
+    except RuntimeError:
+        return None
+    return np.array(net.compute_face_descriptor([np.ascontiguousarray(c) for c in chips]))
+
+
+def _check_chips(calibration: np.ndarray | None, n: int = 4) -> np.ndarray:
+    from .convert import check_chips
+    if calibration is not None:
+        return np.asarray(calibration[:n])
+    return check_chips(n).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _verified_write(data: bytes, out: Path, verify) -> list[str]:
+    """Write ``data`` to a temporary file beside ``out``, run ``verify(tmp)`` (which
+    re-reads it), and only then rename it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        fmt.write_atomic(tmp, data)
+        lines = verify(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return lines
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    if not src.is_file():
+        raise BatchNormError(f"{src}: no such file")
+    if out.exists() and os.path.samefile(src, out) or out.resolve() == src.resolve():
+        raise BatchNormError(f"refusing to write over the input {src}; choose another -o")
+
+
+def unfreeze_file(src: str | os.PathLike, out: str | os.PathLike, calibrate_dir: str | os.PathLike | None = None,
+                  *, max_chips: int | None = 2000, batch_size: int = 25, progress: bool = False) -> list[str]:
+    """``dlibbridge unfreeze``: read ``src``, unfreeze (calibrated on the chips in
+    ``calibrate_dir`` when given), write ``out`` atomically after verifying it: re-read, every
+    other record and wrapper field unchanged, each bn record folds back to its affine (bit for
+    bit uncalibrated), and Python dlib gives the original descriptors.  Returns summary lines."""
+    src, out = Path(src), Path(out)
+    _check_paths(src, out)
+    original = fmt.load(src)
+    model = fmt.load(src)
+    chips = load_chips(calibrate_dir, limit=max_chips) if calibrate_dir is not None else None
+    conv = unfreeze(model, chips, batch_size=batch_size, progress=progress)
+    lines = [f"{src} -> {out}", f"converted {len(conv.converted)} affine records to "
+             f"{', '.join(sorted({e.details.version for e in _norm_entries(model, 'bn')}))}"]
+    if conv.calibration is not None:
+        lines += conv.calibration.lines()
+    before = {e.path: e.details for e in original.layers()}
+
+    def verify(tmp: Path) -> list[str]:
+        written = fmt.load(tmp)
+        _check_same_elsewhere(original, written, set(conv.converted))
+        worst = 0.0
+        for e in _norm_entries(written, "bn"):
+            g, b = _gamma_beta(e.path, bn_to_affine(e.details, e.path))[:2]
+            g0, b0 = _gamma_beta(e.path, before[e.path])[:2]
+            worst = max(worst, float(np.abs(np.concatenate([g - g0, b - b0])).max()))
+        if conv.calibration is None and worst != 0.0:
+            raise BatchNormError(f"verification failed: a bn record folds back to its affine with error {worst:g}")
+        check = _check_chips(chips)
+        want, got = _dlib_descriptors(src, check), _dlib_descriptors(tmp, check)
+        if got is None:
+            dlib_line = "python dlib check skipped (not a face recognition network)"
+        else:
+            diff = float(np.abs(got - want).max())
+            tol = 0.0 if conv.calibration is None else 1e-6
+            if not diff <= tol:
+                raise BatchNormError(f"verification failed: python dlib's descriptors moved by {diff:.3g} (> {tol})")
+            dlib_line = f"python dlib descriptors vs original: max |Δ| {diff:.2e} on {len(check)} chips"
+        return [f"verified: re-read, {len(before) - len(conv.converted)} other layers unchanged, "
+                f"bn→affine fold max |Δ| {worst:.2e}", dlib_line]
+
+    return lines + _verified_write(fmt.dumps(model), out, verify)
+
+
+def freeze_file(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """``dlibbridge freeze``: bn records → affine_ as dlib converts them; verified by
+    re-reading, and (face ResNet) by Python dlib giving bit-identical descriptors from the
+    frozen file and from ``src`` itself (dlib's own bn→affine conversion at load time)."""
+    src, out = Path(src), Path(out)
+    _check_paths(src, out)
+    original = fmt.load(src)
+    model = fmt.load(src)
+    conv = freeze(model)
+    lines = [f"{src} -> {out}", f"converted {len(conv.converted)} batch-norm records to affine_"]
+
+    def verify(tmp: Path) -> list[str]:
+        written = fmt.load(tmp)
+        _check_same_elsewhere(original, written, set(conv.converted))
+        check = _check_chips(None)
+        want, got = _dlib_descriptors(src, check), _dlib_descriptors(tmp, check)
+        if got is None:
+            return ["verified: re-read; python dlib check skipped (not a face recognition network)"]
+        diff = float(np.abs(got - want).max())
+        if diff != 0.0:
+            raise BatchNormError(f"verification failed: python dlib's descriptors differ by {diff:.3g} from "
+                                 f"dlib's own conversion of {src}")
+        return ["verified: re-read, other layers unchanged; python dlib gives bit-identical descriptors "
+                f"to its own conversion of the input ({len(check)} chips)"]
+
+    return lines + _verified_write(fmt.dumps(model), out, verify)
+
+
+__all__ = ["BatchNormError", "CalibrationReport", "Conversion", "affine_to_bn", "bn_to_affine",
+           "affine_as_bn_variance", "unfreeze", "freeze", "calibrate", "load_chips", "unfreeze_file",
+           "freeze_file"]
