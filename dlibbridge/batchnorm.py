@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibBatchNorm2d
-from .convert import affine_layers, fold_bn, to_torch
+from .convert import affine_layers, to_torch
 from . import format as fmt
 from .format import Details, Model
 
@@ -96,9 +96,22 @@ def affine_to_bn(d: Details, path: str = "") -> Details:
         ("eps", "f64", DLIB_BN_EPS))
 
 
+def fold(gamma, beta, running_mean, running_var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's bn_ → affine_ conversion (``affine_(const bn_&)`` in dlib/dnn/layers.h), bit for
+    bit: ``g = gamma / sqrt(var + eps)``, ``b = beta − g·mean``, all in float32 — dlib's
+    matrix expression casts eps to float before the sum.  (dlib's bn *inference* instead
+    takes ``1/sqrt(double(var) + eps)`` in double; the two differ in the last bit for real
+    statistics, and only this one reproduces what an affine-typed dlib network loads.)"""
+    f32 = np.float32
+    gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)
+    rm, rv = np.asarray(running_mean, f32), np.asarray(running_var, f32)
+    g = gamma / np.sqrt(rv + f32(eps))
+    return g, beta - g * rm
+
+
 def bn_to_affine(d: Details, path: str = "") -> Details:
     """``bn_con2``/``bn_fc2`` → the ``affine_`` record (the form the face model ships), with
-    dlib's conversion (:func:`~dlibbridge.convert.fold_bn`).  Running statistics and eps are dropped, as dlib does."""
+    dlib's conversion (:func:`fold`).  Running statistics and eps are dropped, as dlib does."""
     if d.version not in _BN_MODE:
         raise BatchNormError(f"{path} {d.version}: not a bn_con2/bn_fc2 record")
     mode = _BN_MODE[d.version]
@@ -108,7 +121,7 @@ def bn_to_affine(d: Details, path: str = "") -> Details:
     if tuple(rm.shape) != stat or tuple(rv.shape) != stat:
         raise BatchNormError(f"{path} {d.version}: running statistics shaped {tuple(rm.shape)}/"
                              f"{tuple(rv.shape)}, expected {stat} (a never-trained layer?)")
-    g, b = fold_bn(gamma.reshape(stat), beta.reshape(stat), rm, rv, d["eps"])
+    g, b = fold(gamma.reshape(stat), beta.reshape(stat), rm, rv, d["eps"])
     params = np.concatenate([g.reshape(-1), b.reshape(-1)]).reshape(-1, 1, 1, 1)
     return Details.build("affine_", ("params", "tensor", params), ("gamma", "alias", shape),
                          ("beta", "alias", shape), ("mode", "int", mode))
@@ -338,13 +351,13 @@ def calibrate(module, chips: np.ndarray, *, batch_size: int = 25, report_max: in
 
 def _inference_transform(m: DlibBatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
     as_np = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    return fold_bn(as_np(m.weight), as_np(m.bias), as_np(m.running_mean), as_np(m.running_var), m.eps)
+    return fold(as_np(m.weight), as_np(m.bias), as_np(m.running_mean), as_np(m.running_var), m.eps)
 
 
 def _reseed(m: DlibBatchNorm2d, g: np.ndarray, b: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
     f32, f64 = np.float32, np.float64
     rm, rv = mean.astype(f32), var.astype(f32)
-    std = np.sqrt(rv.astype(f64) + float(m.eps)).astype(f32)     # dlib's denominator for rv
+    std = np.sqrt(rv + f32(m.eps))          # the denominator dlib's fold will divide gamma by
     gamma = (g.astype(f64) * std).astype(f32)
     beta = (b.astype(f64) + g.astype(f64) * rm.astype(f64)).astype(f32)
     with torch.no_grad():
@@ -537,6 +550,6 @@ def freeze_file(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:
     return lines + _verified_write(fmt.dumps(model), out, verify)
 
 
-__all__ = ["BatchNormError", "CalibrationReport", "Conversion", "affine_to_bn", "bn_to_affine",
+__all__ = ["BatchNormError", "CalibrationReport", "Conversion", "affine_to_bn", "bn_to_affine", "fold",
            "affine_as_bn_variance", "unfreeze", "freeze", "calibrate", "load_chips", "unfreeze_file",
            "freeze_file"]

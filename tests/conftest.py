@@ -93,3 +93,40 @@ def dlib_descriptors(face_model_path, face_chips):
     import numpy as np
     fr = dlib.face_recognition_model_v1(str(face_model_path))
     return np.array(fr.compute_face_descriptor(list(face_chips)))
+
+
+# ---- dlib's C++ and trainable (bn_con2) files, for unfreeze/freeze (issue 4) ---------------
+
+@pytest.fixture(scope="session")
+def dlib_oracle():
+    """dlib's own C++ net_type/anet_type/dnn_trainer/loss_metric_ (tools/dlib_oracle), built
+    from dlib's PyPI sdist once and cached under .cache/dlib_oracle.  A failed build fails
+    the tests that need it."""
+    import sys
+    sys.path.insert(0, str(REPO / "tools" / "dlib_oracle"))
+    from driver import DlibOracle
+    oracle = DlibOracle()
+    yield oracle
+    oracle.close()
+
+
+@pytest.fixture(scope="session")
+def unfrozen_face_model(tmp_path_factory, face_model_path) -> Path:
+    """The face model unfrozen without calibration (dlib-format.md §6.7's exact form)."""
+    from dlibbridge import batchnorm, format as fmt
+    model = fmt.load(face_model_path)
+    batchnorm.unfreeze(model)
+    path = tmp_path_factory.mktemp("unfreeze") / "face_trainable.dat"
+    fmt.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibrated_face_model(tmp_path_factory, face_model_path, johns_chips):
+    """(path, CalibrationReport): the face model unfrozen and calibrated on all 55 johns."""
+    from dlibbridge import batchnorm, format as fmt
+    model = fmt.load(face_model_path)
+    report = batchnorm.unfreeze(model, calibration=johns_chips[2]).calibration
+    path = tmp_path_factory.mktemp("unfreeze") / "face_trainable_calibrated.dat"
+    fmt.save(model, path)
+    return path, report
