@@ -124,7 +124,8 @@ class DlibAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale.view(1, -1, 1, 1).to(x.dtype)
         b = self.shift.view(1, -1, 1, 1).to(x.dtype)
-        return x * s + b
+        # One fused pass (b + x·s) instead of two; never in place: hooks may hold x.
+        return torch.addcmul(b, x, s)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
@@ -199,7 +200,7 @@ class ResBlock(nn.Module):
         self.branch2 = ConvNorm(channels, channels, 3, 1, norm, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch2(self.branch1(x)) + x)
+        return (self.branch2(self.branch1(x)) + x).relu_()
 
 
 class ResDownBlock(nn.Module):
@@ -216,7 +217,7 @@ class ResDownBlock(nn.Module):
         self.shortcut = nn.AvgPool2d(2, 2, 0, count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(add_prev(self.branch2(self.branch1(x)), self.shortcut(x)))
+        return add_prev(self.branch2(self.branch1(x)), self.shortcut(x)).relu_()
 
 
 class Stem(nn.Module):

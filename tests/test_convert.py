@@ -286,9 +286,9 @@ def _export_parity(module, tmp_path, chips, trainable: bool) -> float:
 
 def test_finetuned_export_matches_dlib(finetuned, face_chips, dlib_descriptors, tmp_path):
     """Deployed (affine, BN folded as dlib folds) and trainable (bn_con2, dlib folds on
-    load) exports of changed weights, reloaded by dlib, on 12 chips (all chips: slow test)."""
-    chips = face_chips[::10]
-    assert np.abs(_torch_embed(finetuned, chips) - dlib_descriptors[::10]).max() > 1e-3   # it did change
+    load) exports of changed weights, reloaded by dlib, on 7 chips (all chips: the slow test below)."""
+    chips = face_chips[::20]
+    assert np.abs(_torch_embed(finetuned, chips) - dlib_descriptors[::20]).max() > 1e-3   # it did change
     for trainable in (False, True):
         diff = _export_parity(finetuned, tmp_path, chips, trainable)
         print(f"fine-tuned, {'bn_con2' if trainable else 'affine'} export in dlib: max |Δ| = {diff:.3g}")
