@@ -216,6 +216,7 @@ public:
     // furthest failure over both passes.
     ModelTree parse_file() {
         for (bool legacy : {false, true}) {
+            if (legacy && saw_v2_layer_) break;  // a v2 add_layer parsed: not an old file
             legacy_ = legacy;
             memo_.clear();
             ModelTree tree;
@@ -276,6 +277,7 @@ private:
     std::unordered_map<uint64_t, std::vector<Alt>> memo_;
     uint64_t work_ = 0;
     bool legacy_ = false;  // pass 2: add_layer is version 1 (see parse_file)
+    bool saw_v2_layer_ = false;
     bool have_failure_ = false;
     std::size_t furthest_off_ = 0;
     std::string furthest_msg_, furthest_path_;
@@ -436,6 +438,44 @@ private:
             if (a[i] < 0) fail_at(pd, std::string("negative alias dimension for ") + what);
         }
         return a;
+    }
+
+    // Non-throwing reads for look-ahead only (the real parse re-reads with full checks).
+    bool peek_int(std::size_t& p, int64_t& v) const {
+        if (p >= n_) return false;
+        unsigned char c = d_[p];
+        int nb = c & 0x0F;
+        if (nb == 0 || nb > 8 || (c & 0x70) || p + 1 + nb > n_) return false;
+        uint64_t mag = 0;
+        for (int i = 0; i < nb; ++i) mag |= static_cast<uint64_t>(d_[p + 1 + i]) << (8 * i);
+        if (mag >> 62) return false;
+        p += 1 + nb;
+        v = (c & 0x80) ? -static_cast<int64_t>(mag) : static_cast<int64_t>(mag);
+        return true;
+    }
+
+    bool peek_tensor(std::size_t& p) const {
+        int64_t v, dim;
+        uint64_t count = 1;
+        if (!peek_int(p, v) || v != 2) return false;
+        for (int i = 0; i < 4; ++i) {
+            if (!peek_int(p, dim) || dim < 0) return false;
+            if (dim && count > (uint64_t{1} << 62) / static_cast<uint64_t>(dim)) return false;
+            count *= static_cast<uint64_t>(dim);
+        }
+        if (count > (n_ - p) / 4) return false;
+        p += count * 4;
+        return true;
+    }
+
+    // tensor tensor bool: the start of a tag-on-input record after its input.
+    bool looks_like_tag_on_input(std::size_t p) const {
+        return peek_tensor(p) && peek_tensor(p) && p < n_ && (d_[p] == '0' || d_[p] == '1');
+    }
+
+    bool at_string(std::size_t p) {
+        std::string s;
+        return peek_string(p, s);
     }
 
     // An identifier-like string (a version string candidate) at p, without consuming it.
@@ -625,6 +665,10 @@ private:
                         add_alt(alts, node, sub.end);
                     }
                     if ((v == 1) != legacy_) continue;
+                    if (!at_string(sub.end)) {
+                        fail_record(sub.end, "expected a layer details record");
+                        continue;
+                    }
                     try {
                         std::size_t q = sub.end;
                         auto node = std::make_shared<Node>();
@@ -636,6 +680,7 @@ private:
                         PathGuard g2(*this, node->details->version);
                         parse_layer_state(q, *node, v == 2 ? 3 : 2, "params_grad");
                         add_alt(alts, node, q);
+                        saw_v2_layer_ = saw_v2_layer_ || v == 2;
                     } catch (const Fail&) {
                     }
                 }
@@ -681,7 +726,11 @@ private:
 
     // add_layer over an input (B) and tag over an input (D).
     void try_input_wrappers(int64_t v, DetailsP input, std::size_t p, std::vector<Alt>& alts) {
-        if (v == 2 || v == 3) {
+        // Cheap look-ahead before each attempt: a failed attempt costs a C++ exception, and
+        // most attempts fail.  A skipped attempt still records where and why.
+        if ((v == 2 || v == 3) && !at_string(p)) {
+            fail_record(p, "expected a layer details record");
+        } else if (v == 2 || v == 3) {
             try {
                 std::size_t q = p;
                 auto node = std::make_shared<Node>();
@@ -699,7 +748,9 @@ private:
             } catch (const Fail&) {
             }
         }
-        if (v == 1 || v == 2) {
+        if ((v == 1 || v == 2) && !looks_like_tag_on_input(p)) {
+            fail_record(p, "expected a tensor record");
+        } else if (v == 1 || v == 2) {
             try {
                 std::size_t q = p;
                 PathGuard g(*this, "tag");
