@@ -509,10 +509,9 @@ class ChipStore:
         if isinstance(indices, slice):
             return self.chips[indices], self.labels[indices]
         idx = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")      # read the file front to back
-        chips = np.empty((len(idx), *self.chips.shape[1:]), np.uint8)
-        chips[order] = self.chips[idx[order]]
-        return chips, self.labels[idx]
+        # A plain gather: sorting the indices first (file order) and un-permuting the result
+        # measured 5x slower from the page cache.
+        return np.asarray(self.chips[idx]), self.labels[idx]
 
     def __reduce__(self):
         # Pickled by path (DataLoader workers under spawn): each process maps the file itself
