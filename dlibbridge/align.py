@@ -18,6 +18,15 @@ detector ``mmod_human_face_detector.dat``), its 5-point landmark model, and
 * the work is spread over a process pool with a progress bar; every finished photo is
   appended to ``OUT_DIR/.align/journal.jsonl``, so an interrupted run continues where it
   stopped and a finished one reruns in seconds.
+
+``manifest.csv`` columns: ``source`` (path under RAW_DIR), ``identity`` (first sub-folder, ''
+in a flat folder), ``status`` (:data:`STATUSES`), ``reason`` (for ``error``: a
+``data.REASONS`` code or ``processing_failed``), ``chip`` (path under OUT_DIR), ``n_faces``
+(detections in the photo), ``face`` (index of this chip among the photo's chips), ``score``
+(detector score; empty for the fallback box), ``left top right bottom`` (the box, inclusive,
+dlib's convention), ``landmarks`` (the 5 points, ``x0 y0 … x4 y4``), ``width height`` (after
+EXIF orientation), ``orientation``, ``decoder`` (dlib or pillow), ``sha256`` (of the file),
+``duplicate_of`` and ``note`` (decoder warnings, error details).
 """
 from __future__ import annotations
 
