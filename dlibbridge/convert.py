@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -725,7 +726,11 @@ def save_torch(module: nn.Module, path: str | os.PathLike) -> None:
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FaceResNet:
     """Inverse of :func:`save_torch` (``torch.load(weights_only=True)``), in eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        # TorchScript archives, other zips (e.g. .npz), truncated files
+        raise ConversionError(f"{path}: not a dlibbridge FaceResNet checkpoint ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConversionError(f"{path}: not a dlibbridge FaceResNet checkpoint")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:

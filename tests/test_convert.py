@@ -180,8 +180,10 @@ def test_checkpoint_loads_weights_only_and_round_trips(tmp_path, trainable, face
     flipped = convert.load_model(p, trainable=False)
     assert not flipped.trainable and dlibbridge.dumps(convert.to_dlib_tree(flipped)) == face_model_bytes
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(convert.ConversionError, match="not a dlibbridge FaceResNet checkpoint"):
-        convert.load_model(tmp_path / "other.pt")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))      # another zip: refused, not a crash
+    for other in ("other.pt", "arrays.npz"):
+        with pytest.raises(convert.ConversionError, match="not a dlibbridge FaceResNet checkpoint"):
+            convert.load_model(tmp_path / other)
 
 
 def test_bn_con_form_recipe_and_round_trips(frozen, face_model_bytes):
