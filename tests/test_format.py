@@ -251,6 +251,9 @@ def test_write_atomic_replaces_whole_file(tmp_path):
     target.write_bytes(b"old contents")
     write_atomic(target, b"new")
     assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
 
 # ---------------------------------------------------------------------------------------
