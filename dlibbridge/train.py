@@ -230,8 +230,10 @@ def set_train_mode(model: nn.Module, bn_trainable: bool, frozen: list[str]) -> N
 
 def param_groups(model: nn.Module, loss_fn: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     """Pretrained weights at lr·pretrained_lr_scale, new (head) weights at lr; weight decay
-    only on conv/linear weights (decaying biases and normalisation scales only shrinks the
-    function, it does not regularise it)."""
+    only on conv/linear weights — which is where dlib's ``sgd`` effectively applies it to this
+    network: con_ has bias_weight_decay_multiplier 0, and bn_ (multipliers 1, 0, 1, 1) takes the
+    solver's fast path that uses the layer's weight_decay_multiplier 0 for gamma *and* beta.
+    test_sgd_steps_match_dlib_dnn_trainer checks this against dlib's trainer."""
     groups = []
     for params, scale in ((list(model.parameters()), cfg.pretrained_lr_scale), (list(loss_fn.parameters()), 1.0)):
         trainable = [p for p in params if p.requires_grad]
