@@ -742,6 +742,7 @@ class _Job:
         self.val_log: list[dict] = []
         self.elapsed = 0.0
         self.initialised = False        # baseline validation (and BN calibration) done
+        self.calibration: dict | None = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -751,7 +752,7 @@ class _Job:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "stale_validations": self.stale_validations,
                 "step_log": self.step_log, "val_log": self.val_log, "elapsed": self.elapsed,
-                "initialised": self.initialised, "config": self.cfg.to_json()}
+                "initialised": self.initialised, "calibration": self.calibration, "config": self.cfg.to_json()}
 
     def load_state(self, st: dict) -> None:
         if st["config"] != self.cfg.to_json() and not self._only_overridable_differ(st["config"]):
@@ -761,7 +762,7 @@ class _Job:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         for k in ("step", "epoch", "batch_in_epoch", "best", "stale_validations", "step_log",
-                  "val_log", "elapsed", "initialised"):
+                  "val_log", "elapsed", "initialised", "calibration"):
             setattr(self, k, st[k])
 
     def _only_overridable_differ(self, saved: dict) -> bool:
@@ -818,9 +819,16 @@ class _Job:
         from .batchnorm import calibrate
         rows = self.split.train_rows
         rng = np.random.default_rng([self.cfg.seed, 104729])
-        n = min(len(rows), self.cfg.calibration_batches * self.cfg.identities_per_batch * self.cfg.images_per_identity)
+        batch = self.cfg.identities_per_batch * self.cfg.images_per_identity
+        n = min(len(rows), self.cfg.calibration_batches * batch)
         pick = np.sort(rng.choice(rows, size=n, replace=False))
-        calibrate(self.model, self.store.chips[pick], device=self.device)
+        # The report (training- vs inference-mode descriptors) is measured on one batch of the
+        # run's size: the deviation a training step will actually see, at bounded cost.
+        report = calibrate(self.model, np.asarray(self.store.chips[pick]), batch_size=min(batch, n),
+                           report_max=batch, seed=self.cfg.seed, device=self.device)
+        self.calibration = dataclasses.asdict(report)
+        if self.dist.main and self.cfg.progress:
+            print("dlibbridge finetune: " + "; ".join(report.lines()), file=sys.stderr)
 
     def init_head(self, per_class: int = 4) -> None:
         """Classifier heads (arcface/cosface) start at each training identity's mean base
@@ -1015,7 +1023,7 @@ class _Job:
         images = self.step * c.identities_per_batch * c.images_per_identity
         summary = {"exported_step": exported_step, "final_step": self.step, "total_steps": self.total_steps,
                    "epochs_completed": self.epoch, "best": self.best, "files": files,
-                   "export_check": check, "onnx_max_abs_diff": onnx_diff,
+                   "export_check": check, "onnx_max_abs_diff": onnx_diff, "bn_calibration": self.calibration,
                    "train_elapsed_s": round(self.elapsed, 3),
                    "train_images_per_s": images / self.elapsed if self.elapsed > 0 else None,
                    "baseline": self.val_log[0] if self.val_log and self.val_log[0]["step"] == 0 else None}

@@ -66,7 +66,8 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
 
     run = tmp_path / "run"
     rc = _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "2", "--margin", "0.3",
-                   "--val-identities", "2", "--freeze-until", "level4", "--export", "last", "--lr", "1e-3")
+                   "--val-identities", "2", "--freeze-until", "level4", "--export", "last", "--lr", "1e-3",
+                   "--bn", "train")
     assert rc == 0
     for name in ("config.json", "log.csv", "val.csv", "log.json", "curves.png", "checkpoint.pt",
                  "summary.json", "model.dat", "model_trainable.dat", "model.pt"):
@@ -93,11 +94,23 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
     assert np.abs(want - base_out).max() > 1e-4                     # training moved the model
 
-    # --freeze-until level4: stem and level4 bit-identical to the base, the rest moved.
-    base = load_base_model(None).state_dict()
-    after = trained.state_dict()
-    frozen = [k for k in base if k.startswith(("stem.", "level4.")) and isinstance(base[k], torch.Tensor)]
-    assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
+    # --bn train: calibrated first (training-mode output brought back near the deployed one).
+    cal = summary["bn_calibration"]
+    assert cal["layers"] == 29 and cal["train_after"][0] < 0.1 * cal["train_before"][0]
+    # --freeze-until level4: stem and level4 convolutions bit-identical to the base, and their
+    # batch-norms (calibrated, then kept on running statistics) still compute the base's
+    # transform; the unfrozen levels moved.
+    from dlibbridge.convert import fold_bn
+    base_model = load_base_model(None)
+    base, after = base_model.state_dict(), trained.state_dict()
+    convs = [k for k in base if k.startswith(("stem.", "level4.")) and ".conv." in k]
+    assert convs and all(torch.equal(base[k], after[k]) for k in convs)
+    for name, m in trained.named_modules():
+        if name.startswith(("stem.", "level4.")) and isinstance(m, torch.nn.BatchNorm2d):
+            b = base_model.get_submodule(name)
+            for x, y in zip(*(fold_bn(*(t.detach().numpy() for t in (n.weight, n.bias, n.running_mean,
+                                                                      n.running_var)), n.eps) for n in (m, b))):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
     assert not torch.equal(base["level0.0.branch1.conv.weight"], after["level0.0.branch1.conv.weight"])
 
 
