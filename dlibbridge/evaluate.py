@@ -491,6 +491,7 @@ class Evaluation:
     outcomes: list[ModelOutcome]
     loader: ChipSource
     results_file: Path
+    image_status: dict[Path, str] = field(default_factory=dict)   # how each image's chip was made
 
 
 def _model_entry(spec: ModelSpec, emb: np.ndarray, i1, i2, same, folds, pair_paths, ident) -> ModelOutcome:
@@ -572,7 +573,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     out = results_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, (json.dumps(_jsonable(results), indent=2) + "\n").encode("utf-8"))
-    return Evaluation(results, outcomes, loader, out)
+    return Evaluation(results, outcomes, loader, out, dict(zip(images, status)))
 
 
 def _jsonable(x):

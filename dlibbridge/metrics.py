@@ -80,7 +80,7 @@ def best_threshold(dist, same) -> tuple[float, float]:
 def kfold_accuracy(dist, same, folds) -> dict:
     """LFW's protocol: for each fold, pick the best threshold on the other folds and
     measure accuracy on this one.  std is the population std over folds (numpy's default,
-    as FaceNet's and dlib's LFW scripts report it)."""
+    as FaceNet's LFW evaluation reports it)."""
     dist, same = _check(dist, same)
     folds = np.asarray(folds)
     ids = np.unique(folds)

@@ -120,6 +120,13 @@ def _rel(p: Path, root: Path) -> str:
         return str(p)
 
 
+def _describe(p: Path, ev: Evaluation, root: Path) -> str:
+    """Image path, and its chip's origin when it was not a clean detection: a central-box
+    fallback chip is often not a face at all, which explains many 'mistakes'."""
+    st = ev.image_status.get(p, "")
+    return _rel(p, root) + (f" ({st})" if st not in ("", "chip", "detected") else "")
+
+
 def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> Path:
     """Write the report files into ``out_dir`` and return the path of report.html."""
     out = Path(out_dir)
@@ -151,7 +158,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
                 f = d / f"{kind}_{n:02d}.png"
                 write_atomic(f, pair_image(ca, cb))
                 items.append((kind, str(f.relative_to(out)),
-                              f"d = {o.dist[i]:.4f} — {_rel(a, data_root)} vs {_rel(b, data_root)}"))
+                              f"d = {o.dist[i]:.4f} — {_describe(a, ev, data_root)} vs {_describe(b, ev, data_root)}"))
         sections.append((o.spec.name, items))
 
     table = format_table(ev.results)
