@@ -41,9 +41,9 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from .augment import Augment, Jitter, parse_degradations
 from .convert import save_torch
 from .format import write_atomic
 from .losses import LOSSES, make_loss
+
+if TYPE_CHECKING:
+    from .data import ChipStore
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "load_resume_config", "load_base_model",
            "split_identities", "lr_factor", "FREEZE_LEVELS"]
@@ -288,7 +291,7 @@ class TrainModule(nn.Module):
 # Data
 # ------------------------------------------------------------------------------------------
 
-def open_data(data: str, run_dir: Path, progress: bool) -> "Any":
+def open_data(data: str, run_dir: Path, progress: bool) -> "ChipStore":
     """A ChipStore for DATA: a store as is; a folder of 150×150 chips packed into
     ``RUN_DIR/data.store`` (resumable); a folder of photos aligned into ``RUN_DIR/chips``
     first.  Returns the opened store."""
@@ -432,7 +435,7 @@ class BatchSource(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def embed_rows(model: nn.Module, store, rows: np.ndarray, device: torch.device, batch: int = 64,
-               amp_dtype: torch.dtype | None = None, transform=None) -> np.ndarray:
+               amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Descriptors of store rows with the model in eval mode (running statistics)."""
     was_training = model.training
     model.eval()
@@ -440,8 +443,6 @@ def embed_rows(model: nn.Module, store, rows: np.ndarray, device: torch.device, 
     try:
         for s in range(0, len(rows), batch):
             chips = np.asarray(store.chips[np.asarray(rows[s:s + batch])])
-            if transform is not None:
-                chips = np.stack([transform(c) for c in chips])
             x = torch.from_numpy(chips).to(device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out.append(model(x).float().cpu().numpy())
@@ -452,10 +453,9 @@ def embed_rows(model: nn.Module, store, rows: np.ndarray, device: torch.device, 
 
 def verification_summary(emb: np.ndarray, labels: np.ndarray, far: float) -> dict:
     """All-pairs verification metrics (evaluation module) on held-out identities."""
-    from .evaluate import DLIB_THRESHOLD, far_key, verification_metrics
+    from .metrics import DLIB_THRESHOLD, far_key, pair_distances, verification_metrics
     iu, ju = np.triu_indices(len(emb), k=1)
-    diff = emb[iu].astype(np.float64) - emb[ju].astype(np.float64)
-    dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    dist = pair_distances(emb[iu], emb[ju])
     same = labels[iu] == labels[ju]
     m = verification_metrics(dist, same, far_targets=(far,))
     return {"accuracy": m["accuracy_at_best_threshold"], "best_threshold": m["best_threshold"],
@@ -919,7 +919,7 @@ class _Job:
         c, dist = self.cfg, self.dist
         ckpt_path = self.run_dir / CHECKPOINT_FILE
         if self.resume and ckpt_path.is_file():
-            self.load_state(torch.load(ckpt_path, map_location=self.device, weights_only=False))
+            self.load_state(torch.load(ckpt_path, map_location=self.device, weights_only=True))
         elif self.resume and dist.main:
             print(f"dlibbridge finetune: {self.run_dir} has no checkpoint yet; starting it from step 0",
                   file=sys.stderr)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dlibbridge.losses import (
-    ArcFaceMargin, BatchCompositionError, CosFaceMargin, MarginSoftmaxLoss, MetricLoss,
+    ArcFaceMargin, BatchCompositionError, CosFaceMargin, MetricLoss,
     NormalizedClassifier, TripletLoss, make_loss, metric_loss_and_gradient,
 )
 
