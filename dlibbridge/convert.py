@@ -282,7 +282,7 @@ _RUNTIME_TENSORS = {"bn_con": {"means", "invstds"}}
 
 
 def fold_bn(gamma, beta, running_mean, running_var, eps) -> tuple[np.ndarray, np.ndarray]:
-    """dlib's bn_ → affine_ conversion, bit for bit (dlib-format.md §6.7):
+    """dlib's bn_ → affine_ conversion as dlib-format.md §6.7 specifies it:
     ``g = gamma / sqrt(float(double(running_var) + eps))``, ``b = beta − g·running_mean``,
     all other arithmetic in float32."""
     f32 = np.float32

@@ -115,7 +115,7 @@ def bn_train(x, gamma, beta, running_mean, running_var, eps, num_updates, window
 
 
 def affine_from_bn(gamma, beta, running_mean, running_var, eps):
-    """dlib's bn_ → affine_ conversion, bit for bit in float32 (§6.7):
+    """dlib's bn_ → affine_ conversion as §6.7 states it (float32 except the double sum):
     g = gamma / sqrt(float(double(running_var) + eps)), b = beta − g·running_mean."""
     f32 = np.float32
     gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)

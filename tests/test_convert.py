@@ -125,6 +125,20 @@ def test_unused_tensor_unfilled_parameter_and_shape_mismatch_fail_loudly(face_mo
         convert._load_weights(arch.FaceResNet(dict(cfg, embed_dim=32)), struct, False)
 
 
+def test_fold_bn_matches_the_reference_conversion():
+    """bn → affine exactly as the spec's reference computes it (float32 but the double sum)."""
+    import dlib_reference as ref
+    rng = np.random.default_rng(0)
+    c = 4096
+    gamma, beta, mean = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
+    var = np.concatenate([[0.0, 1 - 1e-4, 1e-30], rng.uniform(0, 3, c - 3)]).astype(np.float32)
+    g, b = convert.fold_bn(gamma, beta, mean, var, 1e-4)
+    g_ref, b_ref = ref.affine_from_bn(gamma, beta, mean, var, 1e-4)
+    assert g.dtype == b.dtype == np.float32
+    assert g.tobytes() == g_ref.tobytes() and b.tobytes() == b_ref.tobytes()
+    assert g[1] == gamma[1]   # the affine→bn recipe's variance gives invstd exactly 1
+
+
 def _edited(face_model_path, path: str, edit) -> bytes:
     model = dlibbridge.load(face_model_path)
     entry = {e.path: e for e in model.layers()}[path]
