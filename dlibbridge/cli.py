@@ -396,8 +396,8 @@ def _add_unfreeze(sub) -> None:
     p.add_argument("--calibrate", metavar="FACES_DIR",
                    help="aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` "
                         "store) to estimate each batch-norm's input statistics on")
-    p.add_argument("--max-chips", type=int, default=2000, metavar="N",
-                   help="calibrate on at most N chips, a seeded random subset (default 2000)")
+    p.add_argument("--max-chips", type=int, default=1000, metavar="N",
+                   help="calibrate on at most N chips, a seeded random subset (default 1000)")
     p.add_argument("--batch-size", type=int, default=25, metavar="B",
                    help="training batch size the training-mode deviation is reported for (default 25, dlib's 5x5)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -13,8 +13,6 @@ The C++ proofs (dlib's net_type, anet_type and dnn_trainer) are in test_unfreeze
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -213,11 +211,16 @@ def test_cli_unfreeze_default_model_to_cwd_and_verifies(tmp_path, monkeypatch, c
 
 
 def test_cli_unfreeze_with_calibration_from_a_chip_folder(tmp_path, johns_dir, capsys):
+    # 12 johns chips (quick; the full calibration is tested above) and one broken file
+    faces = tmp_path / "faces"
+    for f in sorted(johns_dir.glob("*/*.jpg"))[::4][:12]:
+        (faces / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (faces / f.parent.name / f.name).write_bytes(f.read_bytes())
+    (faces / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "cal.dat"
-    # a seeded subset of 12 chips keeps this quick; the full calibration is tested above
-    assert cli.main(["unfreeze", "--calibrate", str(johns_dir), "--max-chips", "12", "--batch-size", "6",
-                     "-o", str(out), "-q"]) == 0
+    assert cli.main(["unfreeze", "--calibrate", str(faces), "--batch-size", "6", "-o", str(out), "-q"]) == 0
     text = capsys.readouterr().out
+    assert "skipped 1 unreadable calibration files: broken.jpg" in text
     assert "calibrated 29 batch-norm layers on 12 chips" in text
     assert "training-mode deviation from inference (12 chips in batches of 6): before mean" in text
     assert "python dlib descriptors vs original" in text and out.is_file()
