@@ -114,6 +114,7 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     assert not torch.equal(base["level0.0.branch1.conv.weight"], after["level0.0.branch1.conv.weight"])
 
 
+@pytest.mark.slow   # ~30 s of CPU, 3 training processes; 1.5 min wall on 2 busy cores
 def test_kill_and_resume_reproduces_uninterrupted_run(johns_store, tmp_path):
     """Run A uninterrupted; run B killed with SIGKILL after its step-2 checkpoint, then resumed.
     Same config and seed, so B must end bit-identical to A: weights, head, optimiser, losses."""
@@ -151,6 +152,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(johns_store, tmp_path):
     assert (b / "model.dat").read_bytes() == (a / "model.dat").read_bytes()
 
 
+@pytest.mark.slow   # ~30 s of CPU, 3 training processes; 1.5 min wall on 2 busy cores
 def test_ddp_two_processes_match_one_process_accumulating(johns_store, tmp_path):
     """DDP averages the two ranks' gradients; --accumulate 2 averages the same two shares in one
     process.  Same per-sample augmentation (seeded by global position), so same weights."""
