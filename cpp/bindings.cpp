@@ -240,7 +240,7 @@ DetailsP details_from_py(const py::handle& h, Keep& keep) {
 }
 
 NodeP node_from_py(const py::handle& h, Keep& keep, int depth) {
-    if (depth > 100000) throw std::runtime_error("tree too deep");
+    if (depth > kMaxNesting) throw std::runtime_error("network nested deeper than " + std::to_string(kMaxNesting) + " layers");
     py::dict d = py::reinterpret_borrow<py::dict>(h);
     auto n = std::make_shared<Node>();
     std::string kind = d["kind"].cast<std::string>();

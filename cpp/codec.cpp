@@ -200,7 +200,7 @@ struct Alt {
 
 struct Fail {};  // a parse attempt failed; details are recorded in Parser::furthest_
 
-constexpr int kMaxDepth = 3000;          // nested wrappers (dlib itself recurses per layer)
+constexpr int kMaxDepth = kMaxNesting;
 constexpr std::size_t kMaxAlts = 64;     // distinct parses kept per (offset, context)
 constexpr uint64_t kMaxWork = 20000000;  // guard against pathological backtracking
 

@@ -110,6 +110,11 @@ struct ModelTree {
     std::vector<ShapePredictor> trailers;
 };
 
+// Deepest nesting of wrappers accepted (read and write).  dlib's largest shipped network
+// nests ~300 deep; each level costs stack in the parser, and Python's conversion must stay
+// far from any thread's stack limit, sanitizers included.
+constexpr int kMaxNesting = 1000;
+
 // Parse a complete file.  Throws CodecError.
 ModelTree parse(const unsigned char* data, std::size_t size);
 

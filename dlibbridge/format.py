@@ -394,28 +394,36 @@ def _value_to_raw(name: str, f: Field) -> Any:
     return _coerce(f.type, f.value, name)
 
 
+# The conversions below walk the subnet chain iteratively: a network is a chain of
+# hundreds of nested wrappers, deeper than Python's recursion limit allows.  Only repeat
+# groups recurse, and they nest as deep as repeats nest in repeats.
+
 def _node_from_raw(raw) -> Node:
-    kind = raw["kind"]
-    if kind == "loss":
-        return Loss(_det_from_raw(raw["details"]), _node_from_raw(raw["subnet"]), raw["version"])
-    if kind == "add_layer":
+    chain = []
+    while "subnet" in raw:
+        chain.append(raw)
+        raw = raw["subnet"]
+    if raw["kind"] == "input_layer":
         s, g, o = raw["flags"]
         a, b, c = raw["tensors"]
-        return AddLayer(_det_from_raw(raw["details"]), _node_from_raw(raw["subnet"]), raw["version"],
-                        s, g, o, a, b, c)
-    if kind == "input_layer":
-        s, g, o = raw["flags"]
-        a, b, c = raw["tensors"]
-        return InputLayer(_det_from_raw(raw["input"]), _det_from_raw(raw["details"]), raw["version"],
-                          s, g, o, a, b, c, raw["sef"])
-    if kind == "tag":
-        return TagOrSkip(_node_from_raw(raw["subnet"]), raw["version"])
-    if kind == "tag_input":
+        node: Node = InputLayer(_det_from_raw(raw["input"]), _det_from_raw(raw["details"]), raw["version"],
+                                s, g, o, a, b, c, raw["sef"])
+    else:
         a, b = raw["tensors"]
-        return TagOnInput(_det_from_raw(raw["input"]), raw["version"], a, b, raw["stale"], raw["sef"])
-    if kind == "repeat":
-        return Repeat([_node_from_raw(g) for g in raw["groups"]], _node_from_raw(raw["subnet"]), raw["version"])
-    raise AssertionError(kind)
+        node = TagOnInput(_det_from_raw(raw["input"]), raw["version"], a, b, raw["stale"], raw["sef"])
+    for raw in reversed(chain):
+        kind = raw["kind"]
+        if kind == "loss":
+            node = Loss(_det_from_raw(raw["details"]), node, raw["version"])
+        elif kind == "add_layer":
+            s, g, o = raw["flags"]
+            a, b, c = raw["tensors"]
+            node = AddLayer(_det_from_raw(raw["details"]), node, raw["version"], s, g, o, a, b, c)
+        elif kind == "tag":
+            node = TagOrSkip(node, raw["version"])
+        else:
+            node = Repeat([_node_from_raw(g) for g in raw["groups"]], node, raw["version"])
+    return node
 
 
 def _t(a) -> np.ndarray:
@@ -423,28 +431,34 @@ def _t(a) -> np.ndarray:
 
 
 def _node_to_raw(n: Node) -> dict:
-    if isinstance(n, Loss):
-        return {"kind": "loss", "version": n.version, "details": _det_to_raw(n.details), "subnet": _node_to_raw(n.subnet)}
-    if isinstance(n, AddLayer):
-        return {"kind": "add_layer", "version": n.version, "details": _det_to_raw(n.details),
-                "subnet": _node_to_raw(n.subnet),
-                "flags": (bool(n.setup_called), bool(n.gradient_input_is_stale), bool(n.output_disabled)),
-                "tensors": (_t(n.x_grad), _t(n.cached_output), _t(n.params_grad))}
+    chain = []
+    while isinstance(n, (Loss, AddLayer, TagOrSkip, Repeat)):
+        chain.append(n)
+        n = n.subnet
     if isinstance(n, InputLayer):
-        return {"kind": "input_layer", "version": n.version, "input": _det_to_raw(n.input),
-                "details": _det_to_raw(n.details),
-                "flags": (bool(n.setup_called), bool(n.gradient_input_is_stale), bool(n.output_disabled)),
-                "tensors": (_t(n.x_grad), _t(n.cached_output), _t(n.grad_final)), "sef": n.sample_expansion_factor}
-    if isinstance(n, TagOrSkip):
-        return {"kind": "tag", "version": n.version, "subnet": _node_to_raw(n.subnet)}
-    if isinstance(n, TagOnInput):
-        return {"kind": "tag_input", "version": n.version, "input": _det_to_raw(n.input),
-                "tensors": (_t(n.cached_output), _t(n.grad_final)), "stale": bool(n.gradient_input_is_stale),
-                "sef": n.sample_expansion_factor}
-    if isinstance(n, Repeat):
-        return {"kind": "repeat", "version": n.version, "groups": [_node_to_raw(g) for g in n.groups],
-                "subnet": _node_to_raw(n.subnet)}
-    raise TypeError(f"not a dlib network node: {type(n).__name__}")
+        raw = {"kind": "input_layer", "version": n.version, "input": _det_to_raw(n.input),
+               "details": _det_to_raw(n.details),
+               "flags": (bool(n.setup_called), bool(n.gradient_input_is_stale), bool(n.output_disabled)),
+               "tensors": (_t(n.x_grad), _t(n.cached_output), _t(n.grad_final)), "sef": n.sample_expansion_factor}
+    elif isinstance(n, TagOnInput):
+        raw = {"kind": "tag_input", "version": n.version, "input": _det_to_raw(n.input),
+               "tensors": (_t(n.cached_output), _t(n.grad_final)), "stale": bool(n.gradient_input_is_stale),
+               "sef": n.sample_expansion_factor}
+    else:
+        raise TypeError(f"not a dlib network node: {type(n).__name__}")
+    for n in reversed(chain):
+        if isinstance(n, Loss):
+            raw = {"kind": "loss", "version": n.version, "details": _det_to_raw(n.details), "subnet": raw}
+        elif isinstance(n, AddLayer):
+            raw = {"kind": "add_layer", "version": n.version, "details": _det_to_raw(n.details), "subnet": raw,
+                   "flags": (bool(n.setup_called), bool(n.gradient_input_is_stale), bool(n.output_disabled)),
+                   "tensors": (_t(n.x_grad), _t(n.cached_output), _t(n.params_grad))}
+        elif isinstance(n, TagOrSkip):
+            raw = {"kind": "tag", "version": n.version, "subnet": raw}
+        else:
+            raw = {"kind": "repeat", "version": n.version, "groups": [_node_to_raw(g) for g in n.groups],
+                   "subnet": raw}
+    return raw
 
 
 def _trailer_from_raw(raw) -> ShapePredictor:

@@ -10,6 +10,7 @@ import random
 import struct
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,6 +340,34 @@ def test_deep_nesting_is_an_error_not_a_crash():
     blob = ref_int(1) + ref_str("loss_metric_") + b"\x01\x02" * 10000
     with pytest.raises(DlibFormatError):
         loads(blob)
+
+
+def deep_valid_model(depth: int) -> Model:
+    m = tiny_model()
+    node = m.net.subnet
+    for _ in range(depth):
+        node = TagOrSkip(node)
+    m.net.subnet = node
+    return m
+
+
+def test_nesting_limit_is_1000_wrappers_for_reading_and_writing():
+    deepest = dumps(deep_valid_model(996))  # layer<0> … layer<1000>
+    assert dumps(loads(deepest)) == deepest
+    with pytest.raises(DlibFormatError, match="nested deeper than 1000"):
+        dumps(deep_valid_model(997))
+    one_more = deepest[:2] + ref_str("loss_multiclass_log_") + b"\x01\x01" + deepest[2 + len(ref_str("loss_multiclass_log_")):]
+    with pytest.raises(DlibFormatError, match="nested deeper than 1000"):
+        loads(one_more)
+
+
+def test_fuzzer_findings_stay_fixed():
+    """Inputs that once crashed the codec under the fuzzer (tools/fuzz), kept as regressions."""
+    files = sorted((Path(__file__).parent / "data" / "fuzz_regressions").glob("*.bin"))
+    assert files
+    for f in files:
+        with pytest.raises(DlibFormatError):
+            loads(f.read_bytes())
 
 
 def test_deep_nesting_in_a_thread():
