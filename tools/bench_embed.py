@@ -22,12 +22,16 @@ Engines (``--variants``):
 
 Every variant's descriptors are compared with dlib's on the same chips (max |Δ| per element).
 The CPU's fp32 FMA peak is cores × GHz × FLOP/cycle; AVX2+FMA cores (Zen 2/3, Haswell+) issue
-two 8-lane FMAs per cycle = 32 FLOP/cycle.  GHz comes from /proc/cpuinfo ("cpu MHz", the
-nominal clock a VM reports) unless ``--ghz`` is given; a measured sgemm ceiling (2048² matmul)
-is printed beside it because other processes on a shared machine lower what is reachable.
+two 8-lane FMAs per cycle = 32 FLOP/cycle.  The clock is *measured*: a small C loop of
+independent AVX2 FMAs (compiled with the system C compiler) gives one core's FMA GFLOP per
+CPU-second = 32 × the clock it really runs at (turbo included; a VM's /proc/cpuinfo shows only
+the nominal clock, printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
+
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
-capability) and the median (what a contended run sees).
+capability) and the median (what a contended run sees).  Process CPU time of the fastest call
+gives "GFLOP per CPU-second": on cores shared with other jobs, wall-clock throughput measures
+the share of the machine a run got, CPU time the engine's own efficiency (% of one core's peak).
 """
 from __future__ import annotations
 
@@ -63,6 +67,55 @@ def load_chips(n: int) -> np.ndarray:
         sys.exit(f"no chips under {SHARED / 'data' / 'johns'}")
     base = np.stack([dlib.load_rgb_image(str(f)) for f in files])
     return np.ascontiguousarray(base[np.arange(n) % len(base)])
+
+
+FMA_PROBE_C = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#define F(x) x = _mm256_fmadd_ps(x, m, c)
+int main(int argc, char** argv) {   /* 10 independent 8-lane FMA chains: covers 2 pipes x latency 4-5 */
+    long n = atol(argv[1]);
+    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    __m256 a0 = _mm256_set1_ps(0), a1 = _mm256_set1_ps(1), a2 = _mm256_set1_ps(2), a3 = _mm256_set1_ps(3),
+           a4 = _mm256_set1_ps(4), a5 = _mm256_set1_ps(5), a6 = _mm256_set1_ps(6), a7 = _mm256_set1_ps(7),
+           a8 = _mm256_set1_ps(8), a9 = _mm256_set1_ps(9);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
+    for (long k = 0; k < n; ++k) { F(a0); F(a1); F(a2); F(a3); F(a4); F(a5); F(a6); F(a7); F(a8); F(a9); }
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+               _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)), _mm256_add_ps(a8, a9)));
+    float v[8]; _mm256_storeu_ps(v, s);
+    double sec = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+    printf("%.3f %g\n", n * 10.0 * 16 / sec / 1e9, v[0]);
+    return 0;
+}
+"""
+
+
+def measured_core_peak(runs: int = 5) -> float | None:
+    """fp32 FMA GFLOP per CPU-second of one core, measured: a C loop of independent AVX2 FMAs
+    (compiled here with the system C compiler), best of ``runs``.  Equals 32 × the clock the
+    core actually runs at (turbo included, which /proc/cpuinfo in a VM does not show).
+    None when there is no compiler or no AVX2/FMA."""
+    import shutil
+    import subprocess
+    import tempfile
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "fma.c", Path(d) / "fma"
+        src.write_text(FMA_PROBE_C)
+        try:
+            subprocess.run([cc, "-O2", "-mavx2", "-mfma", str(src), "-o", str(exe)], check=True,
+                           capture_output=True)
+            return max(float(subprocess.run([str(exe), "100000000"], check=True, capture_output=True,
+                                            text=True).stdout.split()[0]) for _ in range(runs))
+        except (subprocess.CalledProcessError, OSError, ValueError):
+            return None
 
 
 def cpu_ghz() -> float:
@@ -251,7 +304,13 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         ghz = args.ghz or cpu_ghz()
         cores = len(os.sched_getaffinity(0))
-        info.update(ghz=ghz, cores=cores, fma_peak_gflops=cores * ghz * FLOP_PER_CYCLE_AVX2_FMA)
+        core_peak = measured_core_peak()
+        info.update(nominal_ghz=ghz, cores=cores, nominal_peak_gflops=cores * ghz * FLOP_PER_CYCLE_AVX2_FMA,
+                    measured_core_peak_gflops=core_peak)
+        if core_peak is not None and not args.ghz:
+            info.update(ghz=core_peak / FLOP_PER_CYCLE_AVX2_FMA, fma_peak_gflops=cores * core_peak)
+        else:
+            info.update(ghz=ghz, fma_peak_gflops=info["nominal_peak_gflops"])
     else:
         info["gpu"] = torch.cuda.get_device_name(device)
     print_table(rows, info)
@@ -266,7 +325,9 @@ def print_table(rows: list[dict], info: dict) -> None:
     print()
     print(f"device {info['device']}, {info['threads']} threads, torch {info['torch']}; "
           f"{info['gflop_per_face']:.3f} GFLOP/face; sgemm ceiling now {info['sgemm_gflops']:.1f} GFLOP/s"
-          + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × 32)" if peak else "")
+          + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × 32; "
+             f"measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core, nominal clock "
+             f"{info['nominal_ghz']:.3f} GHz → {info['nominal_peak_gflops']:.1f})" if peak else "")
           + f"; load average {info['loadavg_start'][0]:.1f} → {info['loadavg_end'][0]:.1f}")
     print()
     head = "| engine | batch | faces/s (best) | faces/s (median) | × dlib | GFLOP/s |"
