@@ -491,7 +491,9 @@ def load(path: str | os.PathLike) -> Model:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return loads(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        # MAP_POPULATE (Linux) faults the pages in one kernel call instead of one by one.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) as mm:
             return loads(mm)
 
 
