@@ -302,11 +302,19 @@ class FaceResNet(nn.Module):
             x = lv(x)
         return self.fc(torch.flatten(x.mean((2, 3)), 1))
 
+    #: CPU inference (eval, no autograd) runs large batches this many chips at a time, so a
+    #: chunk's activations stay in cache: ~30% faster at batch 256 on a 2-core AVX2 machine
+    #: (tools/bench_embed.py).  Samples are independent in eval, so results do not change.
+    cpu_chunk = 32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input(x)
         w = self.fc.weight
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
+        if (x.device.type == "cpu" and x.shape[0] > self.cpu_chunk and not self.training
+                and not torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+            return torch.cat([self.embed(c) for c in x.split(self.cpu_chunk)])
         if x.is_cuda and x.dtype == torch.float32 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             # (traced/compiled callers set the TF32 flags themselves: the toggle is not traced)
             with _ieee_fp32():

@@ -410,7 +410,13 @@ def to_torch(path_or_tree, trainable: bool = False) -> FaceResNet:
     _load_weights(module, struct, bool(trainable))
     module.dlib_meta = struct.meta
     module.dlib_source = data
-    return module.eval()
+    return _channels_last(module).eval()
+
+
+def _channels_last(module: FaceResNet) -> FaceResNet:
+    """NHWC convolution weights: 10–40% faster on CPU (oneDNN) and what GPUs prefer; the
+    values, the state dict and every export are unchanged (tools/bench_embed.py)."""
+    return module.to(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------
@@ -741,7 +747,7 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     module.dlib_meta = ckpt.get("dlib_meta") or {}
     src = ckpt.get("dlib_source")
     module.dlib_source = None if src is None else src.numpy().tobytes()
-    return module.eval()
+    return _channels_last(module).eval()
 
 
 def _is_torch_zip(path: str | os.PathLike) -> bool:

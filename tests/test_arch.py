@@ -7,6 +7,8 @@ differs by ~3e-7).
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -251,10 +253,23 @@ def test_descriptors_match_dlib(form, request, face_chips, dlib_descriptors):
     np.testing.assert_array_equal(_pairwise_same(got), _pairwise_same(dlib_descriptors))
 
 
-def test_batch_composition_does_not_change_results(frozen, face_chips):
-    """Batch 1 vs the full batch: the inference form has no cross-sample coupling."""
-    x = torch.from_numpy(face_chips[:3])
+def test_batch_composition_and_cpu_chunking_do_not_change_results(frozen, trainable, face_chips):
+    """Eval: no cross-sample coupling, so chunked CPU inference (batches above ``cpu_chunk``),
+    whole batches and single chips agree.  Train mode: batch statistics always span the
+    whole batch (no chunking), so running stats match an unchunked module exactly."""
+    x = torch.from_numpy(face_chips[:5])
     with torch.inference_mode():
-        full = frozen(x)
-        one = torch.cat([frozen(x[i:i + 1]) for i in range(3)])
-    assert (full - one).abs().max().item() <= 1e-6
+        frozen.cpu_chunk = 2
+        chunked = frozen(x)
+        frozen.cpu_chunk = 1000
+        whole = frozen(x)
+        del frozen.cpu_chunk                 # back to the class default
+        one = torch.cat([frozen(x[i:i + 1]) for i in range(5)])
+    assert (chunked - whole).abs().max().item() <= 1e-6
+    assert (one - whole).abs().max().item() <= 1e-6
+    a, b = copy.deepcopy(trainable).train(), copy.deepcopy(trainable).train()
+    a.cpu_chunk = 2
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    assert torch.equal(a.level0[0].branch2.norm.running_var, b.level0[0].branch2.norm.running_var)

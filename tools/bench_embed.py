@@ -9,8 +9,9 @@ Engines (``--variants``):
 
 * ``dlib``          — ``dlib.face_recognition_model_v1.compute_face_descriptor(list_of_chips)``
                       (the batched list form; always measured unless ``--no-dlib``);
-* ``eager``         — ``to_torch`` frozen form, NCHW, ``torch.inference_mode``;
-* ``channels_last`` — the same with NHWC memory format;
+* ``eager``         — ``to_torch`` frozen form as returned (channels_last weights, batches
+                      over ``cpu_chunk`` = 32 run in chunks), ``torch.inference_mode``;
+* ``nchw``          — the same with contiguous NCHW weights (PyTorch's default layout);
 * ``folded``        — each affine folded into its convolution's weights and bias (one less
                       pass over every activation; arithmetic differs in the last bits);
 * ``jit_onednn``    — TorchScript trace → ``torch.jit.freeze`` → ``optimize_for_inference``
@@ -54,8 +55,8 @@ sys.path.insert(0, str(REPO))
 
 from dlibbridge import arch, assets, convert  # noqa: E402
 
-CPU_VARIANTS = ("eager", "channels_last", "folded", "jit_onednn", "compile", "onnxruntime")
-CUDA_VARIANTS = ("eager", "channels_last", "compile", "fp16", "bf16")
+CPU_VARIANTS = ("eager", "nchw", "folded", "jit_onednn", "compile", "onnxruntime")
+CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
 FLOP_PER_CYCLE_AVX2_FMA = 2 * 8 * 2   # 2 FMA pipes × 8 fp32 lanes × (mul + add)
 
 
@@ -184,8 +185,8 @@ class Runner:
         t = time.perf_counter()
         m = copy.deepcopy(base).to(device).eval()
         self.nchw_float = False
-        if name == "channels_last":
-            m = m.to(memory_format=torch.channels_last)
+        if name == "nchw":
+            m = m.to(memory_format=torch.contiguous_format)
         elif name == "folded":
             m = fold_affines(m)
         elif name == "fp16":
