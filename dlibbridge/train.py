@@ -1009,7 +1009,7 @@ class _Job:
     # -- outputs -------------------------------------------------------------------------
 
     def export(self) -> dict:
-        from .convert import export_onnx, load_torch, to_dlib
+        from .convert import export_onnx, load_torch, to_dlib, to_dlib_tree, to_torch
         c = self.cfg
         model = self.model
         exported_step = self.step
@@ -1024,7 +1024,10 @@ class _Job:
         files = ["model.dat", "model_trainable.dat", "model.pt"]
         onnx_diff = None
         if c.onnx:
-            onnx_diff = export_onnx(model, out / "model.onnx")
+            # The ONNX graph is the deployed form (batch-norm folded into affine, exactly what
+            # model.dat holds): that is what inference runtimes should execute.
+            deployed = to_torch(to_dlib_tree(model, trainable=False), trainable=False)
+            onnx_diff = export_onnx(deployed, out / "model.onnx")
             files.append("model.onnx")
         check = dlib_export_check(model, out / "model.dat", self.store,
                                   self.split.val_rows if len(self.split.val_rows) else self.split.train_rows)

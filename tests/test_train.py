@@ -67,10 +67,10 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     run = tmp_path / "run"
     rc = _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "2", "--margin", "0.3",
                    "--val-identities", "2", "--freeze-until", "level4", "--export", "last", "--lr", "1e-3",
-                   "--bn", "train")
+                   "--bn", "train", "--onnx")
     assert rc == 0
     for name in ("config.json", "log.csv", "val.csv", "log.json", "curves.png", "checkpoint.pt",
-                 "summary.json", "model.dat", "model_trainable.dat", "model.pt"):
+                 "summary.json", "model.dat", "model_trainable.dat", "model.pt", "model.onnx"):
         assert (run / name).is_file(), name
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["lr"] == 1e-3 and cfg["derived"]["frozen"] == ["stem", "level4"]
@@ -81,6 +81,7 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     assert [v["step"] for v in log["validation"]] == [0, 1, 2]   # baseline, epoch 1 (1 step), final
     summary = json.loads((run / "summary.json").read_text())
     assert summary["exported_step"] == 2 and summary["export_check"]["max_abs_diff"] < 1e-5
+    assert summary["onnx_max_abs_diff"] < 1e-5
 
     # The exported files are the trained network, in dlib itself.
     trained = load_torch(run / "model.pt")
@@ -287,3 +288,22 @@ def test_sgd_steps_match_dlib_dnn_trainer(tmp_path, johns_chips):
         # + 1e-7: a conv bias feeding a training-mode batch-norm has true gradient 0, both sides
         # move it by rounding noise (~1e-7).
         assert err <= 2e-2 * moved + ulps + 1e-7, f"{k}: dlib moved it by {moved:.3g}, we differ by {err:.3g}"
+
+
+def test_open_data_aligns_raw_photos_then_packs(tmp_path, johns_dir):
+    """DATA given as photos (not 150x150 chips) goes through the alignment pipeline first: the
+    johns chips enlarged to 300x300 stand in for photos; dlib finds the face in each again."""
+    import cv2
+    from dlibbridge.train import open_data
+    raw = tmp_path / "photos"
+    for person in sorted(p.name for p in johns_dir.iterdir())[:2]:
+        (raw / person).mkdir(parents=True)
+        for f in sorted((johns_dir / person).glob("*.jpg"))[:2]:
+            img = cv2.resize(cv2.imread(str(f)), (300, 300), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(raw / person / f.name), img)
+    run = tmp_path / "run"
+    run.mkdir()
+    store = open_data(str(raw), run, progress=False)
+    assert (run / "chips" / "manifest.csv").is_file() and store.path == run / "data.store"
+    assert len(store) == 4 and len(store.identities) == 2 and store.chips.shape[1:] == (150, 150, 3)
+    assert open_data(str(raw), run, progress=False).path == store.path      # reused, not redone
