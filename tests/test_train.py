@@ -1,9 +1,11 @@
 """Fine-tuning end to end on the real johns chips and dlib's real model, kept tiny (a few steps of
 2-4 identities x 2 images) because the suite runs on two shared CPU cores.
 
-* smoke: the CLI writes every output; model.dat and model_trainable.dat load in
-  ``dlib.face_recognition_model_v1`` and give the torch model's descriptors; frozen levels
-  stay bit-identical to the base, trained ones move;
+* smoke: the CLI writes every output (ONNX included); model.dat and model_trainable.dat load in
+  ``dlib.face_recognition_model_v1`` and give the torch model's descriptors; --bn train
+  calibrates; frozen levels keep their weights and batch-norm transform, trained ones move;
+  per-epoch validation and early stopping;
+* one SGD step pair against dlib's own ``dnn_trainer`` (oracle);
 * kill -9 + --resume reproduces an uninterrupted run bit for bit (seeded CPU determinism and
   "same data order" in one test);
 * DDP: ``torchrun --nproc_per_node 2`` (gloo, CPU) equals one process accumulating the same two
@@ -59,13 +61,13 @@ def _env():
     return env
 
 
-def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, johns_chips):
+def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, johns_chips, capsys):
     import dlib
     from dlibbridge.convert import load_torch
     from dlibbridge.train import load_base_model
 
     run = tmp_path / "run"
-    rc = _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "2", "--margin", "0.3",
+    rc = _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "3", "--patience", "2", "--margin", "0.3",
                    "--val-identities", "2", "--freeze-until", "level4", "--export", "last", "--lr", "1e-3",
                    "--bn", "train", "--onnx")
     assert rc == 0
@@ -78,9 +80,14 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     log = json.loads((run / "log.json").read_text())
     assert [r["step"] for r in log["steps"]] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in log["steps"]) and log["steps"][0]["loss"] > 0
-    assert [v["step"] for v in log["validation"]] == [0, 1, 2]   # baseline, epoch 1 (1 step), final
+    # Validation: baseline, then after each 1-step epoch.  The held-out TAR@FAR cannot beat its
+    # step-0 value of 1.0, so --patience 2 stops the run after step 2 of 3.
+    assert [v["step"] for v in log["validation"]] == [0, 1, 2]
+    assert log["validation"][0]["tar@far"] == 1.0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["exported_step"] == 2 and summary["export_check"]["max_abs_diff"] < 1e-5
+    assert summary["exported_step"] == summary["final_step"] == 2 and summary["total_steps"] == 3
+    assert "early stop" in capsys.readouterr().err
+    assert summary["export_check"]["max_abs_diff"] < 1e-5
     assert summary["onnx_max_abs_diff"] < 1e-5
 
     # The exported files are the trained network, in dlib itself.
