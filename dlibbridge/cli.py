@@ -305,9 +305,19 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
+def _passive_omp() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).  On
+    cores shared with other jobs libgomp's default spinning made the port 4x slower at 2
+    threads (docs/benchmarks.md); libgomp reads this when torch is first imported."""
+    import os
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _run_export(args) -> int:
     import os
     from pathlib import Path
+    _passive_omp()
     from . import convert
     outputs = [o for o in (args.output, args.onnx, args.torchscript, args.checkpoint) if o]
     if not outputs:
@@ -366,6 +376,7 @@ def _add_embed(sub) -> None:
 
 
 def _run_embed(args) -> int:
+    _passive_omp()
     from .embed import EmbedError, embed_folder
     try:
         res = embed_folder(args.model, args.images_dir, args.output, batch_size=args.batch_size,

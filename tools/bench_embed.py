@@ -28,6 +28,11 @@ independent AVX2 FMAs (compiled with the system C compiler) gives one core's FMA
 CPU-second = 32 × the clock it really runs at (turbo included; a VM's /proc/cpuinfo shows only
 the nominal clock, printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
 
+Threads: torch's OpenMP (libgomp) spins idle threads by default; on cores shared with other
+jobs that made the port ~4x slower at 2 threads, so the recorded runs set
+``OMP_WAIT_POLICY=PASSIVE`` (what ``dlibbridge embed``/``export`` do unless told otherwise);
+the value in effect is printed.
+
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
 capability) and the median (what a contended run sees).  Process CPU time of the fastest call
@@ -300,6 +305,7 @@ def main(argv=None) -> int:
     gemm = sgemm_gflops(device)
     load1 = os.getloadavg()
     info = {"device": str(device), "threads": args.threads, "gflop_per_face": gflop,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
             "sgemm_gflops": gemm, "loadavg_start": load0, "loadavg_end": load1,
             "torch": torch.__version__, "platform": platform.platform()}
     if device.type == "cpu":
@@ -324,7 +330,8 @@ def print_table(rows: list[dict], info: dict) -> None:
     dlib_fps = {r["batch"]: r["best_fps"] for r in rows if r["engine"] == "dlib"}
     peak = info.get("fma_peak_gflops")
     print()
-    print(f"device {info['device']}, {info['threads']} threads, torch {info['torch']}; "
+    print(f"device {info['device']}, {info['threads']} threads (OMP_WAIT_POLICY {info['omp_wait_policy']}), "
+          f"torch {info['torch']}; "
           f"{info['gflop_per_face']:.3f} GFLOP/face; sgemm ceiling now {info['sgemm_gflops']:.1f} GFLOP/s"
           + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × 32; "
              f"measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core, nominal clock "
