@@ -28,6 +28,7 @@ import torch
 
 from . import format as fmt
 from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibBatchNorm2d
+from .bnfold import affine_as_bn_variance, fold
 from .convert import affine_layers, to_torch
 from .format import Details, Model
 
@@ -59,13 +60,6 @@ def _stat_shape(mode: int, gamma_shape: tuple[int, ...]) -> tuple[int, int, int,
     return (1, gamma_shape[1], 1, 1) if mode == CONV_MODE else (1, *gamma_shape[1:])
 
 
-def affine_as_bn_variance(eps: float = DLIB_BN_EPS) -> np.float32:
-    """The running variance that makes a batch-norm compute exactly an affine:
-    float32(1 − eps), so that float(double(var) + eps) is 1.0f and invstd exactly 1
-    (dlib-format.md §6.7; 1 + eps folded into gamma instead costs 3e-7)."""
-    return np.float32(1.0 - eps)
-
-
 def affine_to_bn(d: Details, path: str = "") -> Details:
     """``affine_``/``affine_2`` → the bn record (``bn_con2``, or ``bn_fc2`` in FC mode) whose
     inference output is bit-identical (dlib-format.md §6.7): gamma = g, beta = b,
@@ -93,19 +87,6 @@ def affine_to_bn(d: Details, path: str = "") -> Details:
         ("learning_rate_multiplier", "f64", 1.0), ("weight_decay_multiplier", "f64", 0.0),
         ("bias_learning_rate_multiplier", "f64", 1.0), ("bias_weight_decay_multiplier", "f64", 1.0),
         ("eps", "f64", DLIB_BN_EPS))
-
-
-def fold(gamma, beta, running_mean, running_var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """dlib's bn_ → affine_ conversion (``affine_(const bn_&)`` in dlib/dnn/layers.h), bit for
-    bit: ``g = gamma / sqrt(var + eps)``, ``b = beta − g·mean``, all in float32 — dlib's
-    matrix expression casts eps to float before the sum.  (dlib's bn *inference* instead
-    takes ``1/sqrt(double(var) + eps)`` in double; the two differ in the last bit for real
-    statistics, and only this one reproduces what an affine-typed dlib network loads.)"""
-    f32 = np.float32
-    gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)
-    rm, rv = np.asarray(running_mean, f32), np.asarray(running_var, f32)
-    g = gamma / np.sqrt(rv + f32(eps))
-    return g, beta - g * rm
 
 
 def bn_to_affine(d: Details, path: str = "") -> Details:

@@ -13,7 +13,7 @@ form) and ``bn_con2`` (files written by ``dlibbridge unfreeze`` and by dlib's tr
 alongside ``con_6``/``relu_2``/``fc_3``).  Either can become either torch form:
 
 * frozen  (:class:`~dlibbridge.arch.DlibAffine`): a bn record is folded exactly as dlib's
-  bn→affine conversion does (:func:`fold_bn`);
+  bn→affine conversion does (:func:`dlibbridge.bnfold.fold`);
 * trainable (:class:`~dlibbridge.arch.DlibBatchNorm2d`): an affine record becomes a
   batch-norm with running mean 0 and running variance float32(1 − eps), whose inference
   output is bit-identical (dlib-format.md §6.7).
@@ -38,6 +38,7 @@ from torch import nn
 
 from . import format as fmt
 from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibAffine, DlibBatchNorm2d, FaceResNet, dlib_padding
+from .bnfold import affine_as_bn_variance, fold
 from .format import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
 
 CHECKPOINT_FORMAT = "dlibbridge.FaceResNet"
@@ -281,25 +282,6 @@ def _record(entry, kind: str) -> Details:
 _RUNTIME_TENSORS = {"bn_con": {"means", "invstds"}}
 
 
-def fold_bn(gamma, beta, running_mean, running_var, eps) -> tuple[np.ndarray, np.ndarray]:
-    """dlib's bn_ → affine_ conversion as dlib-format.md §6.7 specifies it:
-    ``g = gamma / sqrt(float(double(running_var) + eps))``, ``b = beta − g·running_mean``,
-    all other arithmetic in float32."""
-    f32 = np.float32
-    gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)
-    rm, rv = np.asarray(running_mean, f32), np.asarray(running_var, f32)
-    denom = np.sqrt((rv.astype(np.float64) + float(eps)).astype(f32))
-    g = (gamma / denom).astype(f32)
-    b = (beta - g * rm).astype(f32)
-    return g, b
-
-
-def _affine_as_bn_stats(eps: float = DLIB_BN_EPS) -> float:
-    """running_var that makes a bn_con compute exactly an affine: float32(1 − eps), so that
-    float(double(var) + eps) == 1.0f and invstd is exactly 1 (dlib-format.md §6.7)."""
-    return float(np.float32(1.0 - eps))
-
-
 def _split(params: np.ndarray, sizes: list[int], e, d: Details) -> list[np.ndarray]:
     flat = params.reshape(-1)
     if flat.size != sum(sizes):
@@ -333,7 +315,7 @@ def _record_to_state(b: Binding, e, d: Details, trainable: bool) -> tuple[dict[s
         if not trainable:
             return {"scale": g, "shift": beta}, {"params"}
         return {"weight": g, "bias": beta, "running_mean": np.zeros(c, np.float32),
-                "running_var": np.full(c, _affine_as_bn_stats(), np.float32),
+                "running_var": np.full(c, affine_as_bn_variance(), np.float32),
                 "num_batches_tracked": np.array(DLIB_BN_WINDOW, np.int64),
                 "_extra_state": {"eps": DLIB_BN_EPS, "window": DLIB_BN_WINDOW}}, {"params"}
     rm = d["running_means"].reshape(-1)
@@ -343,7 +325,7 @@ def _record_to_state(b: Binding, e, d: Details, trainable: bool) -> tuple[dict[s
                               f"{c} channels")
     used = {"params", "running_means", "running_variances"}
     if not trainable:
-        sg, sb = fold_bn(g, beta, rm, rv, d["eps"])
+        sg, sb = fold(g, beta, rm, rv, d["eps"])
         return {"scale": sg, "shift": sb}, used
     return {"weight": g, "bias": beta, "running_mean": rm.copy(), "running_var": rv.copy(),
             "num_batches_tracked": np.array(d["num_updates"], np.int64),
@@ -496,7 +478,7 @@ def _norm_record(b: Binding, e, src: Details, state: dict, module_trainable: boo
         rm, rv = state[p + "running_mean"], state[p + "running_var"]
         extra = state[p + "_extra_state"]
         if not to_bn:
-            return _affine_record(*fold_bn(gamma, beta, rm, rv, extra["eps"]), src)
+            return _affine_record(*fold(gamma, beta, rm, rv, extra["eps"]), src)
         return _bn_record(gamma, beta, rm, rv, int(state[p + "num_batches_tracked"]), extra["window"],
                           extra["eps"], src)
     g, sh = state[p + "scale"], state[p + "shift"]
@@ -504,7 +486,7 @@ def _norm_record(b: Binding, e, src: Details, state: dict, module_trainable: boo
         return _affine_record(g, sh, src)
     # affine → bn_con2 with identical inference output (dlib-format.md §6.7).
     c = g.size
-    return _bn_record(g, sh, np.zeros(c, np.float32), np.full(c, _affine_as_bn_stats(), np.float32),
+    return _bn_record(g, sh, np.zeros(c, np.float32), np.full(c, affine_as_bn_variance(), np.float32),
                       DLIB_BN_WINDOW, DLIB_BN_WINDOW, DLIB_BN_EPS, None)
 
 
@@ -636,7 +618,7 @@ def build_tree(config: dict, trainable: bool = False) -> Model:
     def norm(c: int) -> Details:
         z, o = np.zeros(c, np.float32), np.ones(c, np.float32)
         if trainable:
-            return _bn_record(o, z, z, np.full(c, _affine_as_bn_stats(), np.float32),
+            return _bn_record(o, z, z, np.full(c, affine_as_bn_variance(), np.float32),
                               DLIB_BN_WINDOW, DLIB_BN_WINDOW, DLIB_BN_EPS, None)
         return _affine_record(o, z, None)
 
@@ -836,7 +818,7 @@ def export_torchscript(module: nn.Module, path: str | os.PathLike, atol: float =
 
 
 __all__ = [
-    "ConversionError", "ExportCheckError", "Binding", "Structure", "parse_structure", "fold_bn",
+    "ConversionError", "ExportCheckError", "Binding", "Structure", "parse_structure",
     "to_torch", "to_dlib", "dlib_check", "to_dlib_tree", "build_tree", "layer_bindings", "affine_layers",
     "save_torch", "load_torch", "load_model", "check_chips", "export_onnx", "export_torchscript",
 ]

@@ -115,12 +115,14 @@ def bn_train(x, gamma, beta, running_mean, running_var, eps, num_updates, window
 
 
 def affine_from_bn(gamma, beta, running_mean, running_var, eps):
-    """dlib's bn_ → affine_ conversion as §6.7 states it (float32 except the double sum):
-    g = gamma / sqrt(float(double(running_var) + eps)), b = beta − g·running_mean."""
+    """dlib's bn_ → affine_ conversion, ``affine_(const bn_&)`` in dlib/dnn/layers.h:
+    g = gamma / sqrt(running_var + float(eps)), b = beta − g·running_mean, in float32.
+    (dlib-format.md §6.7 says the sum is taken in double: that is dlib's bn inference kernel,
+    not this conversion; tests/test_unfreeze.py shows the float sum is what dlib loads.)"""
     f32 = np.float32
     gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)
     rm, rv = np.asarray(running_mean, f32), np.asarray(running_var, f32)
-    s = (rv.astype(np.float64) + float(eps)).astype(f32)
+    s = (rv + f32(eps)).astype(f32)
     g = (gamma / np.sqrt(s)).astype(f32)
     b = (beta - (g * rm).astype(f32)).astype(f32)
     return g, b

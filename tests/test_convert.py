@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dlibbridge
-from dlibbridge import arch, cli, convert, embed
+from dlibbridge import arch, bnfold, cli, convert, embed
 from dlibbridge.format import Field
 
 ATOL = 1e-5
@@ -125,14 +125,14 @@ def test_unused_tensor_unfilled_parameter_and_shape_mismatch_fail_loudly(face_mo
         convert._load_weights(arch.FaceResNet(dict(cfg, embed_dim=32)), struct, False)
 
 
-def test_fold_bn_matches_the_reference_conversion():
-    """bn → affine exactly as the spec's reference computes it (float32 but the double sum)."""
+def test_fold_matches_the_reference_conversion():
+    """bn → affine exactly as dlib's affine_(const bn_&) computes it (float32 throughout)."""
     import dlib_reference as ref
     rng = np.random.default_rng(0)
     c = 4096
     gamma, beta, mean = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
     var = np.concatenate([[0.0, 1 - 1e-4, 1e-30], rng.uniform(0, 3, c - 3)]).astype(np.float32)
-    g, b = convert.fold_bn(gamma, beta, mean, var, 1e-4)
+    g, b = bnfold.fold(gamma, beta, mean, var, 1e-4)
     g_ref, b_ref = ref.affine_from_bn(gamma, beta, mean, var, 1e-4)
     assert g.dtype == b.dtype == np.float32
     assert g.tobytes() == g_ref.tobytes() and b.tobytes() == b_ref.tobytes()

@@ -108,7 +108,7 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     # --freeze-until level4: stem and level4 convolutions bit-identical to the base, and their
     # batch-norms (calibrated, then kept on running statistics) still compute the base's
     # transform; the unfrozen levels moved.
-    from dlibbridge.convert import fold_bn
+    from dlibbridge.bnfold import fold
     base_model = load_base_model(None)
     base, after = base_model.state_dict(), trained.state_dict()
     convs = [k for k in base if k.startswith(("stem.", "level4.")) and ".conv." in k]
@@ -116,7 +116,7 @@ def test_smoke_finetune_writes_outputs_that_dlib_loads(johns_store, tmp_path, jo
     for name, m in trained.named_modules():
         if name.startswith(("stem.", "level4.")) and isinstance(m, torch.nn.BatchNorm2d):
             b = base_model.get_submodule(name)
-            for x, y in zip(*(fold_bn(*(t.detach().numpy() for t in (n.weight, n.bias, n.running_mean,
+            for x, y in zip(*(fold(*(t.detach().numpy() for t in (n.weight, n.bias, n.running_mean,
                                                                       n.running_var)), n.eps) for n in (m, b))):
                 np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
     assert not torch.equal(base["level0.0.branch1.conv.weight"], after["level0.0.branch1.conv.weight"])
