@@ -12,6 +12,8 @@ import sys
 from .format import DlibFormatError
 
 
+# ---- inspect (issue 2: the codec) -------------------------------------------------------------
+
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the layers of a dlib DNN file")
     p.add_argument("file", nargs="?", help="dlib .dat file (default: the installed dlib face model)")
@@ -391,7 +393,6 @@ def _run_embed(args) -> int:
     return 0
 
 
-# Registration order is the order shown by --help.
 # ---- unfreeze / freeze (issue 4: trainable dlib net_type) -----------------------------------
 
 def _add_unfreeze(sub) -> None:
@@ -452,16 +453,17 @@ def _run_freeze(args) -> int:
     return 0
 
 
+# Registration order is the order shown by --help: the workflow's order.
 _COMMANDS = [
     _add_inspect,
+    _add_unfreeze,
+    _add_freeze,
     _add_align,
     _add_pack,
-    _add_evaluate,
     _add_finetune,
     _add_export,
     _add_embed,
-    _add_unfreeze,
-    _add_freeze,
+    _add_evaluate,
 ]
 
 
