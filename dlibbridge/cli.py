@@ -468,7 +468,11 @@ _COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlibbridge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dlibbridge",
+        description="Bridge dlib's face ResNet and PyTorch: inspect and rewrite dlib DNN files losslessly, "
+                    "unfreeze/freeze for dlib's trainer, align faces as dlib does, fine-tune, export back "
+                    "to dlib, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
