@@ -312,8 +312,9 @@ class FaceResNet(nn.Module):
         w = self.fc.weight
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
-        if (x.device.type == "cpu" and x.shape[0] > self.cpu_chunk and not self.training
-                and not torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+        if (x.device.type == "cpu" and x.shape[0] > self.cpu_chunk and not torch.is_grad_enabled()
+                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+                and not any(m.training for m in self.modules())):   # a norm in train() couples the batch
             return torch.cat([self.embed(c) for c in x.split(self.cpu_chunk)])
         if x.is_cuda and x.dtype == torch.float32 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             # (traced/compiled callers set the TF32 flags themselves: the toggle is not traced)

@@ -267,9 +267,14 @@ def test_batch_composition_and_cpu_chunking_do_not_change_results(frozen, traina
         one = torch.cat([frozen(x[i:i + 1]) for i in range(5)])
     assert (chunked - whole).abs().max().item() <= 1e-6
     assert (one - whole).abs().max().item() <= 1e-6
-    a, b = copy.deepcopy(trainable).train(), copy.deepcopy(trainable).train()
-    a.cpu_chunk = 2
-    with torch.no_grad():
-        ya, yb = a(x), b(x)
-    assert torch.equal(ya, yb)
-    assert torch.equal(a.level0[0].branch2.norm.running_var, b.level0[0].branch2.norm.running_var)
+    for only_norms in (False, True):      # the whole module in train(), or just its norms
+        a, b = copy.deepcopy(trainable), copy.deepcopy(trainable)
+        for m in (a, b):
+            for sub in (m.modules() if only_norms else [m]):
+                if isinstance(sub, arch.DlibBatchNorm2d) or not only_norms:
+                    sub.train()
+        a.cpu_chunk = 2
+        with torch.no_grad():
+            ya, yb = a(x), b(x)
+        assert torch.equal(ya, yb)
+        assert torch.equal(a.level0[0].branch2.norm.running_var, b.level0[0].branch2.norm.running_var)
