@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibAffine, DlibBatchNorm2d, FaceResNet, dlib_padding
+from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, FaceResNet, dlib_padding
 from .bnfold import affine_as_bn_variance, fold
 from .format import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
 
