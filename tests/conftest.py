@@ -130,3 +130,18 @@ def calibrated_face_model(tmp_path_factory, face_model_path, johns_chips):
     path = tmp_path_factory.mktemp("unfreeze") / "face_trainable_calibrated.dat"
     fmt.save(model, path)
     return path, report
+
+
+@pytest.fixture(scope="module")
+def frozen(face_model_path):
+    """The torch port, deployed (affine) form; one per test module, so modules cannot
+    disturb each other through train()/eval() or edits."""
+    from dlibbridge import convert
+    return convert.to_torch(face_model_path)
+
+
+@pytest.fixture(scope="module")
+def trainable(face_model_path):
+    """The torch port, trainable (batch-norm) form; one per test module."""
+    from dlibbridge import convert
+    return convert.to_torch(face_model_path, trainable=True)

@@ -15,7 +15,7 @@ import torch
 
 import dlib_reference as ref
 import dlibbridge
-from dlibbridge import arch, convert
+from dlibbridge import arch
 
 DESCRIPTOR_ATOL = 1e-5
 
@@ -23,16 +23,6 @@ DESCRIPTOR_ATOL = 1e-5
 @pytest.fixture(scope="module")
 def face_model(face_model_path):
     return dlibbridge.load(face_model_path)
-
-
-@pytest.fixture(scope="module")
-def frozen(face_model_path):
-    return convert.to_torch(face_model_path)
-
-
-@pytest.fixture(scope="module")
-def trainable(face_model_path):
-    return convert.to_torch(face_model_path, trainable=True)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

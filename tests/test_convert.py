@@ -18,16 +18,6 @@ from dlibbridge.format import Field
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def frozen(face_model_path):
-    return convert.to_torch(face_model_path)
-
-
-@pytest.fixture(scope="module")
-def trainable(face_model_path):
-    return convert.to_torch(face_model_path, trainable=True)
-
-
 def _dlib_net(path):
     import dlib
     return dlib.face_recognition_model_v1(str(path))
