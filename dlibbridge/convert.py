@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, FaceResNet, dlib_padding
+from .arch import DLIB_BN_EPS, DLIB_BN_WINDOW, DlibBatchNorm2d, FaceResNet, dlib_padding
 from .bnfold import affine_as_bn_variance, fold
 from .format import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
 
@@ -759,7 +759,12 @@ def check_chips(n: int = 3, seed: int = 0, size: tuple[int, int] = (150, 150)) -
 
 
 def _export_copy(module: nn.Module) -> FaceResNet:
+    """A clean eval-mode copy to trace.  A trainable module is exported in its deployed form
+    (batch-norms folded exactly as dlib folds them): that is the graph to ship, and the
+    tracer cannot follow DlibBatchNorm2d's extra state."""
     module = _unwrap(module)
+    if any(isinstance(x, DlibBatchNorm2d) for x in module.modules()):
+        return to_torch(to_dlib_tree(module)).eval()
     m = FaceResNet(module.config)
     m.load_state_dict(module.state_dict())
     return m.eval()

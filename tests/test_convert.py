@@ -438,3 +438,16 @@ def test_embed_refuses_empty_or_missing_folders(tmp_path, face_model_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(embed.EmbedError, match="no images"):
         embed.embed_folder(str(face_model_path), tmp_path / "empty", tmp_path / "o.npz", progress=False)
+
+
+def test_trainable_module_exports_its_deployed_form_to_onnx(trainable, frozen, tmp_path):
+    """A batch-norm (fine-tuning) module is exported folded, as dlib would deploy it."""
+    import onnxruntime as ort
+    diff = convert.export_onnx(trainable, tmp_path / "t.onnx")
+    assert diff <= 1e-5
+    x = convert.check_chips(4, 7, (150, 150))
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"chips": x.numpy()})[0]
+    with torch.inference_mode():
+        want = frozen(x)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
