@@ -52,7 +52,7 @@ from torch import nn
 
 from .augment import Augment, Jitter, parse_degradations
 from .convert import save_torch
-from .format import write_atomic
+from .format import sha256_file, write_atomic
 from .losses import LOSSES, make_loss
 
 if TYPE_CHECKING:
@@ -703,7 +703,7 @@ class _Job:
             raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {self.device}")
 
         self.model = load_base_model(c.base)
-        self.base_sha = _sha256(Path(c.base) if c.base else _default_base())
+        self.base_sha = sha256_file(Path(c.base) if c.base else _default_base())
         self.teacher = None
         if c.distill > 0:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device)
@@ -1095,12 +1095,3 @@ class _nullcontext:
 def _default_base() -> Path:
     from . import assets
     return assets.face_model_path()
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
