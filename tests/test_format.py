@@ -7,7 +7,6 @@ import collections
 import math
 import os
 import random
-import struct
 import sys
 import threading
 from pathlib import Path
