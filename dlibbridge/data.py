@@ -373,8 +373,12 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     called after each chip (progress hooks; an exception from it interrupts the pack cleanly).
     """
     chips_dir, store = Path(chips_dir), Path(store)
-    if store.exists() and not overwrite:
-        raise StoreError(f"{store} exists (use overwrite=True / --overwrite to replace it)")
+    if store.exists() or store.is_symlink():
+        if not overwrite:
+            raise StoreError(f"{store} exists (add --overwrite to replace it)")
+        if not is_store(store):
+            raise StoreError(f"{store} exists and is not a chip store; --overwrite only "
+                             f"replaces a store written by pack (left untouched)")
     if store.resolve() == chips_dir.resolve() or chips_dir.resolve() in store.resolve().parents:
         raise StoreError("the store must be outside the chips folder")
     entries = chip_entries(chips_dir)
@@ -384,6 +388,11 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         json.dumps([dataclasses.astuple(e) for e in entries]).encode()).hexdigest()
 
     partial = store.with_name(store.name + ".partial")
+    old = store.with_name(store.name + ".old")
+    for leftover, ours in ((partial, _is_partial_store), (old, is_store)):
+        if (leftover.exists() or leftover.is_symlink()) and not ours(leftover):
+            raise StoreError(f"{leftover} exists and was not written by pack; "
+                             f"move it away first (left untouched)")
     state = _read_progress(partial, fingerprint)
     if state is None:
         if partial.exists():
@@ -440,7 +449,6 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     })
     os.unlink(partial / _PROGRESS)
     if store.exists():
-        old = store.with_name(store.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(store, old)
@@ -449,6 +457,35 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     else:
         os.replace(partial, store)
     return ChipStore(store)
+
+
+_STORE_FILES = frozenset({_CHIPS, _LABELS, _INDEX})
+
+
+def is_store(path: Path) -> bool:
+    """True only for a real folder that holds exactly what ``pack`` writes, with a readable
+    ``index.json`` of a known store version: the one thing ``--overwrite`` may replace."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        names = {p.name for p in path.iterdir()}
+        index = json.loads((path / _INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return names == _STORE_FILES and isinstance(index, dict) and index.get("version") == STORE_VERSION
+
+
+def _is_partial_store(path: Path) -> bool:
+    """True for an interrupted pack's ``.partial`` folder: only pack's own files (those of a
+    finished store, its progress checkpoint and its temporary json)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    allowed = _STORE_FILES | {_PROGRESS} | {f".tmp-{n}" for n in (_INDEX, _PROGRESS)}
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return _CHIPS in names and names <= allowed
 
 
 def _read_progress(partial: Path, fingerprint: str) -> dict | None:

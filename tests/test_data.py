@@ -244,3 +244,57 @@ def test_pack_does_not_need_torch():
     import sys
     code = ("import sys, dlibbridge.data as d; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def _tree_snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pack_overwrite_never_replaces_what_is_not_a_store(tmp_path, johns_dir):
+    photos = tmp_path / "photos"
+    (photos / "ann").mkdir(parents=True)
+    for f in sorted((johns_dir / "John_Simm").glob("*.jpg"))[:2]:
+        (photos / "ann" / f.name).write_bytes(f.read_bytes())
+    before = _tree_snapshot(photos)
+    with pytest.raises(StoreError, match="not a chip store"):
+        pack(johns_dir, photos, overwrite=True, progress=False)
+    assert _tree_snapshot(photos) == before, "a folder of photos survives --overwrite untouched"
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(StoreError, match="not a chip store"):
+        pack(johns_dir, a_file, overwrite=True, progress=False)
+    assert a_file.read_text() == "keep me" and not (tmp_path / "notes.txt.old").exists()
+
+    # A store with a stranger's file inside is no longer verifiably ours.
+    store = tmp_path / "s.store"
+    pack(johns_dir, store, progress=False)
+    (store / "mine.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a chip store"):
+        pack(johns_dir, store, overwrite=True, progress=False)
+    assert (store / "mine.txt").read_text() == "x"
+    (store / "mine.txt").unlink()
+    assert len(pack(johns_dir, store, overwrite=True, progress=False)) == 55
+
+
+def test_pack_never_deletes_a_foreign_partial_or_old_folder(tmp_path, johns_dir):
+    for suffix in (".partial", ".old"):
+        foreign = tmp_path / ("s.store" + suffix)
+        foreign.mkdir()
+        (foreign / "photo.jpg").write_bytes(b"precious")
+        with pytest.raises(StoreError, match="not written by pack"):
+            pack(johns_dir, tmp_path / "s.store", progress=False)
+        assert (foreign / "photo.jpg").read_bytes() == b"precious"
+        (foreign / "photo.jpg").unlink()
+        foreign.rmdir()
+
+
+def test_cli_pack_overwrite_on_photos_is_one_line_exit_2(tmp_path, johns_dir, capsys):
+    from dlibbridge.cli import main
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"precious")
+    assert main(["pack", str(johns_dir), "-o", str(photos), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a chip store" in err
+    assert (photos / "a.jpg").read_bytes() == b"precious"
