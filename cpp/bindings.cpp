@@ -1,5 +1,5 @@
 // Python bindings of the codec: C++ tree <-> plain Python structures (dicts, tuples,
-// numpy arrays).  dlibbridge/format.py turns those into its public classes; the contract
+// numpy arrays).  dlibbridge/codec/tree.py turns those into its public classes; the contract
 // is documented in dlibbridge/_codec.pyi.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -1,9 +1,10 @@
 """dlibbridge: dlib DNN files ⇄ an editable tree ⇄ PyTorch, and back to dlib.
 
-``format`` (the codec) never imports torch; torch-based parts are imported lazily so
-``import dlibbridge`` stays cheap for tools that only read or rewrite files.
+``codec`` (the file codec) never imports torch; the torch port (``port``) is imported lazily
+so ``import dlibbridge`` stays cheap for tools that only read or rewrite files.  The package
+map is docs/architecture.md.
 """
-from .format import (  # noqa: F401
+from .codec.tree import (  # noqa: F401
     DlibFormatError, Details, Field, Model, AddLayer, InputLayer, TagOrSkip, TagOnInput,
     Repeat, Loss, ShapePredictor, load, loads, dumps, save,
 )
@@ -11,8 +12,8 @@ from .format import (  # noqa: F401
 __version__ = "0.1.0"
 
 _LAZY = {
-    "to_torch": "convert",
-    "to_dlib": "convert",
+    "to_torch": "port.convert",
+    "to_dlib": "port.convert",
 }
 
 

@@ -1,4 +1,4 @@
-"""Private C++ codec (cpp/). Use dlibbridge.format instead; this is its contract.
+"""Private C++ codec (cpp/). Use dlibbridge.codec.tree instead; this is its contract.
 
 parse() returns {"net": NODE, "trailers": [SHAPE_PREDICTOR, ...]} where
 

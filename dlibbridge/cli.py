@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .format import DlibFormatError
+from .codec.tree import DlibFormatError
 
 
 # ---- inspect (issue 2: the codec) -------------------------------------------------------------
@@ -22,7 +22,7 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> int:
-    from . import describe
+    from .codec import inspect as describe
     return describe.main(args.file, as_json=args.json)
 
 
@@ -56,8 +56,8 @@ def _add_align(sub) -> None:
 
 
 def _run_align(args) -> int:
-    from . import align as al
-    from .data import DEFAULT_MAX_PIXELS
+    from .data import align as al
+    from .data.images import DEFAULT_MAX_PIXELS
     try:
         settings = al.AlignSettings(detector=args.detector, upsample=args.upsample, multi=args.multi,
                                     fallback=args.fallback, decoder=args.decoder,
@@ -93,7 +93,7 @@ def _add_pack(sub) -> None:
 
 
 def _run_pack(args) -> int:
-    from .data import StoreError, pack
+    from .data.store import StoreError, pack
     try:
         store = pack(args.chips_dir, args.output, overwrite=args.overwrite, progress=not args.quiet)
     except StoreError as e:
@@ -153,7 +153,8 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args) -> int:
     from pathlib import Path
-    from . import evaluate as ev
+    from .eval import evaluate as ev
+    from .eval.embedders import ModelSpec, default_cache_dir
     try:
         for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
             if v < 1:
@@ -161,11 +162,11 @@ def _run_evaluate(args) -> int:
         if args.jitter < 0 or (args.jobs is not None and args.jobs < 1):
             raise ValueError("--jitter must be >= 0 and --jobs >= 1")
         cfg = ev.EvalConfig(
-            models=[ev.ModelSpec.parse(m, args.engine) for m in args.models], data=Path(args.data),
+            models=[ModelSpec.parse(m, args.engine) for m in args.models], data=Path(args.data),
             pairs=args.pairs and Path(args.pairs), gen_pairs=args.gen_pairs, n_folds=args.folds, seed=args.seed,
             report=args.report and Path(args.report), json_path=args.json and Path(args.json), flip=args.flip,
             jitter=args.jitter, identification=not args.no_identification,
-            cache_dir=None if args.no_cache else (Path(args.cache) if args.cache else ev.default_cache_dir()),
+            cache_dir=None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir()),
             detector=args.detector, upsample=args.upsample, multi=args.multi,
             fallback=None if args.no_fallback else "center", jobs=args.jobs, device=args.device,
             batch_size=args.batch_size, progress=not args.quiet)
@@ -176,7 +177,7 @@ def _run_evaluate(args) -> int:
     print(ev.format_table(evaluation.results))
     print(f"results: {evaluation.results_file}")
     if cfg.report is not None:
-        from .report import write_report
+        from .eval.report import write_report
         print(f"report: {write_report(evaluation, cfg.report)}")
     return 0
 
@@ -257,7 +258,8 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .train import FinetuneConfig, FinetuneError, finetune, load_resume_config
+    from .train.config import FinetuneConfig, FinetuneError
+    from .train.loop import finetune, load_resume_config
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "data", "resume")}
     cfg = None
     try:
@@ -320,7 +322,9 @@ def _run_export(args) -> int:
     import os
     from pathlib import Path
     _passive_omp()
-    from . import convert
+    from .port import convert
+    from .port.checkpoint import load_model, save_torch
+    from .port.export import export_onnx, export_torchscript
     outputs = [o for o in (args.output, args.onnx, args.torchscript, args.checkpoint) if o]
     if not outputs:
         print("dlibbridge export: nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--checkpoint",
@@ -338,19 +342,19 @@ def _run_export(args) -> int:
         print("dlibbridge export: two outputs name the same file", file=sys.stderr)
         return 2
     try:
-        module = convert.load_model(args.model)
+        module = load_model(args.model)
         if args.output:
             diff = convert.to_dlib(module, args.output, trainable=args.trainable, check=True, atol=args.atol)
             form = "bn_con2" if args.trainable else "affine"
             print(f"{args.output}: dlib file ({form} form); dlib.face_recognition_model_v1 vs torch max |diff| {diff:.2e}")
         if args.onnx:
-            diff = convert.export_onnx(module, args.onnx, atol=args.atol)
+            diff = export_onnx(module, args.onnx, atol=args.atol)
             print(f"{args.onnx}: ONNX; onnxruntime vs torch max |diff| {diff:.2e}")
         if args.torchscript:
-            diff = convert.export_torchscript(module, args.torchscript, atol=args.atol)
+            diff = export_torchscript(module, args.torchscript, atol=args.atol)
             print(f"{args.torchscript}: TorchScript; vs torch max |diff| {diff:.2e}")
         if args.checkpoint:
-            convert.save_torch(module, args.checkpoint)
+            save_torch(module, args.checkpoint)
             print(f"{args.checkpoint}: dlibbridge torch checkpoint")
     except (convert.ConversionError, convert.ExportCheckError) as e:
         print(f"dlibbridge export: {e}", file=sys.stderr)
@@ -379,7 +383,7 @@ def _add_embed(sub) -> None:
 
 def _run_embed(args) -> int:
     _passive_omp()
-    from .embed import EmbedError, embed_folder
+    from .eval.embed import EmbedError, embed_folder
     try:
         res = embed_folder(args.model, args.images_dir, args.output, batch_size=args.batch_size,
                            device=args.device, engine=args.engine, progress=not args.quiet)
@@ -418,7 +422,8 @@ def _add_unfreeze(sub) -> None:
 
 def _run_unfreeze(args) -> int:
     from . import assets
-    from .batchnorm import BatchNormError, unfreeze_file
+    from .codec.rewrite import BatchNormError
+    from .port.calibrate import unfreeze_file
     src = args.model or assets.face_model_path()
     out = args.out or assets.default_output_path(src, "_trainable")
     try:
@@ -443,7 +448,7 @@ def _add_freeze(sub) -> None:
 
 
 def _run_freeze(args) -> int:
-    from .batchnorm import BatchNormError, freeze_file
+    from .codec.rewrite import BatchNormError, freeze_file
     try:
         lines = freeze_file(args.net, args.out)
     except BatchNormError as e:

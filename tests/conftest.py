@@ -62,6 +62,13 @@ def johns_chips(johns_dir):
 
 
 @pytest.fixture(scope="session")
+def johns_reference(face_model_path, johns_chips):
+    """Python dlib's descriptors of the johns chips with dlib's own face model."""
+    from parity import dlib_embed
+    return dlib_embed(face_model_path, johns_chips[2])
+
+
+@pytest.fixture(scope="session")
 def photo_chips(shared_dir):
     """Chips cut from ../shared/data/faces by dlib's pipeline: HOG detector (upsample 1),
     5-point landmarks, ``get_face_chip(img, shape, 150, 0.25)``.  (names, uint8 N×150×150×3)."""
@@ -113,9 +120,10 @@ def dlib_oracle():
 @pytest.fixture(scope="session")
 def unfrozen_face_model(tmp_path_factory, face_model_path) -> Path:
     """The face model unfrozen without calibration (dlib-format.md §6.7's exact form)."""
-    from dlibbridge import batchnorm, format as fmt
+    from dlibbridge.codec import rewrite
+    from dlibbridge.codec import tree as fmt
     model = fmt.load(face_model_path)
-    batchnorm.unfreeze(model)
+    rewrite.unfreeze(model)
     path = tmp_path_factory.mktemp("unfreeze") / "face_trainable.dat"
     fmt.save(model, path)
     return path
@@ -124,9 +132,10 @@ def unfrozen_face_model(tmp_path_factory, face_model_path) -> Path:
 @pytest.fixture(scope="session")
 def calibrated_face_model(tmp_path_factory, face_model_path, johns_chips):
     """(path, CalibrationReport): the face model unfrozen and calibrated on all 55 johns."""
-    from dlibbridge import batchnorm, format as fmt
+    from dlibbridge.port import calibrate
+    from dlibbridge.codec import tree as fmt
     model = fmt.load(face_model_path)
-    report = batchnorm.unfreeze(model, calibration=johns_chips[2]).calibration
+    report = calibrate.unfreeze(model, calibration=johns_chips[2]).calibration
     path = tmp_path_factory.mktemp("unfreeze") / "face_trainable_calibrated.dat"
     fmt.save(model, path)
     return path, report
@@ -136,12 +145,12 @@ def calibrated_face_model(tmp_path_factory, face_model_path, johns_chips):
 def frozen(face_model_path):
     """The torch port, deployed (affine) form; one per test module, so modules cannot
     disturb each other through train()/eval() or edits."""
-    from dlibbridge import convert
+    from dlibbridge.port import convert
     return convert.to_torch(face_model_path)
 
 
 @pytest.fixture(scope="module")
 def trainable(face_model_path):
     """The torch port, trainable (batch-norm) form; one per test module."""
-    from dlibbridge import convert
+    from dlibbridge.port import convert
     return convert.to_torch(face_model_path, trainable=True)

@@ -1,6 +1,6 @@
 """NumPy reference implementations of dlib's DNN layer semantics, for the port's tests.
 
-Written from ../shared/docs/dlib-format.md §6–7 only — independently of ``dlibbridge.arch``
+Written from ../shared/docs/dlib-format.md §6–7 only — independently of ``dlibbridge.port.arch``
 (no torch here) — in the spirit of ONNX's backend tests: each quirky op gets a plain,
 loop-level-obvious implementation that the torch modules are checked against.  Arithmetic is
 float64 unless a function reproduces one of dlib's float32 computations bit for bit (those
@@ -118,7 +118,7 @@ def affine_from_bn(gamma, beta, running_mean, running_var, eps):
     """dlib's bn_ → affine_ conversion, ``affine_(const bn_&)`` in dlib/dnn/layers.h:
     g = gamma / sqrt(running_var + float(eps)), b = beta − g·running_mean, in float32.
     (dlib-format.md §6.7 says the sum is taken in double: that is dlib's bn inference kernel,
-    not this conversion; tests/test_unfreeze.py shows the float sum is what dlib loads.)"""
+    not this conversion; tests/test_codec_rewrite.py shows the float sum is what dlib loads.)"""
     f32 = np.float32
     gamma, beta = np.asarray(gamma, f32), np.asarray(beta, f32)
     rm, rv = np.asarray(running_mean, f32), np.asarray(running_var, f32)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import dlib
-from dlibbridge import batchnorm, convert
+from dlibbridge.codec import rewrite
+from dlibbridge.port import convert
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]   # builds dlib (~3 CPU-min), then ~2 CPU-min
 
@@ -106,7 +107,7 @@ def test_trained_file_deploys_through_freeze_to_dlib_and_the_torch_port(dlib_ora
     chips = chips[::5]
     want = dlib_oracle.embed(trained.output, chips, "anet")     # dlib's `anet_type a = net;`
     frozen = tmp_path / "deployed.dat"
-    batchnorm.freeze_file(trained.output, frozen)
+    rewrite.freeze_file(trained.output, frozen)
     got = np.array(dlib.face_recognition_model_v1(str(frozen)).compute_face_descriptor(list(chips)))
     np.testing.assert_array_equal(got, want)                    # freeze == dlib's conversion, bit for bit
     np.testing.assert_array_equal(dlib_oracle.embed(frozen, chips, "anet-file"), want)

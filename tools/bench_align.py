@@ -2,7 +2,7 @@
 """Speed of the face data pipeline, against dlib itself in the same run.
 
 1. Photos/s: dlib's own loop (load_rgb_image → HOG detector → 5-point landmarks →
-   get_face_chip, nothing written) vs ``dlibbridge.align`` with 1 process and with all cores
+   get_face_chip, nothing written) vs ``dlibbridge.data.align`` with 1 process and with all cores
    (which also hashes, writes PNG chips atomically, journals and writes the manifest), and a
    rerun of a finished folder (resume check only).
 2. Chips/s for training input: decoding the PNG chips vs reading the packed store (random
@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlibbridge import assets  # noqa: E402
-from dlibbridge.align import AlignSettings, align, center_box, default_jobs, frontal_face_detector  # noqa: E402
-from dlibbridge.data import ChipDataset, ChipStore, PKBatchSampler, pack, read_image  # noqa: E402
+from dlibbridge.data.align import AlignSettings, align, center_box, default_jobs, frontal_face_detector  # noqa: E402
+from dlibbridge.data.store import ChipDataset, ChipStore, PKBatchSampler, pack  # noqa: E402
+from dlibbridge.data.images import read_image  # noqa: E402
 
 
 def subset(celeba: Path, n: int, seed: int, dest: Path) -> list[Path]:

@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from dlibbridge import arch, assets, convert  # noqa: E402
+from dlibbridge import assets  # noqa: E402
+from dlibbridge.port import arch, convert, export  # noqa: E402
 
 CPU_VARIANTS = ("eager", "nchw", "folded", "jit_onednn", "compile", "onnxruntime")
 CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
     onnx_path = None
     if "onnxruntime" in variants:
         onnx_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_embed_{os.getpid()}.onnx"
-        convert.export_onnx(base, onnx_path)
+        export.export_onnx(base, onnx_path)
     try:
         for name in variants:
             for b in batch_sizes:

@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dlibbridge.augment import degrade  # noqa: E402
-from dlibbridge.data import ChipStore, pack  # noqa: E402
-from dlibbridge.metrics import kfold_accuracy, pair_distances, tar_at_far, accuracy_at  # noqa: E402
-from dlibbridge.pairs import generate_pairs  # noqa: E402
+from dlibbridge.data.augment import degrade  # noqa: E402
+from dlibbridge.data.store import ChipStore, pack  # noqa: E402
+from dlibbridge.eval.metrics import kfold_accuracy, pair_distances, tar_at_far, accuracy_at  # noqa: E402
+from dlibbridge.eval.pairs import generate_pairs  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 
@@ -53,7 +53,7 @@ SHARED = REPO.parent / "shared"
 def aligned_chips(args) -> Path:
     if args.chips:
         return Path(args.chips)
-    from dlibbridge.align import align
+    from dlibbridge.data.align import align
     out = Path(args.work) / "aligned"
     align(args.photos, out, progress=True)
     return out
@@ -113,8 +113,8 @@ def dlib_trainer_speed(store: ChipStore, p: int, k: int, steps: int, work: Path)
     """Images/s of dlib's own dnn_trainer (oracle) on P×K batches of the train chips."""
     sys.path.insert(0, str(REPO / "tools" / "dlib_oracle"))
     from driver import DlibOracle
-    from dlibbridge.convert import to_dlib
-    from dlibbridge.train import load_base_model
+    from dlibbridge.port.convert import to_dlib
+    from dlibbridge.train.loop import load_base_model
     start = work / "trainable_start.dat"
     if not start.is_file():
         to_dlib(load_base_model(None), start, trainable=True)
@@ -136,7 +136,8 @@ def dlib_trainer_speed(store: ChipStore, p: int, k: int, steps: int, work: Path)
 
 
 def finetune_run(name: str, train_store: ChipStore, args, extra: dict) -> tuple[Path, dict]:
-    from dlibbridge.train import FinetuneConfig, finetune
+    from dlibbridge.train.config import FinetuneConfig
+    from dlibbridge.train.loop import finetune
     run = Path(args.work) / f"run-{name}"
     summary_path = run / "summary.json"
     if summary_path.is_file():
@@ -196,8 +197,8 @@ def main() -> int:
     print(f"train: {len(train_people)} people, {len(train_store)} chips; test: {len(test_names)} people, "
           f"{len(test_store)} chips, {args.pairs} 10-fold pairs", file=sys.stderr)
 
-    from dlibbridge.convert import load_torch
-    from dlibbridge.train import load_base_model
+    from dlibbridge.port.checkpoint import load_torch
+    from dlibbridge.train.loop import load_base_model
     models = {"base (dlib)": (load_base_model(None), None, None)}
     runs = {"clean": {}, "camera": {"degrade": "gray=0.5,lowres=0.5"}}
     for name, extra in runs.items():

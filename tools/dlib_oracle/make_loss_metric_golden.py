@@ -1,7 +1,7 @@
 """Write tests/data/loss_metric_golden.npz: loss value and gradient of dlib's own C++
 ``loss_metric_::compute_loss_value_and_gradient`` (via dlib_oracle) on seeded cases.
 
-Why a committed golden file: the loss port's test (tests/test_losses.py) must check against
+Why a committed golden file: the loss port's test (tests/test_train_losses.py) must check against
 dlib's C++ without building the oracle in every run.  Re-run this script to regenerate it
 (deterministic: fixed seeds, dlib's CPU code); the test suite also re-derives a few cases
 live from the oracle (tests/test_oracle.py) so the file cannot silently go stale.

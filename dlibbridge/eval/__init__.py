@@ -1,0 +1,1 @@
+"""Evaluation: embedders and their cache, LFW-style pairs, verification metrics, reports, ``embed``."""

@@ -1,0 +1,151 @@
+"""``dlibbridge embed``: a folder of aligned chips → ``OUT.npz`` of descriptors.
+
+The engines (dlib .dat through the torch port or dlib itself, dlibbridge checkpoints,
+TorchScript, ONNX) are :mod:`dlibbridge.eval.evaluate`'s embedders; images are decoded by
+:func:`dlibbridge.data.images.read_image` (dlib's own JPEG decoder, so a chip gives the descriptor
+dlib's pipeline would).  A chip that is not exactly 150×150 or cannot be read is listed with
+its reason and left out — never resized, since a resized chip is a different face to the
+network.
+
+Long runs are resumable: progress goes to ``OUT.partial.npz`` every few batches and a rerun
+with the same model and image list continues from there.  ``OUT.npz`` is written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..codec.tree import sha256_file, write_atomic
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
+CHIP_SHAPE = (150, 150, 3)
+SAVE_EVERY_S = 30.0
+
+
+class EmbedError(ValueError):
+    pass
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    resumed_from: int = 0
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Image files below ``root`` (recursive, hidden entries skipped), as sorted POSIX paths
+    relative to ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EmbedError(f"{root} is not a folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _read_chip(path: Path) -> np.ndarray:
+    from ..data.images import read_image
+    rgb = read_image(path).rgb
+    if rgb.shape != CHIP_SHAPE:
+        raise ValueError(f"wrong size: {rgb.shape[1]}x{rgb.shape[0]}, an aligned chip is "
+                         f"{CHIP_SHAPE[1]}x{CHIP_SHAPE[0]} (align with `dlibbridge align`)")
+    return rgb
+
+
+def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([sha256_file(model), engine, files]).encode())
+    return h.hexdigest()
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLike, *,
+                 batch_size: int = 64, device: str = "cpu", engine: str = "torch",
+                 progress: bool = True) -> EmbedResult:
+    """Embed every chip below ``images_dir`` with ``model``; see the module docstring."""
+    from tqdm import tqdm
+
+    from ..data.images import ImageReadError
+    from .embedders import ModelSpec, make_embedder
+
+    if batch_size < 1:
+        raise EmbedError("batch size must be at least 1")
+    images_dir, out = Path(images_dir), Path(out)
+    spec = ModelSpec.parse(model, engine)
+    if out.resolve() == spec.path.resolve():
+        raise EmbedError(f"refusing to write the output over the model {spec.path}")
+    files = list_images(images_dir)
+    if not files:
+        raise EmbedError(f"no images found below {images_dir}")
+    embedder = make_embedder(spec, device=device, batch_size=batch_size)
+
+    fp = _fingerprint(spec.path, spec.engine, files)
+    partial = out.with_name(out.name + ".partial.npz")
+    done, kept, embs, skipped = 0, [], [], []
+    if partial.is_file():
+        try:
+            with np.load(partial, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == fp:
+                    done = int(z["done"])
+                    kept = z["paths"].tolist()
+                    embs = [z["embeddings"]]
+                    skipped = [tuple(x) for x in z["skipped"].tolist()]
+        except (OSError, ValueError, KeyError):
+            done = 0   # unreadable partial progress: start over
+    resumed_from = done
+
+    def checkpoint(n: int) -> None:
+        _save_npz(partial, fingerprint=np.array(fp), done=np.array(n), paths=np.array(kept, dtype=str),
+                  embeddings=np.concatenate(embs) if embs else np.zeros((0, 128), np.float32),
+                  skipped=np.array(skipped, dtype=str).reshape(-1, 2))
+
+    last_save = time.monotonic()
+    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        for start in range(done, len(files), batch_size):
+            batch_paths, chips = [], []
+            for rel in files[start:start + batch_size]:
+                try:
+                    chips.append(_read_chip(images_dir / rel))
+                    batch_paths.append(rel)
+                except (ImageReadError, ValueError) as e:
+                    skipped.append((rel, str(e)))
+            if chips:
+                embs.append(embedder.embed(np.stack(chips)))
+                kept.extend(batch_paths)
+            done = min(start + batch_size, len(files))
+            bar.update(done - start)
+            if time.monotonic() - last_save > SAVE_EVERY_S and done < len(files):
+                checkpoint(done)
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+    if not kept:
+        raise EmbedError(f"none of the {len(files)} images below {images_dir} could be embedded "
+                         f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
+    _save_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
+              skipped_paths=np.array([p for p, _ in skipped], dtype=str),
+              skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+    if partial.exists():
+        partial.unlink()
+    return EmbedResult(out, kept, skipped, resumed_from)

@@ -1,0 +1,375 @@
+"""``dlibbridge evaluate``: models side by side on LFW-style pairs and identity folders.
+
+Pipeline: pairs (:mod:`dlibbridge.eval.pairs`, read or generated) → chips (already aligned, or
+through the alignment pipeline :mod:`dlibbridge.data.align`) → descriptors from each model
+(dlib's own package or the torch port, cached per model) → metrics
+(:mod:`dlibbridge.eval.metrics`) → ``results.json`` (schema in docs/evaluation.md); the report
+is drawn from the returned :class:`Evaluation` by :mod:`dlibbridge.eval.report`.
+
+Why both engines: ``--engine dlib`` runs dlib's own ``compute_face_descriptor``, the torch
+port runs ``dlibbridge.to_torch``; the same pairs through both must give the same numbers,
+which is the port's end-to-end proof.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..codec.tree import sha256_file, write_atomic
+from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
+from .embedders import Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, make_embedder
+from .pairs import PairSet, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
+
+CHIP_SIZE = 150               # dlib's face ResNet input (input_rgb_image_sized<150>)
+EMBED_DIM = 128               # dlib's descriptor; fine-tuned exports keep it (heads are training-only)
+RESULTS_SCHEMA_VERSION = 1
+
+
+# ============================================================================ chips
+
+class ChipSource:
+    """Image file → the 150x150 chip dlib's network sees, and how it was obtained.
+
+    Files that are already 150x150 are taken as chips (an aligned data set such as
+    ``dlibbridge align``'s output or dlib's johns).  Anything else goes through the
+    alignment pipeline, :func:`dlibbridge.data.align.align` — dlib's detector, 5-point landmarks
+    and ``get_face_chip`` — run once over the whole data folder (all cores, resumable) the
+    first time a chip is needed, its chips kept in ``chips_dir`` for later runs and models.
+
+    Status strings: ``chip``, ``detected``, ``fallback`` (no face found; the central box
+    of ``--fallback center``, meant for pre-cropped sets like LFW) or ``failed:<reason>``.
+    """
+
+    def __init__(self, data_root: Path, chips_dir: Path | None, detector: str = "hog", upsample: int = 1,
+                 multi: str = "center", fallback: str | None = "center", jobs: int | None = None,
+                 progress: bool = True):
+        from ..data.align import AlignSettings
+        self.data_root = Path(data_root)
+        self.settings = AlignSettings(detector=detector, upsample=upsample, multi=multi, fallback=fallback)
+        self.jobs, self.progress = jobs, progress
+        self.chips_dir = None if chips_dir is None else Path(chips_dir)   # None: a temporary folder
+        self._tmp = None
+        self._aligned: dict[str, tuple[str, str]] | None = None   # source rel → (chip rel, status)
+
+    def cache_tag(self) -> str:
+        """Names everything that changes a raw photo's chip, for the descriptor cache."""
+        s = self.settings
+        return f"{s.detector}-up{s.upsample}-{s.multi}-{s.fallback or 'nofallback'}"
+
+    @classmethod
+    def in_cache(cls, data_root: Path, cache_dir: Path | None, **kw) -> "ChipSource":
+        """Chips kept under ``cache_dir/chips/<folder>-<path hash>-<settings>`` (a fresh
+        temporary folder without a cache)."""
+        src = cls(data_root, None, **kw)
+        if cache_dir is not None:
+            root = Path(data_root).resolve()
+            h = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+            src.chips_dir = Path(cache_dir) / "chips" / f"{root.name}-{h}-{src.cache_tag()}"
+        return src
+
+    @staticmethod
+    def _is_chip_sized(path: Path) -> bool:
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                return im.size == (CHIP_SIZE, CHIP_SIZE)
+        except Exception:                  # unreadable: the alignment pipeline reports why
+            return False
+
+    def _align_all(self) -> dict[str, tuple[str, str]]:
+        from ..data.align import align, read_manifest
+        if self.chips_dir is None:
+            import tempfile
+            self._tmp = tempfile.TemporaryDirectory(prefix="dlibbridge-chips-")
+            self.chips_dir = Path(self._tmp.name)
+        self.chips_dir.mkdir(parents=True, exist_ok=True)
+        align(self.data_root, self.chips_dir, self.settings, jobs=self.jobs, progress=self.progress)
+        first: dict[str, dict] = {}       # one chip per photo under the center/largest policies
+        for r in read_manifest(self.chips_dir / "manifest.csv"):
+            first.setdefault(r["source"], r)
+
+        def outcome(r: dict) -> tuple[str, str]:
+            if r["status"] == "duplicate":      # same bytes as another photo: same chip
+                r = first.get(r["duplicate_of"], r)
+            if r.get("chip") and r["status"] in ("ok", "fallback"):
+                return r["chip"], "detected" if r["status"] == "ok" else "fallback"
+            return "", f"failed:{r.get('reason') or r['status']}"
+        return {src: outcome(r) for src, r in first.items()}
+
+    def prepare(self, paths: Sequence[Path]) -> None:
+        """Run the alignment now if any of ``paths`` needs it (so its progress bar is not
+        nested inside the caller's)."""
+        if self._aligned is None and not all(self._is_chip_sized(Path(p)) for p in paths):
+            self._aligned = self._align_all()
+
+    def __call__(self, path: Path) -> tuple[np.ndarray | None, str]:
+        from ..data.images import ImageReadError, read_image
+        path = Path(path)
+        if self._is_chip_sized(path):
+            try:
+                return read_image(path).rgb, "chip"
+            except ImageReadError as e:
+                return None, f"failed:{e.reason}"
+        if self._aligned is None:
+            self._aligned = self._align_all()
+        rel = path.relative_to(self.data_root).as_posix()
+        chip_rel, status = self._aligned.get(rel, ("", "failed:not_aligned"))
+        if not chip_rel:
+            return None, status
+        try:
+            chip = read_image(self.chips_dir / chip_rel).rgb
+        except ImageReadError as e:
+            return None, f"failed:chip_{e.reason}"
+        if chip.shape != (CHIP_SIZE, CHIP_SIZE, 3):
+            return None, "failed:chip_size"
+        return chip, status
+
+
+# ============================================================================ evaluation
+
+@dataclass
+class EvalConfig:
+    """Everything ``dlibbridge evaluate`` takes; defaults are the protocol's."""
+    models: list[ModelSpec]
+    data: Path
+    pairs: Path | None = None
+    gen_pairs: int | None = None
+    n_folds: int = 10
+    seed: int = 0
+    report: Path | None = None
+    json_path: Path | None = None
+    flip: bool = False
+    jitter: int = 0
+    identification: bool = True
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
+    detector: str = "hog"
+    upsample: int = 1
+    multi: str = "center"
+    fallback: str | None = "center"
+    jobs: int | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    progress: bool = True
+
+
+def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[PairSet, Path | None]:
+    """Read ``--pairs``, or generate ``--gen-pairs N`` and save it (to ``--pairs`` when
+    given, else beside results.json).  An existing file is reused only if it is exactly
+    what this seed generates; otherwise we refuse rather than overwrite someone's pairs."""
+    if cfg.gen_pairs is None:
+        if cfg.pairs is None:
+            raise ValueError("give --pairs FILE (LFW pairs.txt format) or --gen-pairs N")
+        return read_pairs(cfg.pairs), cfg.pairs
+    ps = generate_pairs(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
+    out = cfg.pairs or results_path(cfg).with_name(f"pairs-{cfg.gen_pairs}-seed{cfg.seed}.txt")
+    text = format_pairs(ps)
+    if out.exists():
+        if out.read_text(encoding="utf-8", errors="replace") != text:
+            raise FileExistsError(f"{out} exists and differs from the pairs --gen-pairs {cfg.gen_pairs} "
+                                  f"--seed {cfg.seed} makes; drop --gen-pairs to evaluate on it, or pick another path")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, text.encode("utf-8"))
+    return ps, out
+
+
+def results_path(cfg: EvalConfig) -> Path:
+    if cfg.json_path is not None:
+        return cfg.json_path
+    return (cfg.report if cfg.report is not None else Path.cwd()) / "results.json"
+
+
+def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loader: ChipSource,
+                       cache_dir: Path | None, batch_size: int = 64, progress: bool = True,
+                       save_every_s: float = 60.0) -> tuple[list[np.ndarray], list[str]]:
+    """Descriptors of every image for every model (NaN rows where no chip could be made)
+    and each image's chip status.  Each image is read and aligned once for all models
+    that lack it in their cache; caches are saved every ``save_every_s`` seconds and on
+    exit, so an interrupted run picks up where it stopped."""
+    import time
+    from tqdm import tqdm
+    keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
+                                         leave=False)]
+    tag = loader.cache_tag()
+    caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
+              for e in embedders]
+    todo = sorted({i for i, k in enumerate(keys) for c in caches if k not in c})
+    loader.prepare([paths[i] for i in todo])
+    last_save = time.monotonic()
+    try:
+        with tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo) as bar:
+            for s in range(0, len(todo), batch_size):
+                idx = [i for i in todo[s:s + batch_size] if any(keys[i] not in c for c in caches)]
+                loaded = [loader(paths[i]) for i in idx]
+                ok = [j for j, (chip, _) in enumerate(loaded) if chip is not None]
+                chips = np.stack([loaded[j][0] for j in ok]) if ok else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+                for emb, cache in zip(embedders, caches):
+                    need = [j for j in ok if keys[idx[j]] not in cache]
+                    vecs = emb.embed(chips[[ok.index(j) for j in need]]) if need else []
+                    for j, v in zip(need, vecs):
+                        cache.put(keys[idx[j]], v, loaded[j][1])
+                    for j, (chip, status) in enumerate(loaded):
+                        if chip is None and keys[idx[j]] not in cache:
+                            cache.put(keys[idx[j]], None, status)
+                bar.update(len(todo[s:s + batch_size]))
+                if time.monotonic() - last_save > save_every_s:
+                    for c in caches:
+                        c.save()
+                    last_save = time.monotonic()
+    finally:
+        for c in caches:
+            c.save()
+    out = [np.stack([c.emb[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM), np.float32) for c in caches]
+    return out, [caches[0].status[k] for k in keys] if caches else []
+
+
+@dataclass
+class ModelOutcome:
+    """One model's results.json entry plus the per-pair arrays the report draws from
+    (only pairs whose two images produced a descriptor)."""
+    spec: ModelSpec
+    metrics: dict
+    dist: np.ndarray
+    same: np.ndarray
+    decided_same: np.ndarray
+    pair_paths: list[tuple[Path, Path]]
+
+
+@dataclass
+class Evaluation:
+    results: dict
+    outcomes: list[ModelOutcome]
+    loader: ChipSource
+    results_file: Path
+    image_status: dict[Path, str] = field(default_factory=dict)   # how each image's chip was made
+
+
+def _model_entry(spec: ModelSpec, emb: np.ndarray, i1, i2, same, folds, pair_paths, ident) -> ModelOutcome:
+    valid = np.isfinite(emb[i1]).all(1) & np.isfinite(emb[i2]).all(1)
+    if valid.sum() == 0:
+        raise ValueError(f"{spec.name}: no pair has descriptors for both images (did alignment fail everywhere?)")
+    dist = pair_distances(emb[i1[valid]], emb[i2[valid]])
+    s, f = same[valid], folds[valid]
+    multi = len(np.unique(f)) >= 2
+    m = {"name": spec.name, "path": str(spec.path), "engine": spec.engine, "sha256": sha256_file(spec.path)}
+    m.update(verification_metrics(dist, s, f if multi else None))
+    m["skipped_pairs"] = int((~valid).sum())
+    decided = kfold_decisions(dist, s, f) if multi else dist < m["best_threshold"]
+    if ident is not None:
+        rows, labels = ident
+        ok = np.isfinite(emb[rows]).all(1)
+        e, lab = emb[rows[ok]], labels[ok]
+        m["identification"] = {**rank1_identification(e, lab), "clustering": clustering_metrics(e, lab)}
+    else:
+        m["identification"] = None
+    paths = [pp for pp, v in zip(pair_paths, valid) if v]
+    return ModelOutcome(spec, m, dist, s, decided, paths)
+
+
+def _status_counts(status: Sequence[str]) -> dict:
+    out = {"total": len(status), "chip": 0, "detected": 0, "fallback": 0, "failed": 0}
+    for st in status:
+        kind = st.split(":", 1)[0]
+        out[kind if kind in out else "failed"] += 1
+    return out
+
+
+def run(cfg: EvalConfig) -> Evaluation:
+    """The whole ``dlibbridge evaluate``: pairs, alignment, descriptors (cached), metrics,
+    results.json.  The report is drawn separately from the returned Evaluation."""
+    import datetime
+    from .. import __version__
+    if not cfg.models:
+        raise ValueError("no model to evaluate")
+    identities = scan_identities(cfg.data)
+    ps, pairs_file = load_pairs_for(cfg, identities)
+    pair_paths = resolve_pairs(ps, cfg.data, identities)
+    images = {p for ab in pair_paths for p in ab}
+    if cfg.identification:
+        images |= {Path(cfg.data) / n / f for n, files in identities.items() for f in files}
+    images = sorted(images)
+    index = {p: i for i, p in enumerate(images)}
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in cfg.models]
+    loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
+                                 multi=cfg.multi, fallback=cfg.fallback, jobs=cfg.jobs, progress=cfg.progress)
+    embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
+                                      cfg.batch_size, cfg.progress)
+
+    i1 = np.array([index[a] for a, _ in pair_paths], np.int64)
+    i2 = np.array([index[b] for _, b in pair_paths], np.int64)
+    same = np.array([p.same for p in ps.pairs()], bool)
+    folds = ps.fold_ids()
+    ident = None
+    if cfg.identification:
+        rows = np.array([index[Path(cfg.data) / n / f] for n, files in identities.items() for f in files], np.int64)
+        labels = np.array([n for n, files in identities.items() for _ in files])
+        ident = (rows, labels)
+    outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(cfg.models, embs)]
+
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "dlibbridge_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data": str(cfg.data),
+        "pairs": {"file": None if pairs_file is None else str(pairs_file), "n_folds": ps.n_folds,
+                  "per_fold": ps.per_fold, "n_pairs": len(pair_paths),
+                  "generated": None if cfg.gen_pairs is None else {"n": cfg.gen_pairs, "seed": cfg.seed}},
+        "options": {"flip": cfg.flip, "jitter": cfg.jitter, "detector": cfg.detector, "upsample": cfg.upsample,
+                    "multi": cfg.multi, "fallback": cfg.fallback, "threshold_fixed": DLIB_THRESHOLD,
+                    "far_targets": [far_key(f) for f in FAR_TARGETS]},
+        "images": _status_counts(status),
+        "models": [o.metrics for o in outcomes],
+    }
+    out = results_path(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (json.dumps(_jsonable(results), indent=2) + "\n").encode("utf-8"))
+    return Evaluation(results, outcomes, loader, out, dict(zip(images, status)))
+
+
+def _jsonable(x):
+    """JSON has no inf/nan: such values become null (TAR@FAR threshold when every
+    impostor may be accepted, metrics undefined for a degenerate set)."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.3f}"
+
+
+def format_table(results: dict) -> str:
+    """The terminal summary: one row per model, percentages."""
+    head = ["model", f"acc {results['pairs']['n_folds']}-fold", "acc@0.6", "AUC", "EER", "TAR@1e-3", "TAR@1e-4", "best thr", "rank-1", "purity",
+            "clusters/ids"]
+    rows = []
+    for m in results["models"]:
+        acc = "-" if m["accuracy"] is None else f"{_pct(m['accuracy'])} ± {_pct(m['accuracy_std'])}"
+        idn = m.get("identification") or {}
+        cl = idn.get("clustering") or {}
+        rows.append([m["name"], acc, _pct(m["accuracy_at_0.6"]), f"{m['auc']:.5f}", _pct(m["eer"]),
+                     _pct(m["tar_at_far"].get("1e-3")), _pct(m["tar_at_far"].get("1e-4")),
+                     f"{m['best_threshold']:.4f}", _pct(idn.get("rank1")), _pct(cl.get("purity")),
+                     f"{cl['n_clusters']}/{cl['n_identities']}" if cl else "-"])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    n = results["pairs"]["n_pairs"]
+    notes = [f"{n} pairs in {results['pairs']['n_folds']} fold(s); accuracies, EER and TAR in %"]
+    for m in results["models"]:
+        if m["skipped_pairs"]:
+            notes.append(f"{m['name']}: {m['skipped_pairs']} pair(s) skipped (an image gave no face chip)")
+        coarse = [k for k, d in m["tar_at_far_details"].items() if d["far_resolution"] > float(k)]
+        if coarse:
+            notes.append(f"{m['name']}: {m['n_different']} impostor pairs cannot resolve FAR "
+                         f"{' or '.join(coarse)}; TAR@{'/'.join(coarse)} is TAR at FAR=0")
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + notes)

@@ -1,0 +1,1 @@
+"""Fine-tuning: configuration, losses, the training loop, run-directory records, distributed helpers."""

@@ -1,0 +1,87 @@
+"""A run directory's records: per-step and per-validation logs (CSV and JSON), curves, atomic torch saves."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..codec.tree import write_atomic
+
+
+STEP_FIELDS = ["step", "epoch", "loss", "task_loss", "distill_loss", "lr", "images_per_s", "elapsed_s"]
+
+
+def _write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _csv_bytes(rows: list[dict], fields: list[str]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue().encode()
+
+
+def write_logs(run_dir: Path, steps: list[dict], vals: list[dict]) -> None:
+    """log.csv, val.csv, log.json and curves.png, each replaced atomically."""
+    write_atomic(run_dir / "log.csv", _csv_bytes(steps, STEP_FIELDS))
+    val_fields = ["step", "epoch"] + sorted({k for v in vals for k in v} - {"step", "epoch"})
+    write_atomic(run_dir / "val.csv", _csv_bytes(vals, val_fields))
+    _write_json(run_dir / "log.json", {"steps": steps, "validation": vals})
+    plot_curves(run_dir / "curves.png", steps, vals)
+
+
+def plot_curves(path: Path, steps: list[dict], vals: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if steps:
+        s = np.array([r["step"] for r in steps])
+        loss = np.array([r["loss"] for r in steps], float)
+        axes[0].plot(s, loss, lw=0.6, alpha=0.4, label="loss")
+        win = max(1, len(loss) // 50)
+        if win > 1:
+            sm = np.convolve(loss, np.ones(win) / win, mode="valid")
+            axes[0].plot(s[win - 1:], sm, lw=1.5, label=f"mean of {win}")
+        axes[0].set_title("training loss")
+        axes[0].legend()
+        axes[1].plot(s, [r["lr"] for r in steps])
+        axes[1].set_title("learning rate")
+        axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if vals:
+        vs = [v["step"] for v in vals]
+        for key in ("tar@far", "accuracy", "auc"):
+            if key in vals[0]:
+                axes[2].plot(vs, [v[key] for v in vals], marker="o",
+                             label=f"TAR@FAR={vals[0]['far']:g}" if key == "tar@far" else key)
+        axes[2].set_title("held-out identities")
+        axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def save_torch_atomic(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())

@@ -1,0 +1,72 @@
+"""eval.embed (``dlibbridge embed``): descriptors of a folder of chips, resumable, matching dlib."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dlibbridge import cli
+from dlibbridge.eval import embed
+from parity import ATOL
+
+
+@pytest.fixture
+def chip_folder(tmp_path, johns_dir, shared_dir):
+    """Eight johns chips in two sub-folders plus a wrong-sized photo and a non-image."""
+    root = tmp_path / "chips"
+    files = sorted(johns_dir.glob("*/*.jpg"))[:8]
+    for f in files:
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / f.parent.name / f.name).symlink_to(f)
+    (root / "zz").mkdir()
+    (root / "zz" / "dogs.jpg").symlink_to(shared_dir / "data" / "faces" / "dogs.jpg")
+    (root / "zz" / "notes.png").write_bytes(b"not an image")
+    return root, [f.relative_to(johns_dir).as_posix() for f in files]
+
+
+def test_cli_embed_reports_bad_images_and_matches_dlib(chip_folder, face_model_path, dlib_descriptors,
+                                                       johns_chips, tmp_path, capsys):
+    root, rel = chip_folder
+    out = tmp_path / "emb.npz"
+    assert cli.main(["embed", str(face_model_path), str(root), "-o", str(out), "--batch-size", "3", "-q"]) == 0
+    z = np.load(out)
+    assert z["paths"].tolist() == rel
+    assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape == (8, 128)
+    idx = [johns_chips[0].index(p) for p in rel]
+    assert np.abs(z["embeddings"] - dlib_descriptors[idx]).max() <= ATOL
+    assert z["skipped_paths"].tolist() == ["zz/dogs.jpg", "zz/notes.png"]
+    assert "wrong size" in z["skipped_reasons"][0] and "not_an_image" in z["skipped_reasons"][1]
+    err = capsys.readouterr().err
+    assert "skipped zz/dogs.jpg" in err and "skipped zz/notes.png" in err
+
+
+def test_embed_resumes_after_interruption(chip_folder, face_model_path, tmp_path, monkeypatch):
+    root, rel = chip_folder
+    full = embed.embed_folder(str(face_model_path), root, tmp_path / "full.npz", batch_size=3, progress=False)
+    out = tmp_path / "emb.npz"
+    monkeypatch.setattr(embed, "SAVE_EVERY_S", 0.0)
+    calls = {"n": 0}
+    real = embed._read_chip
+
+    def interrupted(path):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(embed, "_read_chip", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_folder(str(face_model_path), root, out, batch_size=3, progress=False)
+    assert not out.exists() and out.with_name("emb.npz.partial.npz").exists()
+    monkeypatch.setattr(embed, "_read_chip", real)
+    res = embed.embed_folder(str(face_model_path), root, out, batch_size=3, progress=False)
+    assert res.resumed_from == 6 and res.paths == full.paths == rel
+    np.testing.assert_array_equal(np.load(out)["embeddings"], np.load(tmp_path / "full.npz")["embeddings"])
+    assert not out.with_name("emb.npz.partial.npz").exists()
+
+
+def test_embed_refuses_empty_or_missing_folders(tmp_path, face_model_path):
+    with pytest.raises(embed.EmbedError, match="not a folder"):
+        embed.embed_folder(str(face_model_path), tmp_path / "missing", tmp_path / "o.npz", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(embed.EmbedError, match="no images"):
+        embed.embed_folder(str(face_model_path), tmp_path / "empty", tmp_path / "o.npz", progress=False)

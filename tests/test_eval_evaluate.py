@@ -1,0 +1,220 @@
+"""Evaluation: pairs files, metrics with known answers (cross-checked against scikit-learn),
+identification, engines, the cache, the report, and the end-to-end proof that dlib's own
+package and the torch port give the same numbers on aligned celeba-dev photos."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlibbridge.eval import embedders as emb
+from dlibbridge.eval import evaluate as ev
+from dlibbridge.eval import pairs as pr
+
+
+
+
+
+# ---------------------------------------------------------------------------- pairs files
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- metrics, known answers
+
+# same-person distances 0.1 0.2 0.3 0.7; different-person 0.5 0.8 0.9 1.0
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- identification
+
+
+
+
+
+# ---------------------------------------------------------------------------- engines and cache
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def _subset(src: Path, dst: Path, n_ids: int, per_id: int) -> Path:
+    """The first ``n_ids`` identities with >= per_id photos, ``per_id`` photos each (copied:
+    the alignment pipeline works on a whole folder)."""
+    taken = 0
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(d.glob("*.jpg"))
+        if len(files) >= per_id:
+            (dst / d.name).mkdir(parents=True)
+            for f in files[:per_id]:
+                shutil.copy(f, dst / d.name / f.name)
+            taken += 1
+            if taken == n_ids:
+                return dst
+    raise AssertionError("not enough identities")
+
+
+@pytest.fixture(scope="module")
+def celeba_eval(shared_dir, tmp_path_factory):
+    """300 generated pairs (10 folds) over 20 celeba-dev identities x 6 loose crops, aligned
+    by the pipeline, embedded by dlib's package and by the torch port in one run."""
+    tmp = tmp_path_factory.mktemp("celeba")
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp / "data", 20, 6)
+    cfg = ev.EvalConfig(models=[emb.ModelSpec.parse("dlib:default"), emb.ModelSpec.parse("torch:default")],
+                        data=data, gen_pairs=300, seed=0, report=tmp / "report", cache_dir=tmp / "cache",
+                        jobs=2, progress=False)
+    return cfg, ev.run(cfg)
+
+
+def test_dlib_and_torch_port_give_the_same_numbers_on_celeba_dev(celeba_eval):
+    cfg, res = celeba_eval
+    assert res.results["images"]["total"] == 120
+    assert res.results["images"]["detected"] + res.results["images"]["fallback"] == 120
+    d, t = res.results["models"]
+    assert (d["engine"], t["engine"]) == ("dlib", "torch")
+    assert d["n_pairs"] == t["n_pairs"] == 300 and d["skipped_pairs"] == 0
+    assert d["accuracy"] < 1.0, "a test that cannot fail proves nothing: this set must have errors"
+    exact = ["accuracy", "accuracy_std", "accuracy_at_0.6", "accuracy_at_best_threshold", "auc", "eer", "tar_at_far"]
+    for k in exact:
+        assert d[k] == t[k], k                        # to the last digit
+    assert d["folds"]["accuracy"] == t["folds"]["accuracy"]
+    np.testing.assert_allclose(d["folds"]["threshold"], t["folds"]["threshold"], atol=1e-5)
+    for k in ("best_threshold", "eer_threshold"):
+        assert d[k] == pytest.approx(t[k], abs=1e-5)
+    assert d["identification"] == t["identification"] or (
+        d["identification"]["rank1"] == t["identification"]["rank1"]
+        and d["identification"]["clustering"]["n_clusters"] == t["identification"]["clustering"]["n_clusters"])
+    np.testing.assert_array_equal(res.outcomes[0].decided_same, res.outcomes[1].decided_same)
+    np.testing.assert_allclose(res.outcomes[0].dist, res.outcomes[1].dist, atol=1e-5)
+
+
+def test_results_json_schema(celeba_eval):
+    cfg, res = celeba_eval
+    on_disk = json.loads(res.results_file.read_text())
+    assert res.results_file == cfg.report / "results.json"
+    assert on_disk["schema_version"] == 1
+    assert on_disk["pairs"]["n_folds"] == 10 and on_disk["pairs"]["per_fold"] == 15
+    assert on_disk["pairs"]["generated"] == {"n": 300, "seed": 0}
+    assert Path(on_disk["pairs"]["file"]).is_file()       # generated pairs are kept for reuse
+    for m in on_disk["models"]:
+        for key in ("name", "accuracy", "accuracy_std", "accuracy_at_0.6", "auc", "eer", "eer_threshold",
+                    "best_threshold", "folds", "skipped_pairs", "identification"):
+            assert key in m
+        assert set(m["tar_at_far"]) == {"1e-3", "1e-4"}
+        assert len(m["folds"]["accuracy"]) == 10
+        assert m["accuracy"] == pytest.approx(np.mean(m["folds"]["accuracy"]))
+        assert set(m["identification"]) == {"rank1", "n_probes", "n_gallery", "clustering"}
+        assert m["identification"]["n_probes"] == 100
+
+
+def test_report_files(celeba_eval):
+    import cv2
+    from dlibbridge.eval.report import write_report
+    cfg, res = celeba_eval
+    html = write_report(res, cfg.report)
+    out = cfg.report
+    assert html == out / "report.html"
+    for name in ("roc.png", "distances.png"):
+        img = cv2.imread(str(out / name))
+        assert img is not None and img.shape[0] > 200 and img.shape[1] > 300
+    errors = sorted((out / "errors").rglob("*.png"))
+    assert errors, "the celeba subset has mistakes; they must be shown"
+    for f in errors:
+        img = cv2.imread(str(f))
+        assert img.shape == (150, 306, 3)                 # two chips and a gutter
+    md = (out / "report.md").read_text()
+    page = html.read_text()
+    for f in ["roc.png", "distances.png"] + [str(p.relative_to(out)) for p in errors]:
+        assert f"({f})" in md and f"src='{f}'" in page
+    assert "dlib_face_recognition_resnet_model_v1 [dlib]" in md and "dlib_face_recognition_resnet_model_v1 [torch]" in page
+
+
+def test_reusing_generated_pairs_and_refusing_to_overwrite(celeba_eval, tmp_path):
+    cfg, res = celeba_eval
+    pairs_file = Path(res.results["pairs"]["file"])
+    again = ev.run(ev.EvalConfig(models=[emb.ModelSpec.parse("torch:default")], data=cfg.data, pairs=pairs_file,
+                                 json_path=tmp_path / "r.json", cache_dir=cfg.cache_dir, progress=False,
+                                 identification=False))
+    assert again.results["models"][0]["accuracy"] == res.results["models"][1]["accuracy"]
+    assert again.results["models"][0]["identification"] is None
+    other = tmp_path / "mine.txt"
+    other.write_text("1\nA\t1\t2\nA\t1\tB\t1\n")
+    with pytest.raises(FileExistsError, match="differs"):
+        ev.run(ev.EvalConfig(models=[emb.ModelSpec.parse("torch:default")], data=cfg.data, pairs=other,
+                             gen_pairs=300, cache_dir=cfg.cache_dir, progress=False))
+    assert other.read_text() == "1\nA\t1\t2\nA\t1\tB\t1\n"
+
+
+def test_cli_evaluate_on_johns(tmp_path, johns_dir, capsys):
+    from dlibbridge.cli import main
+    rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "40", "--folds", "2",
+               "--json", str(tmp_path / "r.json"), "--pairs", str(tmp_path / "p.txt"),
+               "--cache", str(tmp_path / "cache"), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "acc 2-fold" in out and "dlib_face_recognition_resnet_model_v1 [torch]" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"] == {"total": 55, "chip": 55, "detected": 0, "fallback": 0, "failed": 0}
+    assert pr.read_pairs(tmp_path / "p.txt").n_folds == 2
+
+
+@pytest.mark.parametrize("model, extra, words", [
+    ("default", ["--pairs", "{bad}"], "bad.txt:1: header"),
+    ("default", [], "give --pairs FILE"),
+    ("default", ["--gen-pairs", "30"], "multiple of 20"),
+    ("default", ["--pairs", "{missing}"], "not found"),
+    ("default", ["--pairs", "{wrong_person}"], "John_Stockton"),
+    ("{garbage}", ["--pairs", "{good}", "--engine", "dlib"], "dlib cannot load"),
+    ("{garbage}", ["--pairs", "{good}"], "garbage.dat"),
+    ("{missing}", ["--pairs", "{good}"], "model file"),
+])
+def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, model, extra, words):
+    from dlibbridge.cli import main
+    files = {"bad": "hello\n", "good": "1\nJohn_Salley\t1\t2\nJohn_Salley\t1\tJohn_Savage\t1\n",
+             "wrong_person": "1\nJohn_Salley\t1\t2\nJohn_Salley\t1\tJohn_Stockton\t1\n",
+             "garbage": "\x01\x02 not a dlib network"}
+    paths = {k: tmp_path / (k + (".dat" if k == "garbage" else ".txt")) for k in list(files) + ["missing"]}
+    for k, text in files.items():
+        paths[k].write_text(text)
+    rc = main(["evaluate", model.format(**paths), "--data", str(johns_dir), "--no-cache", "-q",
+               "--json", str(tmp_path / "r.json")] + [a.format(**paths) for a in extra])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
