@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from .errors import DlibbridgeError
 
 FACE_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 LANDMARKS_5 = "shape_predictor_5_face_landmarks.dat"
 CNN_FACE_DETECTOR = "mmod_human_face_detector.dat"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(DlibbridgeError, FileNotFoundError):
     pass
 
 
@@ -52,6 +53,14 @@ def landmarks5_path() -> Path:
 
 def cnn_face_detector_path() -> Path:
     return model_path(CNN_FACE_DETECTOR)
+
+
+def resolve_model(spec: str | os.PathLike | None) -> Path:
+    """The model file a user named: None, "" or ``default`` (unless a file of that name
+    exists) is dlib's installed face model, anything else the path as given."""
+    if not spec or (os.fspath(spec) == "default" and not Path(spec).exists()):
+        return face_model_path()
+    return Path(spec)
 
 
 def default_output_path(model: os.PathLike | str, suffix: str) -> Path:

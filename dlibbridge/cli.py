@@ -10,9 +10,23 @@ import argparse
 import sys
 
 from .codec.tree import DlibFormatError
+from .assets import resolve_model
+from .errors import DlibbridgeError
 
 
-# ---- inspect (issue 2: the codec) -------------------------------------------------------------
+class UsageError(DlibbridgeError):
+    """Options that contradict each other or are out of range."""
+
+
+def _out_option(p, **kwargs) -> None:
+    """Every command names what it writes ``-o/--out``; ``--output`` (the older spelling of
+    pack, export and embed) stays accepted, unlisted."""
+    g = p.add_mutually_exclusive_group(required=kwargs.pop("required", False))
+    g.add_argument("-o", "--out", dest="out", **kwargs)
+    g.add_argument("--output", dest="out", metavar=kwargs.get("metavar"), help=argparse.SUPPRESS)
+
+
+# ---- inspect -------------------------------------------------------------
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the layers of a dlib DNN file")
@@ -26,7 +40,7 @@ def _run_inspect(args) -> int:
     return describe.main(args.file, as_json=args.json)
 
 
-# ---- align (issue 5: face data pipeline) ------------------------------------------------
+# ---- align ------------------------------------------------
 
 def _add_align(sub) -> None:
     p = sub.add_parser(
@@ -58,26 +72,18 @@ def _add_align(sub) -> None:
 def _run_align(args) -> int:
     from .data import align as al
     from .data.images import DEFAULT_MAX_PIXELS
-    try:
-        settings = al.AlignSettings(detector=args.detector, upsample=args.upsample, multi=args.multi,
-                                    fallback=args.fallback, decoder=args.decoder,
-                                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-        if args.jobs is not None and args.jobs < 1:
-            raise al.AlignError("--jobs must be at least 1")
-        summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
-                           progress=not args.quiet)
-    except al.AlignError as e:
-        print(f"dlibbridge align: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dlibbridge align: interrupted; finished photos are kept, run the same command "
-              "again to continue", file=sys.stderr)
-        return 130
+    settings = al.AlignSettings(detector=args.detector, upsample=args.upsample, multi=args.multi,
+                                fallback=args.fallback, decoder=args.decoder,
+                                max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
+                       progress=not args.quiet)
     print(al.format_summary(summary))
     return 0
 
 
-# ---- pack (issue 5: chip store) -------------------------------------------------------------
+# ---- pack -------------------------------------------------------------
 
 def _add_pack(sub) -> None:
     p = sub.add_parser(
@@ -86,22 +92,15 @@ def _add_pack(sub) -> None:
                     "per identity) -> STORE folder: chips.u8 (N x 150 x 150 x 3 uint8), labels.npy, "
                     "index.json. Resumable; the store appears only when complete.")
     p.add_argument("chips_dir", metavar="CHIPS_DIR")
-    p.add_argument("-o", "--output", required=True, metavar="STORE", help="store folder to create")
+    _out_option(p, required=True, metavar="STORE", help="store folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing STORE")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_pack)
 
 
 def _run_pack(args) -> int:
-    from .data.store import StoreError, pack
-    try:
-        store = pack(args.chips_dir, args.output, overwrite=args.overwrite, progress=not args.quiet)
-    except StoreError as e:
-        print(f"dlibbridge pack: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dlibbridge pack: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+    from .data.store import pack
+    store = pack(args.chips_dir, args.out, overwrite=args.overwrite, progress=not args.quiet)
     named = sum(1 for lab in store.labels if lab >= 0)
     print(f"{store.path}: {len(store)} chips, {len(store.identities)} identities "
           f"({named} chips with identity), {len(store.skipped)} files skipped"
@@ -109,7 +108,7 @@ def _run_pack(args) -> int:
     return 0
 
 
-# ---- evaluate (issue 7: evaluation and reports) --------------------------------------------
+# ---- evaluate --------------------------------------------
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
@@ -155,25 +154,21 @@ def _run_evaluate(args) -> int:
     from pathlib import Path
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
-    try:
-        for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
-            if v < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if args.jitter < 0 or (args.jobs is not None and args.jobs < 1):
-            raise ValueError("--jitter must be >= 0 and --jobs >= 1")
-        cfg = ev.EvalConfig(
-            models=[ModelSpec.parse(m, args.engine) for m in args.models], data=Path(args.data),
-            pairs=args.pairs and Path(args.pairs), gen_pairs=args.gen_pairs, n_folds=args.folds, seed=args.seed,
-            report=args.report and Path(args.report), json_path=args.json and Path(args.json), flip=args.flip,
-            jitter=args.jitter, identification=not args.no_identification,
-            cache_dir=None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir()),
-            detector=args.detector, upsample=args.upsample, multi=args.multi,
-            fallback=None if args.no_fallback else "center", jobs=args.jobs, device=args.device,
-            batch_size=args.batch_size, progress=not args.quiet)
-        evaluation = ev.run(cfg)
-    except (ValueError, FileExistsError, NotADirectoryError) as e:
-        print(f"dlibbridge evaluate: {e}", file=sys.stderr)
-        return 2
+    for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if args.jitter < 0 or (args.jobs is not None and args.jobs < 1):
+        raise UsageError("--jitter must be >= 0 and --jobs >= 1")
+    cfg = ev.EvalConfig(
+        models=[ModelSpec.parse(m, args.engine) for m in args.models], data=Path(args.data),
+        pairs=args.pairs and Path(args.pairs), gen_pairs=args.gen_pairs, n_folds=args.folds, seed=args.seed,
+        report=args.report and Path(args.report), json_path=args.json and Path(args.json), flip=args.flip,
+        jitter=args.jitter, identification=not args.no_identification,
+        cache_dir=None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir()),
+        detector=args.detector, upsample=args.upsample, multi=args.multi,
+        fallback=None if args.no_fallback else "center", jobs=args.jobs, device=args.device,
+        batch_size=args.batch_size, progress=not args.quiet)
+    evaluation = ev.run(cfg)
     print(ev.format_table(evaluation.results))
     print(f"results: {evaluation.results_file}")
     if cfg.report is not None:
@@ -182,7 +177,7 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-# ---- finetune (issue 6: fine-tuning) ---------------------------------------------------------
+# ---- finetune ---------------------------------------------------------
 
 def _add_finetune(sub) -> None:
     S = argparse.SUPPRESS      # only options given on the command line reach the config
@@ -258,27 +253,18 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .train.config import FinetuneConfig, FinetuneError
+    from .train.config import FinetuneConfig
     from .train.loop import finetune, load_resume_config
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "data", "resume")}
-    cfg = None
-    try:
-        if args.resume:
-            if args.data or "out" in given:
-                raise FinetuneError("--resume RUN_DIR takes DATA and --out from the run's config.json")
-            cfg, resume = load_resume_config(args.resume, given), True
-        else:
-            if not args.data or "out" not in given:
-                raise FinetuneError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
-            cfg, resume = FinetuneConfig(data=args.data, **given), False
-        summary = finetune(cfg, resume=resume)
-    except FinetuneError as e:
-        print(f"dlibbridge finetune: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dlibbridge finetune: interrupted; continue with: dlibbridge finetune --resume {cfg.out if cfg else args.resume}",
-              file=sys.stderr)
-        return 130
+    if args.resume:
+        if args.data or "out" in given:
+            raise UsageError("--resume RUN_DIR takes DATA and --out from the run's config.json")
+        cfg, resume = load_resume_config(args.resume, given), True
+    else:
+        if not args.data or "out" not in given:
+            raise UsageError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
+        cfg, resume = FinetuneConfig(data=args.data, **given), False
+    summary = finetune(cfg, resume=resume)
     if summary:
         best = summary.get("best") or {}
         print(f"{cfg.out}: exported step {summary['exported_step']} of {summary['final_step']}"
@@ -287,7 +273,7 @@ def _run_finetune(args) -> int:
     return 0
 
 
-# ---- export / embed (issue 3: the PyTorch port) -----------------------------------------------
+# ---- export / embed -----------------------------------------------
 
 def _add_export(sub) -> None:
     p = sub.add_parser(
@@ -296,13 +282,15 @@ def _add_export(sub) -> None:
                     "'default' for the installed dlib model) -> the deployed dlib file that "
                     "dlib.face_recognition_model_v1 loads (-o), checked by loading it in dlib; with "
                     "--trainable the bn_con form for dlib's trainer. Unchanged weights give a "
-                    "byte-identical file. --onnx/--torchscript take float32 N x 3 x 150 x 150 RGB 0-255 "
+                    "byte-identical file. --onnx/--torchscript/--pt2 take float32 N x 3 x 150 x 150 RGB 0-255 "
                     "(dynamic N) and are checked against the torch module.")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("-o", "--output", metavar="OUT.dat", help="dlib file to write")
+    _out_option(p, metavar="OUT.dat", help="dlib file to write")
     p.add_argument("--trainable", action="store_true", help="write bn_con2 records instead of affine")
     p.add_argument("--onnx", metavar="OUT.onnx", help="also write an ONNX graph (dynamic batch)")
     p.add_argument("--torchscript", metavar="OUT.pt", help="also write a traced TorchScript module")
+    p.add_argument("--pt2", metavar="OUT.pt2",
+                   help="also write a torch.export program (load: torch.export.load(OUT.pt2).module())")
     p.add_argument("--checkpoint", metavar="OUT.pt",
                    help="also write a dlibbridge torch checkpoint (loads with torch.load(weights_only=True))")
     p.add_argument("--atol", type=float, default=1e-5, help="largest accepted max |diff| of the checks (default 1e-5)")
@@ -324,41 +312,34 @@ def _run_export(args) -> int:
     _passive_omp()
     from .port import convert
     from .port.checkpoint import load_model, save_torch
-    from .port.export import export_onnx, export_torchscript
-    outputs = [o for o in (args.output, args.onnx, args.torchscript, args.checkpoint) if o]
+    from .port.export import export_onnx, export_pt2, export_torchscript
+    outputs = [o for o in (args.out, args.onnx, args.torchscript, args.pt2, args.checkpoint) if o]
     if not outputs:
-        print("dlibbridge export: nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--checkpoint",
-              file=sys.stderr)
-        return 2
-    if args.model == "default" and not Path(args.model).exists():
-        from .assets import face_model_path
-        args.model = str(face_model_path())
+        raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
+    args.model = str(resolve_model(args.model))
     src = Path(args.model).resolve()
     for o in outputs:
         if Path(o).resolve() == src:
-            print(f"dlibbridge export: refusing to overwrite the input {args.model}", file=sys.stderr)
-            return 2
+            raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
-        print("dlibbridge export: two outputs name the same file", file=sys.stderr)
-        return 2
-    try:
-        module = load_model(args.model)
-        if args.output:
-            diff = convert.to_dlib(module, args.output, trainable=args.trainable, check=True, atol=args.atol)
-            form = "bn_con2" if args.trainable else "affine"
-            print(f"{args.output}: dlib file ({form} form); dlib.face_recognition_model_v1 vs torch max |diff| {diff:.2e}")
-        if args.onnx:
-            diff = export_onnx(module, args.onnx, atol=args.atol)
-            print(f"{args.onnx}: ONNX; onnxruntime vs torch max |diff| {diff:.2e}")
-        if args.torchscript:
-            diff = export_torchscript(module, args.torchscript, atol=args.atol)
-            print(f"{args.torchscript}: TorchScript; vs torch max |diff| {diff:.2e}")
-        if args.checkpoint:
-            save_torch(module, args.checkpoint)
-            print(f"{args.checkpoint}: dlibbridge torch checkpoint")
-    except (convert.ConversionError, convert.ExportCheckError) as e:
-        print(f"dlibbridge export: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("two outputs name the same file")
+    module = load_model(args.model)
+    if args.out:
+        diff = convert.to_dlib(module, args.out, trainable=args.trainable, check=True, atol=args.atol)
+        form = "bn_con2" if args.trainable else "affine"
+        print(f"{args.out}: dlib file ({form} form); dlib.face_recognition_model_v1 vs torch max |diff| {diff:.2e}")
+    if args.onnx:
+        diff = export_onnx(module, args.onnx, atol=args.atol)
+        print(f"{args.onnx}: ONNX; onnxruntime vs torch max |diff| {diff:.2e}")
+    if args.torchscript:
+        diff = export_torchscript(module, args.torchscript, atol=args.atol)
+        print(f"{args.torchscript}: TorchScript; vs torch max |diff| {diff:.2e}")
+    if args.pt2:
+        diff = export_pt2(module, args.pt2, atol=args.atol)
+        print(f"{args.pt2}: torch.export program; vs torch max |diff| {diff:.2e}")
+    if args.checkpoint:
+        save_torch(module, args.checkpoint)
+        print(f"{args.checkpoint}: dlibbridge torch checkpoint")
     return 0
 
 
@@ -372,7 +353,7 @@ def _add_embed(sub) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="dlib .dat, dlibbridge checkpoint, TorchScript or ONNX file; 'default' = dlib's model")
     p.add_argument("images_dir", metavar="IMAGES_DIR")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    _out_option(p, required=True, metavar="OUT.npz", help="descriptors file to write")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="chips per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--engine", choices=("torch", "dlib"), default="torch",
@@ -383,13 +364,9 @@ def _add_embed(sub) -> None:
 
 def _run_embed(args) -> int:
     _passive_omp()
-    from .eval.embed import EmbedError, embed_folder
-    try:
-        res = embed_folder(args.model, args.images_dir, args.output, batch_size=args.batch_size,
-                           device=args.device, engine=args.engine, progress=not args.quiet)
-    except (EmbedError, ValueError) as e:
-        print(f"dlibbridge embed: {e}", file=sys.stderr)
-        return 2
+    from .eval.embed import embed_folder
+    res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
+                       device=args.device, engine=args.engine, progress=not args.quiet)
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")
@@ -397,7 +374,7 @@ def _run_embed(args) -> int:
     return 0
 
 
-# ---- unfreeze / freeze (issue 4: trainable dlib net_type) -----------------------------------
+# ---- unfreeze / freeze -----------------------------------
 
 def _add_unfreeze(sub) -> None:
     p = sub.add_parser(
@@ -422,16 +399,11 @@ def _add_unfreeze(sub) -> None:
 
 def _run_unfreeze(args) -> int:
     from . import assets
-    from .codec.rewrite import BatchNormError
     from .port.calibrate import unfreeze_file
-    src = args.model or assets.face_model_path()
+    src = assets.resolve_model(args.model)
     out = args.out or assets.default_output_path(src, "_trainable")
-    try:
-        lines = unfreeze_file(src, out, args.calibrate, max_chips=args.max_chips, batch_size=args.batch_size,
-                              progress=not args.quiet)
-    except BatchNormError as e:
-        print(f"dlibbridge unfreeze: {e}", file=sys.stderr)
-        return 2
+    lines = unfreeze_file(src, out, args.calibrate, max_chips=args.max_chips, batch_size=args.batch_size,
+                          progress=not args.quiet)
     print("\n".join(lines))
     return 0
 
@@ -448,12 +420,8 @@ def _add_freeze(sub) -> None:
 
 
 def _run_freeze(args) -> int:
-    from .codec.rewrite import BatchNormError, freeze_file
-    try:
-        lines = freeze_file(args.net, args.out)
-    except BatchNormError as e:
-        print(f"dlibbridge freeze: {e}", file=sys.stderr)
-        return 2
+    from .codec.rewrite import freeze_file
+    lines = freeze_file(args.net, args.out)
     print("\n".join(lines))
     return 0
 
@@ -484,19 +452,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupted command leaves behind and how to go on (exit code 130).
+_ON_INTERRUPT = {
+    "align": lambda args: "finished photos are kept, run the same command again to continue",
+    "pack": lambda args: "run the same command again to continue",
+    "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
+}
+# evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
+# files found deep in their pipelines) as bad input, as they always have.
+_ALSO_BAD_INPUT = {"evaluate": (ValueError,), "embed": (ValueError,)}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Every error about the input or the request — a
+    :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
+    ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
+    bug still shows its traceback."""
     args = build_parser().parse_args(argv)
+    bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:
         return int(args.func(args) or 0)
-    except DlibFormatError as e:
-        print(f"dlibbridge {args.command}: invalid dlib file: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `dlibbridge inspect | head`
         sys.stderr.close()
         return 0
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except DlibFormatError as e:
+        print(f"dlibbridge {args.command}: invalid dlib file: {e}", file=sys.stderr)
+        return 2
+    except bad_input as e:
         print(f"dlibbridge {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command not in _ON_INTERRUPT:
+            raise
+        print(f"dlibbridge {args.command}: interrupted; {_ON_INTERRUPT[args.command](args)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

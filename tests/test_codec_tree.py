@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 import dlibbridge
 from dlibbridge import (AddLayer, Details, DlibFormatError, InputLayer, Loss, Model, TagOrSkip,
                         dumps, loads)
-from dlibbridge.codec.tree import write_atomic
+from dlibbridge._io import write_atomic
 
 
 # ---------------------------------------------------------------------------------------

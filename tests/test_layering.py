@@ -7,7 +7,6 @@ each change in one room; a stray import breaks neither a unit test nor a type ch
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dlibbridge"
 
 # Lower layers first; a module may import its own layer and the layers before it.
 LAYERS = (
-    ("dlibbridge.errors", "dlibbridge._io", "dlibbridge.assets", "dlibbridge._codec"),
+    ("dlibbridge.errors", "dlibbridge._io", "dlibbridge._dlib", "dlibbridge.assets", "dlibbridge._codec"),
     ("dlibbridge.codec",),
     ("dlibbridge.data",),
     ("dlibbridge.port",),
@@ -114,7 +113,7 @@ assert main(["freeze", "trainable.dat", "-o", "frozen.dat"]) == 0
 
 def test_every_internal_import_resolves():
     """Imports inside function bodies run only on the path that needs them; check them all here."""
-    import importlib
+    import importlib.util
     missing = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = _module_name(path)

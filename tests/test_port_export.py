@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dlibbridge.port import convert, export
+from dlibbridge.port.checkpoint import load_torchscript
 from parity import ATOL, same_decisions
 
 
@@ -33,13 +34,35 @@ def test_onnx_dynamic_batch_matches_dlib(onnx_file, face_chips, dlib_descriptors
 def test_torchscript_matches_dlib(frozen, face_chips, dlib_descriptors, tmp_path):
     p = tmp_path / "face.pt"
     assert export.export_torchscript(frozen, p) <= ATOL
-    ts = torch.jit.load(str(p))
+    ts = load_torchscript(p)
     x = torch.from_numpy(np.ascontiguousarray(face_chips.transpose(0, 3, 1, 2))).float()
     with torch.inference_mode():
         got = torch.cat([ts(x[:7]), ts(x[7:])]).numpy().astype(np.float64)
     diff = np.abs(got - dlib_descriptors).max()
     print(f"TorchScript, {len(x)} chips: max |Δ| vs dlib = {diff:.3g}")
     assert diff <= ATOL and same_decisions(got, dlib_descriptors)
+
+
+def test_torch_export_program_matches_dlib(frozen, face_chips, dlib_descriptors, tmp_path):
+    p = tmp_path / "face.pt2"
+    assert export.export_pt2(frozen, p) <= ATOL
+    program = torch.export.load(str(p)).module()
+    x = torch.from_numpy(np.ascontiguousarray(face_chips.transpose(0, 3, 1, 2))).float()
+    with torch.inference_mode():
+        got = torch.cat([program(x[:7]), program(x[7:])]).numpy().astype(np.float64)   # batch is dynamic
+    diff = np.abs(got - dlib_descriptors).max()
+    print(f"torch.export, {len(x)} chips: max |Δ| vs dlib = {diff:.3g}")
+    assert diff <= ATOL and same_decisions(got, dlib_descriptors)
+
+
+def test_torchscript_export_and_reload_raise_no_deprecation_warning(frozen, tmp_path):
+    import warnings
+    from dlibbridge.port.checkpoint import open_model
+    p = tmp_path / "face.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.export_torchscript(frozen, p)
+        open_model(p)
 
 
 def test_trainable_module_exports_its_deployed_form_to_onnx(trainable, frozen, tmp_path):

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .. import assets
-from .tree import InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip, load, sha256_file
+from .._io import sha256_file
+from .tree import InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip, load
 
 JSON_SCHEMA = "dlibbridge.inspect/1"
 
@@ -237,7 +238,7 @@ def format_listing(info: dict[str, Any]) -> str:
 
 
 def main(file: str | None, as_json: bool = False) -> int:
-    path = Path(file) if file else assets.face_model_path()
+    path = assets.resolve_model(file)
     info = describe(path)
     if as_json:
         json.dump(info, sys.stdout, indent=1, allow_nan=False)

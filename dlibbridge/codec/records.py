@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .tree import Details
+from ..errors import DlibbridgeError
 
 DLIB_RGB_MEAN = (122.782, 117.001, 104.298)   # input_rgb_image's per-channel means
 DLIB_BN_EPS = 1e-4           # DEFAULT_BATCH_NORM_EPS
@@ -20,7 +21,7 @@ _BN_VERSION = {CONV_MODE: "bn_con2", FC_MODE: "bn_fc2"}
 _BN_MODE = {v: k for k, v in _BN_VERSION.items()}
 
 
-class BatchNormError(ValueError):
+class BatchNormError(DlibbridgeError, ValueError):
     """A record or file that cannot be (un)frozen; the message names the dlib layer."""
 
 
@@ -78,17 +79,8 @@ def affine_to_bn(d: Details, path: str = "") -> Details:
         raise BatchNormError(f"{path} {d.version}: unknown mode {mode}")
     g, b, shape = _gamma_beta(path, d)
     stat = _stat_shape(mode, shape)
-    params = np.concatenate([g, b]).reshape(-1, 1, 1, 1)
-    return Details.build(
-        _BN_VERSION[mode],
-        ("params", "tensor", params), ("gamma", "alias", shape), ("beta", "alias", shape),
-        ("means", "tensor", np.zeros(stat, np.float32)), ("invstds", "tensor", np.ones(stat, np.float32)),
-        ("running_means", "tensor", np.zeros(stat, np.float32)),
-        ("running_variances", "tensor", np.full(stat, affine_as_bn_variance(), np.float32)),
-        ("num_updates", "uint", DLIB_BN_WINDOW), ("running_stats_window_size", "uint", DLIB_BN_WINDOW),
-        ("learning_rate_multiplier", "f64", 1.0), ("weight_decay_multiplier", "f64", 0.0),
-        ("bias_learning_rate_multiplier", "f64", 1.0), ("bias_weight_decay_multiplier", "f64", 1.0),
-        ("eps", "f64", DLIB_BN_EPS))
+    return bn_record(_BN_VERSION[mode], g, b, shape, means=np.zeros(stat), invstds=np.ones(stat),
+                     running_means=np.zeros(stat), running_variances=np.full(stat, affine_as_bn_variance()))
 
 
 def bn_to_affine(d: Details, path: str = "") -> Details:
@@ -104,6 +96,53 @@ def bn_to_affine(d: Details, path: str = "") -> Details:
         raise BatchNormError(f"{path} {d.version}: running statistics shaped {tuple(rm.shape)}/"
                              f"{tuple(rv.shape)}, expected {stat} (a never-trained layer?)")
     g, b = fold(gamma.reshape(stat), beta.reshape(stat), rm, rv, d["eps"])
-    params = np.concatenate([g.reshape(-1), b.reshape(-1)]).reshape(-1, 1, 1, 1)
-    return Details.build("affine_", ("params", "tensor", params), ("gamma", "alias", shape),
+    return affine_record(g, b, shape, mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Records dlibbridge builds from numbers (their field order is the C++ schema's, which
+# Details.build checks when the tree is written)
+
+#: bn_'s default learning-rate and weight-decay multipliers (dlib/dnn/layers.h).
+BN_MULTIPLIERS = (("learning_rate_multiplier", 1.0), ("weight_decay_multiplier", 0.0),
+                  ("bias_learning_rate_multiplier", 1.0), ("bias_weight_decay_multiplier", 1.0))
+
+
+def bn_record(version: str, gamma, beta, shape: tuple[int, ...], *, means, invstds, running_means, running_variances,
+              num_updates: int = DLIB_BN_WINDOW, window: int = DLIB_BN_WINDOW, eps: float = DLIB_BN_EPS,
+              multipliers: dict | None = None) -> Details:
+    """A ``bn_con2``/``bn_fc2`` record: gamma/beta (aliases shaped ``shape``, flattened into
+    ``params``), dlib's last-batch ``means``/``invstds`` (never empty when
+    ``num_updates`` > 0, or dlib's first training batch aborts, dlib-format.md §4.3), the
+    running statistics, and the multipliers (bn's defaults unless given)."""
+    gamma, beta = np.asarray(gamma, np.float32).reshape(-1), np.asarray(beta, np.float32).reshape(-1)
+    stat = tuple(np.shape(running_means))
+    f32 = lambda v: np.asarray(v, np.float32).reshape(stat)  # noqa: E731
+    mult = dict(BN_MULTIPLIERS, **(multipliers or {}))
+    return Details.build(
+        version, ("params", "tensor", np.concatenate([gamma, beta]).reshape(-1, 1, 1, 1)),
+        ("gamma", "alias", shape), ("beta", "alias", shape),
+        ("means", "tensor", f32(means)), ("invstds", "tensor", f32(invstds)),
+        ("running_means", "tensor", f32(running_means)), ("running_variances", "tensor", f32(running_variances)),
+        ("num_updates", "uint", num_updates), ("running_stats_window_size", "uint", window),
+        *((name, "f64", float(mult[name])) for name, _ in BN_MULTIPLIERS),
+        ("eps", "f64", eps))
+
+
+def affine_record(g, b, shape: tuple[int, ...], mode: int = CONV_MODE) -> Details:
+    """An ``affine_`` record (the deployed form of the face model): ``params`` = g then b."""
+    params = np.concatenate([np.asarray(g, np.float32).reshape(-1), np.asarray(b, np.float32).reshape(-1)])
+    return Details.build("affine_", ("params", "tensor", params.reshape(-1, 1, 1, 1)), ("gamma", "alias", shape),
                          ("beta", "alias", shape), ("mode", "int", mode))
+
+
+def input_rgb_image_sized(rows: int, cols: int, mean=DLIB_RGB_MEAN) -> Details:
+    """dlib's ``input_rgb_image_sized<rows, cols>`` with per-channel means (R, G, B)."""
+    r, g, b = (float(v) for v in mean)
+    return Details.build("input_rgb_image_sized", ("avg_red", "f32", r), ("avg_green", "f32", g),
+                         ("avg_blue", "f32", b), ("nr", "uint", rows), ("nc", "uint", cols))
+
+
+def loss_metric_2(margin: float = 0.04, dist_thresh: float = 0.6) -> Details:
+    """dlib's ``loss_metric_`` with its defaults (the face model's loss)."""
+    return Details.build("loss_metric_2", ("margin", "f32", margin), ("dist_thresh", "f32", dist_thresh))

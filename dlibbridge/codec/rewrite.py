@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._dlib import face_descriptors
+from .._io import replace_verified
 from . import tree as fmt
 from .records import _BN_MODE, BatchNormError, affine_to_bn, bn_to_affine
 from .tree import Model
@@ -95,38 +97,12 @@ def _check_same_elsewhere(a: Model, b: Model, converted: set[str]) -> None:
         raise BatchNormError("verification failed: loss record or trailing objects differ")
 
 
-def _dlib_descriptors(path: Path, chips: np.ndarray) -> np.ndarray | None:
-    """Python dlib's face descriptors with the file at ``path``; None when dlib's face
-    recognition network cannot load it (not the face ResNet)."""
-    import dlib
-    try:
-        net = dlib.face_recognition_model_v1(os.fspath(path))
-    except RuntimeError:
-        return None
-    return np.array(net.compute_face_descriptor([np.ascontiguousarray(c) for c in chips]))
-
-
 def _check_chips(calibration: np.ndarray | None, n: int = 4) -> np.ndarray:
     """The chips a rewritten file is checked on: the first calibration chips, else seeded
     random uint8 RGB chips (N,150,150,3)."""
     if calibration is not None:
         return np.asarray(calibration[:n])
     return np.random.default_rng(0).integers(0, 256, (n, 150, 150, 3), dtype=np.uint8)
-
-
-def _verified_write(data: bytes, out: Path, verify) -> list[str]:
-    """Write ``data`` to a temporary file beside ``out``, run ``verify(tmp)`` (which
-    re-reads it), and only then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
-        fmt.write_atomic(tmp, data)
-        lines = verify(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return lines
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -151,7 +127,7 @@ def freeze_file(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:
         written = fmt.load(tmp)
         _check_same_elsewhere(original, written, set(conv.converted))
         check = _check_chips(None)
-        want, got = _dlib_descriptors(src, check), _dlib_descriptors(tmp, check)
+        want, got = face_descriptors(src, check), face_descriptors(tmp, check)
         if got is None:
             return ["verified: re-read; python dlib check skipped (not a face recognition network)"]
         diff = float(np.abs(got - want).max())
@@ -161,7 +137,7 @@ def freeze_file(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:
         return ["verified: re-read, other layers unchanged; python dlib gives bit-identical descriptors "
                 f"to its own conversion of the input ({len(check)} chips)"]
 
-    return lines + _verified_write(fmt.dumps(model), out, verify)
+    return lines + replace_verified(out, fmt.dumps(model), verify)
 
 
 __all__ = ["BatchNormError", "Conversion", "unfreeze", "freeze", "freeze_file"]

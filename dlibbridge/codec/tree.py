@@ -23,19 +23,19 @@ wire type, so ``dumps(loads(b)) == b`` and old files stay old.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 import numpy as np
 
 from .. import _codec
+from ..errors import DlibbridgeError
+from .._io import write_atomic
 
 
-class DlibFormatError(ValueError):
+class DlibFormatError(DlibbridgeError, ValueError):
     """A byte stream that is not a dlib DNN file this codec can represent.
 
     ``offset`` is the byte offset of the failure and ``path`` the layer path
@@ -508,39 +508,8 @@ def dumps(model: Model) -> bytes:
         raise DlibFormatError(msg, offset, path) from None
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename,
-    so a crash never leaves a half-written model where a good one is expected."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save(model: Model, path: str | os.PathLike) -> None:
     """Serialize and write atomically (temp file + rename)."""
     write_atomic(path, dumps(model))
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

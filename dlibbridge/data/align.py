@@ -33,15 +33,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
-import io
 import json
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -52,17 +49,17 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .. import assets
-from .images import DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from ..codec.tree import write_atomic
+from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
+from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
+from ..errors import DlibbridgeError
 
 __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
-           "FaceAligner", "frontal_face_detector", "center_box", "choose_faces", "encode_png", "write_chip",
+           "FaceAligner", "frontal_face_detector", "center_box", "choose_faces", 
            "Source", "process_photo", "list_sources", "default_jobs", "align", "read_manifest",
            "format_summary"]
 
-CHIP_SIZE = 150       # compute_face_descriptor's chip size ...
-CHIP_PADDING = 0.25   # ... and padding: the chip the network was trained on
+CHIP_PADDING = 0.25   # compute_face_descriptor's padding at CHIP_SIZE: the chip the network was trained on
 
 DETECTORS = ("hog", "cnn")
 MULTI_POLICIES = ("largest", "center", "all", "skip")
@@ -84,10 +81,9 @@ STATUSES = ("ok", "fallback", "no_face", "multiple_faces", "duplicate", "error")
 STATE_DIR = ".align"
 _JOURNAL = "journal.jsonl"
 _SETTINGS = "settings.json"
-_TMP_PREFIX = ".tmp-"   # temporary files of write_chip (and format.write_atomic)
 
 
-class AlignError(ValueError):
+class AlignError(DlibbridgeError, ValueError):
     """A run that cannot start (bad folders, settings that contradict an earlier run) or
     cannot go on (chips cannot be written)."""
 
@@ -217,31 +213,6 @@ def choose_faces(faces: list[Face], policy: str, height: int, width: int) -> lis
     return [min(faces, key=lambda f: (distance(f), -f.area))]
 
 
-def encode_png(chip: np.ndarray) -> bytes:
-    import cv2
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(chip[:, :, ::-1]))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def write_chip(path: Path, data: bytes) -> None:
-    """Write a chip via a temporary file and a rename, so an interrupted run never leaves a
-    half-written chip under its final name.  Unlike ``format.write_atomic`` there is no
-    fsync: it cost ~12 ms per chip here (10 % of the run) and a chip can always be remade
-    from its photo; a resumed run redoes any chip that is missing or empty."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _landmark_text(shape) -> str:
     return " ".join(f"{shape.part(i).x} {shape.part(i).y}" for i in range(shape.num_parts))
 
@@ -282,12 +253,12 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
         aligner.locate(rgb, face)
         chip_rel = src.chip_stem + (f".face{k}.png" if policy == "all" else ".png")
         path = out_dir / chip_rel
-        chip = encode_png(aligner.chip(rgb, face))
+        chip = png_bytes(aligner.chip(rgb, face))
         try:
             if path.parent not in _MADE_DIRS:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _MADE_DIRS.add(path.parent)
-            write_chip(path, chip)
+            write_atomic(path, chip, fsync=False)   # a chip can always be remade from its photo
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e}") from None
         l, t, r, b = face.box
@@ -332,14 +303,7 @@ def _work(task: tuple[Source, str]) -> tuple[Source, str, list[dict]]:
 def list_sources(raw_dir: str | os.PathLike) -> list[Source]:
     """Every file under ``raw_dir`` (hidden files and folders excluded), sorted, with its
     identity (first sub-folder) and a collision-free chip stem."""
-    root = Path(raw_dir)
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                rels.append(Path(dirpath, name).relative_to(root).as_posix())
-    rels.sort()
+    rels = walk_files(raw_dir)
     stems = Counter(r.rsplit(".", 1)[0] if "." in r.rsplit("/", 1)[-1] else r for r in rels)
     sources = []
     for rel in rels:
@@ -411,10 +375,10 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
                          "sha256": hashes[s.rel], "duplicate_of": duplicate_of[s.rel]})
         else:
             rows.extend(journal[s.rel]["rows"])
-    _write_manifest(out / "manifest.csv", rows)
+    write_csv(out / "manifest.csv", rows, list(MANIFEST_FIELDS))
     summary = _summarize(rows, sources, raw, out, resolved, layout, duplicate_of,
                          processed=len(todo), reused=reused, seconds=time.time() - started)
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode())
+    write_json(out / "summary.json", summary, indent=1, ensure_ascii=False)
     return summary
 
 
@@ -438,8 +402,8 @@ def _check_settings(state: Path, settings: AlignSettings, redo: bool) -> None:
             diff = ", ".join(f"{k}: {before.get(k)!r} → {v!r}" for k, v in wanted.items()
                              if isinstance(before, dict) and before.get(k) != v) or "unreadable settings"
             raise AlignError(f"{state.parent} holds chips made with other settings ({diff}); "
-                             "use another output folder or redo=True / --redo")
-    write_atomic(path, json.dumps(wanted).encode())
+                             "use another output folder or --redo")
+    write_json(path, wanted, indent=None, newline=False)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -460,7 +424,7 @@ def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of chips whose write was interrupted (never renamed into place)."""
     for dirpath, dirnames, filenames in os.walk(out):
         for name in filenames:
-            if name.startswith(_TMP_PREFIX) and name.endswith(".png"):
+            if name.startswith(TMP_PREFIX) and name.endswith(".png"):
                 os.unlink(os.path.join(dirpath, name))
 
 
@@ -482,15 +446,10 @@ def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: boo
         if rec and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
             hashes[s.rel] = rec["sha256"]
             continue
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            hashes[s.rel] = sha256_file(path) if st.st_size else ""
         except OSError:
             hashes[s.rel] = ""
-            continue
-        hashes[s.rel] = h.hexdigest() if st.st_size else ""
     return hashes
 
 
@@ -595,15 +554,6 @@ def _children_ignore_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_FIELDS})
-    write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:

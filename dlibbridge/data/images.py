@@ -15,6 +15,7 @@ import tempfile
 import warnings
 
 import numpy as np
+from ..errors import DlibbridgeError
 
 
 #: Why a file was not turned into an image.  Codes are stable (they go into manifests).
@@ -46,7 +47,7 @@ _SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*",
                b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DlibbridgeError, ValueError):
     """A file that could not be read as an image; ``reason`` is a key of :data:`REASONS`."""
 
     def __init__(self, reason: str, detail: str, path: str | os.PathLike | None = None):
@@ -261,3 +262,33 @@ def _to_rgb8(im, path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise ImageReadError("unsupported_mode", f"mode {mode}: {e}", path) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of images
+# --------------------------------------------------------------------------------------------
+
+#: File names taken for images where a folder is scanned by name (what :func:`read_image` decodes).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm", ".gif"})
+
+#: dlib's face ResNet input: input_rgb_image_sized<150>, the chip compute_face_descriptor makes.
+CHIP_SIZE = 150
+CHIP_SHAPE = (CHIP_SIZE, CHIP_SIZE, 3)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+
+
+def walk_files(root: str | os.PathLike) -> list[str]:
+    """Every file below ``root``, hidden files and folders left out, as sorted POSIX paths
+    relative to ``root`` (the one folder walk of align, pack and embed)."""
+    root = os.fspath(root)
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rels.extend(os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/")
+                    for n in filenames if not n.startswith("."))
+    return sorted(rels)

@@ -51,7 +51,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .images import ImageReadError, read_image
+from .images import CHIP_SHAPE, ImageReadError, read_image, walk_files
+from ..errors import DlibbridgeError
+from .._io import write_json
+
+_COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
 __all__ = ["CHIP_SHAPE", "StoreError", "ChipEntry", "chip_entries", "pack", "ChipStore",
            "ChipDataset", "PKBatchSampler"]
@@ -61,7 +65,6 @@ __all__ = ["CHIP_SHAPE", "StoreError", "ChipEntry", "chip_entries", "pack", "Chi
 # --------------------------------------------------------------------------------------------
 
 STORE_VERSION = 1
-CHIP_SHAPE = (150, 150, 3)
 _CHIPS = "chips.u8"      # raw N*150*150*3 bytes, row-major; np.memmap reads it
 _LABELS = "labels.npy"   # int32 (N,), index into identities, -1 for chips without identity
 _INDEX = "index.json"    # version, count, identities, paths, sources, skipped
@@ -69,7 +72,7 @@ _PROGRESS = "progress.json"
 _FLUSH_EVERY = 512       # chips between progress checkpoints of a resumable pack
 
 
-class StoreError(ValueError):
+class StoreError(DlibbridgeError, ValueError):
     """A chip store that cannot be built or opened."""
 
 
@@ -98,13 +101,9 @@ def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
                 if row.get("chip"):
                     entries.append(ChipEntry(row["chip"], row.get("identity", ""), row.get("source", "")))
     else:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                rel = Path(dirpath, name).relative_to(root)
-                entries.append(ChipEntry(rel.as_posix(), rel.parts[0] if len(rel.parts) > 1 else ""))
+        for rel in walk_files(root):
+            parts = rel.split("/")
+            entries.append(ChipEntry(rel, parts[0] if len(parts) > 1 else ""))
     # Identity-contiguous order: the K images of one identity in a batch lie close together.
     entries.sort(key=lambda e: (e.identity, e.path))
     return entries
@@ -149,7 +148,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         with open(partial / _CHIPS, "wb") as f:
             f.truncate(len(entries) * int(np.prod(CHIP_SHAPE)))
         state = {"fingerprint": fingerprint, "next": 0, "written": 0, "skipped": []}
-        _write_json(partial / _PROGRESS, state)
+        write_json(partial / _PROGRESS, **_COMPACT_JSON, obj=state)
 
     n = len(entries)
     chips = np.memmap(partial / _CHIPS, dtype=np.uint8, mode="r+", shape=(n, *CHIP_SHAPE))
@@ -169,7 +168,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
             state["next"] = i + 1
             if state["next"] % _FLUSH_EVERY == 0:
                 chips.flush()
-                _write_json(partial / _PROGRESS, state)
+                write_json(partial / _PROGRESS, **_COMPACT_JSON, obj=state)
             bar.update(1)
             if on_chip is not None:
                 on_chip(i)
@@ -178,7 +177,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         chips.flush()
         del chips
         if state["next"] % _FLUSH_EVERY:
-            _write_json(partial / _PROGRESS, state)
+            write_json(partial / _PROGRESS, **_COMPACT_JSON, obj=state)
 
     skipped = {s["index"] for s in state["skipped"]}
     kept = [e for i, e in enumerate(entries) if i not in skipped]
@@ -189,7 +188,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     ident_index = {name: j for j, name in enumerate(identities)}
     labels = np.array([ident_index.get(e.identity, -1) for e in kept], dtype=np.int32)
     np.save(partial / _LABELS, labels)
-    _write_json(partial / _INDEX, {
+    write_json(partial / _INDEX, **_COMPACT_JSON, obj={
         "version": STORE_VERSION, "count": len(kept), "chip_shape": list(CHIP_SHAPE),
         "chips_dir": str(chips_dir.resolve()), "identities": identities,
         "paths": [e.path for e in kept], "sources": [e.source for e in kept],
@@ -242,12 +241,6 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if state.get("fingerprint") == fingerprint else None
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -13,7 +13,6 @@ with the same model and image list continues from there.  ``OUT.npz`` is written
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
@@ -23,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec.tree import sha256_file, write_atomic
+from .._io import sha256_file, write_npz
+from ..data.images import CHIP_SHAPE, is_image_file, walk_files
+from ..errors import DlibbridgeError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
-CHIP_SHAPE = (150, 150, 3)
 SAVE_EVERY_S = 30.0
 
 
-class EmbedError(ValueError):
+class EmbedError(DlibbridgeError, ValueError):
     pass
 
 
@@ -48,13 +47,7 @@ def list_images(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise EmbedError(f"{root} is not a folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                out.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(out)
+    return [rel for rel in walk_files(root) if is_image_file(rel)]
 
 
 def _read_chip(path: Path) -> np.ndarray:
@@ -70,12 +63,6 @@ def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([sha256_file(model), engine, files]).encode())
     return h.hexdigest()
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())
 
 
 def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLike, *,
@@ -114,7 +101,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     resumed_from = done
 
     def checkpoint(n: int) -> None:
-        _save_npz(partial, fingerprint=np.array(fp), done=np.array(n), paths=np.array(kept, dtype=str),
+        write_npz(partial, fingerprint=np.array(fp), done=np.array(n), paths=np.array(kept, dtype=str),
                   embeddings=np.concatenate(embs) if embs else np.zeros((0, 128), np.float32),
                   skipped=np.array(skipped, dtype=str).reshape(-1, 2))
 
@@ -143,7 +130,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     if not kept:
         raise EmbedError(f"none of the {len(files)} images below {images_dir} could be embedded "
                          f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
-    _save_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
+    write_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
               skipped_paths=np.array([p for p, _ in skipped], dtype=str),
               skipped_reasons=np.array([r for _, r in skipped], dtype=str))
     if partial.exists():

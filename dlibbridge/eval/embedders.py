@@ -7,7 +7,6 @@ or TorchScript file, optionally ``name=path``); :func:`make_embedder` opens it, 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec.tree import sha256_file, write_atomic
+from .._io import sha256_file, write_npz
+from ..assets import resolve_model
+from ..data.images import CHIP_SIZE
 
-CHIP_SIZE = 150               # dlib's face ResNet input (input_rgb_image_sized<150>)
 EMBED_DIM = 128               # dlib's descriptor; fine-tuned exports keep it (heads are training-only)
 
 
@@ -141,15 +141,6 @@ class OnnxEmbedder(_NetEmbedder):
         return self._sess.run(None, {self._input: x})[0]
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold compiled ``code/``; torch.save checkpoints do not."""
-    import zipfile
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-
-
 @dataclass
 class ModelSpec:
     """One MODEL argument: a file and the engine that runs it.  ``dlib:PATH`` /
@@ -168,18 +159,14 @@ class ModelSpec:
                 break
         if engine not in ("dlib", "torch"):
             raise ValueError(f"unknown engine {engine!r} (torch or dlib)")
-        if arg == "default" and not Path(arg).exists():
-            from ..assets import face_model_path
-            path = face_model_path()
-        else:
-            path = Path(arg)
+        path = resolve_model(arg)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found")
         if path.suffix.lower() == ".onnx":
             if engine == "dlib":
                 raise ValueError(f"the dlib engine runs dlib .dat files, not {path.name}")
             engine = "onnx"
-        elif engine == "dlib" and (path.suffix.lower() != ".dat" or _is_torchscript(path)):
+        elif engine == "dlib" and (path.suffix.lower() != ".dat" or _sniff(path) == "torchscript"):
             raise ValueError(f"the dlib engine runs dlib .dat files, not {path.name}")
         stem = path.name.rsplit(".", 1)[0]
         return ModelSpec(path, engine, f"{stem} [{engine}]")
@@ -191,19 +178,19 @@ def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: 
         return DlibEmbedder(spec.path, flip, jitter)
     if spec.engine == "onnx":
         return OnnxEmbedder(spec.path, flip, jitter, batch_size)
-    import torch
-    if _is_torchscript(spec.path):
-        try:
-            module = torch.jit.load(str(spec.path), map_location="cpu")
-        except RuntimeError as e:
-            raise ValueError(f"cannot load TorchScript model {spec.path}: {e}") from None
-    else:
-        from ..port.checkpoint import load_model
-        try:
-            module = load_model(spec.path)
-        except ValueError as e:            # DlibFormatError, ConversionError: say which file
-            raise ValueError(f"cannot load {spec.path} as a face model: {e}") from None
+    from ..port.checkpoint import open_model
+    try:
+        module = open_model(spec.path)
+    except RuntimeError as e:              # a damaged TorchScript archive
+        raise ValueError(f"cannot load model {spec.path}: {e}") from None
+    except ValueError as e:                # DlibFormatError, ConversionError: say which file
+        raise ValueError(f"cannot load {spec.path} as a face model: {e}") from None
     return TorchEmbedder(spec.path, module, flip, jitter, device, batch_size)
+
+
+def _sniff(path: Path) -> str:
+    from ..port.checkpoint import sniff     # torch is imported only when a file must be told apart
+    return sniff(path)
 
 
 class EmbeddingCache:
@@ -239,12 +226,10 @@ class EmbeddingCache:
         if self.path is None or not self.dirty:
             return
         keys = list(self.emb)
-        buf = io.BytesIO()
-        np.savez(buf, keys=np.array(keys, dtype=str),
-                 embeddings=np.stack([self.emb[k] for k in keys]).astype(np.float32),
-                 status=np.array([self.status[k] for k in keys], dtype=str))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, buf.getvalue())
+        write_npz(self.path, keys=np.array(keys, dtype=str),
+                  embeddings=np.stack([self.emb[k] for k in keys]).astype(np.float32),
+                  status=np.array([self.status[k] for k in keys], dtype=str))
         self.dirty = False
 
 

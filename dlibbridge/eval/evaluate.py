@@ -13,7 +13,6 @@ which is the port's end-to-end proof.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..codec.tree import sha256_file, write_atomic
+from .._io import sha256_file, write_atomic, write_json
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
-from .embedders import Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, make_embedder
+from ..data.images import CHIP_SIZE
+from .embedders import EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, make_embedder
 from .pairs import PairSet, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
 
-CHIP_SIZE = 150               # dlib's face ResNet input (input_rgb_image_sized<150>)
-EMBED_DIM = 128               # dlib's descriptor; fine-tuned exports keep it (heads are training-only)
 RESULTS_SCHEMA_VERSION = 1
 
 
@@ -328,7 +326,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     }
     out = results_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(_jsonable(results), indent=2) + "\n").encode("utf-8"))
+    write_json(out, _jsonable(results))
     return Evaluation(results, outcomes, loader, out, dict(zip(images, status)))
 
 

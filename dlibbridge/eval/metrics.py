@@ -111,27 +111,27 @@ def kfold_decisions(dist, same, folds) -> np.ndarray:
 
 def roc_curve(dist, same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FAR, TAR, threshold) at every distinct distance, deciding ``same iff d <= t``;
-    the first point (-inf) accepts nothing.  Matches ``sklearn.metrics.roc_curve(same,
-    -dist, drop_intermediate=False)`` with thresholds negated."""
-    dist, same = _check(dist, same)
-    n_pos, n_neg = int(same.sum()), int((~same).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC needs both same and different pairs")
-    order = np.argsort(dist, kind="stable")
-    d, s = dist[order], same[order]
-    last = np.r_[d[1:] != d[:-1], True]    # last index of each run of equal distances
-    tp = np.cumsum(s)[last]
-    fp = np.cumsum(~s)[last]
-    far = np.r_[0.0, fp / n_neg]
-    tar = np.r_[0.0, tp / n_pos]
-    return far, tar, np.r_[-np.inf, d[last]]
+    the first point (-inf) accepts nothing: scikit-learn's ROC of the scores ``-dist``
+    (``drop_intermediate=False``) with the thresholds turned back into distances."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
+    dist, same = _check_both(dist, same, "ROC")
+    far, tar, thr = sk_roc_curve(same, -dist, drop_intermediate=False)
+    return far, tar, np.r_[-np.inf, -thr[1:]]
 
 
 def roc_auc(dist, same) -> float:
     """Area under the ROC: the probability that a random same pair is closer than a
-    random different pair, ties counting one half."""
-    far, tar, _ = roc_curve(dist, same)
-    return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2))
+    random different pair, ties counting one half (scikit-learn's ``roc_auc_score``)."""
+    from sklearn.metrics import roc_auc_score
+    dist, same = _check_both(dist, same, "ROC")
+    return float(roc_auc_score(same, -dist))
+
+
+def _check_both(dist, same, what: str) -> tuple[np.ndarray, np.ndarray]:
+    dist, same = _check(dist, same)
+    if same.all() or not same.any():
+        raise ValueError(f"{what} needs both same and different pairs")
+    return dist, same
 
 
 def equal_error_rate(dist, same) -> tuple[float, float]:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec.tree import write_atomic
+from .._io import write_atomic
+from ..data.images import is_image_file
+from ..errors import DlibbridgeError
 
-IMAGE_EXTENSIONS = frozenset(  # what dlibbridge.data.images.read_image decodes
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm", ".gif"})
 
 
-class PairsFormatError(ValueError):
+class PairsFormatError(DlibbridgeError, ValueError):
     """A pairs file that does not follow LFW's pairs.txt layout; says where."""
 
     def __init__(self, message: str, source: str | None = None, line: int | None = None):
@@ -153,10 +153,6 @@ def format_pairs(ps: PairSet) -> str:
 
 def write_pairs(ps: PairSet, path: str | os.PathLike) -> None:
     write_atomic(path, format_pairs(ps).encode("utf-8"))
-
-
-def is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
 def scan_identities(root: str | os.PathLike) -> dict[str, list[str]]:

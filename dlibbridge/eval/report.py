@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import Evaluation, ModelOutcome, format_table
-from ..codec.tree import write_atomic
+from .._io import png_bytes, write_atomic
 from .metrics import DLIB_THRESHOLD, FAR_TARGETS, far_key, roc_curve
 
 WORST_ERRORS = 6
@@ -103,14 +103,10 @@ def worst_errors(o: ModelOutcome, k: int = WORST_ERRORS) -> tuple[list[int], lis
 
 def pair_image(chip1: np.ndarray, chip2: np.ndarray) -> bytes:
     """Two chips side by side with a white gutter, as PNG bytes."""
-    import cv2
     h = max(chip1.shape[0], chip2.shape[0])
     gutter = np.full((h, 6, 3), 255, np.uint8)
     img = np.concatenate([chip1, gutter, chip2], axis=1)
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(img[:, :, ::-1]))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return png.tobytes()
+    return png_bytes(img)
 
 
 def _rel(p: Path, root: Path) -> str:

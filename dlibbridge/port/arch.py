@@ -309,12 +309,15 @@ class FaceResNet(nn.Module):
         w = self.fc.weight
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # One graph for every batch size: tested first, so that tracing and torch.export
+            # never see (and guard on) the batch size below.  Traced/compiled callers set the
+            # TF32 flags themselves: the toggle is not traced.
+            return self.embed(x)
         if (x.device.type == "cpu" and x.shape[0] > self.cpu_chunk and not torch.is_grad_enabled()
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
                 and not any(m.training for m in self.modules())):   # a norm in train() couples the batch
             return torch.cat([self.embed(c) for c in x.split(self.cpu_chunk)])
-        if x.is_cuda and x.dtype == torch.float32 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            # (traced/compiled callers set the TF32 flags themselves: the toggle is not traced)
+        if x.is_cuda and x.dtype == torch.float32:
             with _ieee_fp32():
                 return self.embed(x)
         return self.embed(x)

@@ -18,12 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._dlib import face_descriptors
+from .._io import replace_verified
 from ..codec import tree as fmt
 from ..codec.records import _gamma_beta, bn_to_affine, fold
 from ..codec.rewrite import (BatchNormError, Conversion, _check_chips, _check_paths, _check_same_elsewhere,
-                             _dlib_descriptors, _norm_entries, _verified_write)
+                             _norm_entries)
 from ..codec.rewrite import unfreeze as unfreeze_records
 from ..codec.tree import Model
+from ..data.images import CHIP_SHAPE
 from .arch import DlibBatchNorm2d
 from .convert import affine_layers, to_torch
 
@@ -168,7 +171,7 @@ def calibrate(module, chips: np.ndarray, *, batch_size: int = 25, report_max: in
     (dlib's example trains on 5×5) drawn from at most ``report_max`` of the chips.
     """
     chips = np.asarray(chips)
-    if chips.ndim != 4 or chips.shape[1:] != (150, 150, 3) or chips.dtype != np.uint8:
+    if chips.ndim != 4 or chips.shape[1:] != CHIP_SHAPE or chips.dtype != np.uint8:
         raise BatchNormError(f"calibration chips must be uint8 N×150×150×3, got {chips.dtype} {chips.shape}")
     if len(chips) < 2:
         raise BatchNormError("calibration needs at least 2 chips (the statistics of one sample are degenerate)")
@@ -263,7 +266,7 @@ def load_chips(path: str | os.PathLike, limit: int | None = None, seed: int = 0)
         except ImageReadError as err:
             skipped.append(f"{e.path} ({err.reason})")
             continue
-        if rgb.shape != (150, 150, 3):
+        if rgb.shape != CHIP_SHAPE:
             raise BatchNormError(f"{root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned 150x150 "
                                  f"chip (align photos first with `dlibbridge align`)")
         chips.append(rgb)
@@ -321,7 +324,7 @@ def unfreeze_file(src: str | os.PathLike, out: str | os.PathLike, calibrate_dir:
         if conv.calibration is None and worst != 0.0:
             raise BatchNormError(f"verification failed: a bn record folds back to its affine with error {worst:g}")
         check = _check_chips(chips)
-        want, got = _dlib_descriptors(src, check), _dlib_descriptors(tmp, check)
+        want, got = face_descriptors(src, check), face_descriptors(tmp, check)
         if got is None:
             dlib_line = "python dlib check skipped (not a face recognition network)"
         else:
@@ -333,7 +336,7 @@ def unfreeze_file(src: str | os.PathLike, out: str | os.PathLike, calibrate_dir:
         return [f"verified: re-read, {len(before) - len(conv.converted)} other layers unchanged, "
                 f"bn→affine fold max |Δ| {worst:.2e}", dlib_line]
 
-    return lines + _verified_write(fmt.dumps(model), out, verify)
+    return lines + replace_verified(out, fmt.dumps(model), verify)
 
 
 __all__ = ["CalibrationReport", "calibrate", "load_chips", "unfreeze", "unfreeze_file"]

@@ -6,14 +6,13 @@ is from its leading bytes, and :func:`load_model` opens a .dat or a checkpoint a
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 
 import torch
 from torch import nn
 
-from ..codec import tree as fmt
+from .._io import write_torch
 from .arch import FaceResNet
 from .convert import ConversionError, _channels_last, _unwrap, to_dlib_tree, to_torch
 
@@ -32,9 +31,7 @@ def save_torch(module: nn.Module, path: str | os.PathLike) -> None:
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "config": module.config,
             "state_dict": state, "dlib_meta": module.dlib_meta,
             "dlib_source": None if src is None else torch.frombuffer(bytearray(src), dtype=torch.uint8)}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    fmt.write_atomic(path, buf.getvalue())
+    write_torch(path, ckpt)
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FaceResNet:
@@ -57,15 +54,26 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return _channels_last(module).eval()
 
 
-def _is_torch_zip(path: str | os.PathLike) -> bool:
+def sniff(path: str | os.PathLike) -> str:
+    """What a saved model is, from its bytes (never its name): ``"torchscript"`` (a zip
+    archive holding compiled ``code/``), ``"checkpoint"`` (any other zip: torch.save's
+    format, :func:`save_torch` or not) or ``"dat"`` (anything else: dlib's format, checked by
+    the codec when it is read)."""
+    import zipfile
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        if f.read(4) != b"PK\x03\x04":
+            return "dat"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+                return "torchscript"
+    return "checkpoint"
 
 
 def load_model(path: str | os.PathLike, trainable: bool | None = None) -> FaceResNet:
     """A dlib .dat or a :func:`save_torch` checkpoint → FaceResNet.  ``trainable=None``
     keeps a checkpoint's form (and gives the frozen form for a .dat)."""
-    if _is_torch_zip(path):
+    if sniff(path) != "dat":
         module = load_torch(path)
         if trainable is not None and bool(trainable) != module.trainable:
             module = to_torch(to_dlib_tree(module, bool(trainable)), bool(trainable))
@@ -73,4 +81,23 @@ def load_model(path: str | os.PathLike, trainable: bool | None = None) -> FaceRe
     return to_torch(path, bool(trainable))
 
 
-__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'save_torch', 'load_torch', 'load_model']
+def open_model(path: str | os.PathLike) -> nn.Module:
+    """Any saved face model as a module that maps chips to descriptors: a TorchScript archive
+    as torch loads it, a .dat or a checkpoint as :func:`load_model` does."""
+    if sniff(path) == "torchscript":
+        return load_torchscript(path)
+    return load_model(path)
+
+
+def load_torchscript(path) -> nn.Module:
+    """``torch.jit.load`` (a path or a file object) on CPU, without its deprecation notice in torch ≥ 2.13 (TorchScript
+    stays supported here: its archives are what ``export --torchscript`` writes)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        return torch.jit.load(path if hasattr(path, "read") else os.fspath(path), map_location="cpu")
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_torch", "load_torch", "load_model", "sniff",
+           "open_model", "load_torchscript"]

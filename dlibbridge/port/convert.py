@@ -33,20 +33,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._dlib import face_descriptors
+from .._io import replace_verified, write_atomic
+from ..codec import records
 from ..codec import tree as fmt
-from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW
-from .arch import DlibBatchNorm2d, FaceResNet, dlib_padding
-from ..codec.records import affine_as_bn_variance, fold
+from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
+from ..errors import DlibbridgeError
+from .arch import DlibBatchNorm2d, FaceResNet, dlib_padding
 
 
 
-class ConversionError(ValueError):
+class ConversionError(DlibbridgeError, ValueError):
     """A dlib file or module that cannot be mapped exactly; the message names the dlib
     layer (``layer<i>``) and/or the torch module concerned."""
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(DlibbridgeError, RuntimeError):
     """An exported artefact that does not reproduce the torch module within tolerance."""
 
 
@@ -425,40 +428,25 @@ def _same(a: Any, b: Any) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def _mult(d: Details | None, name: str, default: float) -> float:
-    return float(d[name]) if d is not None and d.layer_type == "bn_con" and name in d else default
-
-
 def _affine_record(g: np.ndarray, b: np.ndarray, like: Details | None) -> Details:
-    c = g.size
-    params = np.concatenate([g, b]).astype(np.float32).reshape(2 * c, 1, 1, 1)
     if like is not None and like.layer_type == "affine":
         d = like.copy()
-        d["params"] = params
+        d["params"] = np.concatenate([g, b]).astype(np.float32).reshape(2 * g.size, 1, 1, 1)
         return d
-    return Details.build("affine_", ("params", "tensor", params), ("gamma", "alias", (1, c, 1, 1)),
-                         ("beta", "alias", (1, c, 1, 1)), ("mode", "int", 0))
+    return records.affine_record(g, b, (1, g.size, 1, 1))
 
 
 def _bn_record(gamma, beta, rm, rv, num_updates: int, window: int, eps: float, like: Details | None) -> Details:
     c = gamma.size
-    params = np.concatenate([gamma, beta]).astype(np.float32).reshape(2 * c, 1, 1, 1)
-    col = lambda v: np.asarray(v, np.float32).reshape(1, c, 1, 1)  # noqa: E731
     means, invstds = np.zeros((1, c, 1, 1), np.float32), np.ones((1, c, 1, 1), np.float32)
     if like is not None and like.layer_type == "bn_con" and like["means"].size == c and like["invstds"].size == c:
         # dlib's last-batch statistics: runtime state, carried over (see _RUNTIME_TENSORS).
         means, invstds = like["means"], like["invstds"]
-    # means/invstds must be (1,C,1,1), never empty, when num_updates > 0 (dlib-format.md §4.3).
-    return Details.build(
-        "bn_con2", ("params", "tensor", params), ("gamma", "alias", (1, c, 1, 1)),
-        ("beta", "alias", (1, c, 1, 1)), ("means", "tensor", means), ("invstds", "tensor", invstds),
-        ("running_means", "tensor", col(rm)), ("running_variances", "tensor", col(rv)),
-        ("num_updates", "uint", num_updates), ("running_stats_window_size", "uint", window),
-        ("learning_rate_multiplier", "f64", _mult(like, "learning_rate_multiplier", 1.0)),
-        ("weight_decay_multiplier", "f64", _mult(like, "weight_decay_multiplier", 0.0)),
-        ("bias_learning_rate_multiplier", "f64", _mult(like, "bias_learning_rate_multiplier", 1.0)),
-        ("bias_weight_decay_multiplier", "f64", _mult(like, "bias_weight_decay_multiplier", 1.0)),
-        ("eps", "f64", eps))
+    multipliers = {name: like[name] for name, _ in records.BN_MULTIPLIERS
+                   if like is not None and like.layer_type == "bn_con" and name in like}
+    return records.bn_record("bn_con2", gamma, beta, (1, c, 1, 1), means=means, invstds=invstds,
+                             running_means=np.reshape(rm, (1, c, 1, 1)), running_variances=np.reshape(rv, (1, c, 1, 1)),
+                             num_updates=num_updates, window=window, eps=eps, multipliers=multipliers)
 
 
 def _norm_record(b: Binding, e, src: Details, state: dict, module_trainable: bool, to_bn: bool) -> Details:
@@ -491,9 +479,7 @@ def _plain_record(b: Binding, e, src: Details, state: dict) -> Details:
     p = b.module + "."
     if b.kind == "input":
         mean = state[p + "mean"].reshape(-1)
-        d = src.copy() if src.version == "input_rgb_image_sized" else Details.build(
-            "input_rgb_image_sized", ("avg_red", "f32", 0.0), ("avg_green", "f32", 0.0),
-            ("avg_blue", "f32", 0.0), ("nr", "uint", 150), ("nc", "uint", 150))
+        d = src.copy() if src.version == "input_rgb_image_sized" else records.input_rgb_image_sized(150, 150, mean)
         for name, v in zip(("avg_red", "avg_green", "avg_blue"), mean):
             d[name] = float(v)
         if src.version == "input_rgb_image_sized" and d == src:
@@ -539,8 +525,7 @@ def to_dlib_tree(module: nn.Module, trainable: bool = False) -> Model:
         else:
             e.node.details = new
     if not isinstance(model.net, Loss):
-        model.net = Loss(Details.build("loss_metric_2", ("margin", "f32", 0.04), ("dist_thresh", "f32", 0.6)),
-                         model.net)
+        model.net = Loss(records.loss_metric_2(), model.net)
     return model
 
 
@@ -555,34 +540,30 @@ def to_dlib(module: nn.Module, path: str | os.PathLike, trainable: bool = False,
     """
     data = fmt.dumps(to_dlib_tree(module, trainable))
     if not check:
-        fmt.write_atomic(path, data)
+        write_atomic(path, data)
         return None
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        fmt.write_atomic(tmp, data)
+
+    def verify(tmp) -> float:
         diff = dlib_check(tmp, module)
         if not diff <= atol:
             raise ExportCheckError(f"dlib computes descriptors {diff:.3g} away from the torch module "
                                    f"with the exported file (> {atol})")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return diff
+        return diff
+
+    return replace_verified(path, data, verify)
 
 
-def dlib_check(path: str | os.PathLike, module: nn.Module, n: int = 3) -> float:
+def dlib_check(path: str | os.PathLike, module: nn.Module, n: int = 3, chips: np.ndarray | None = None) -> float:
     """max |Δ| between ``dlib.face_recognition_model_v1(path)`` and the module (fp32, CPU)
-    on ``n`` :func:`check_chips`."""
-    import dlib
-
+    on uint8 RGB ``chips`` (N,150,150,3), by default ``n`` :func:`check_chips`."""
     m = _export_copy(module)
-    x = check_chips(n, 0, tuple(m.config["input_size"]))
-    chips = [np.ascontiguousarray(c) for c in x.to(torch.uint8).permute(0, 2, 3, 1).numpy()]
-    got = np.array(dlib.face_recognition_model_v1(os.fspath(path)).compute_face_descriptor(chips))
+    if chips is None:
+        chips = check_chips(n, 0, tuple(m.config["input_size"])).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    got = face_descriptors(path, chips)
+    if got is None:
+        raise ExportCheckError(f"dlib cannot load {path} as a face recognition network")
     with torch.inference_mode():
-        want = m(x)
+        want = m(torch.from_numpy(np.ascontiguousarray(chips)))
     return _max_diff(got, want)
 
 
@@ -621,8 +602,7 @@ def build_tree(config: dict, trainable: bool = False) -> Model:
     relu = lambda: Details.build("relu_")  # noqa: E731
     h, w = config["input_size"]
     st = config["stem"]
-    inp = Details.build("input_rgb_image_sized", ("avg_red", "f32", 122.782), ("avg_green", "f32", 117.001),
-                        ("avg_blue", "f32", 104.298), ("nr", "uint", h), ("nc", "uint", w))
+    inp = records.input_rgb_image_sized(h, w)
     node: Any = InputLayer(inp, _con_record(3, st["channels"], st["kernel"], st["stride"], st["padding"]))
 
     def add(d: Details) -> None:
@@ -661,8 +641,7 @@ def build_tree(config: dict, trainable: bool = False) -> Model:
                       ("bias_mode", "int", 1), ("learning_rate_multiplier", "f64", 1.0),
                       ("weight_decay_multiplier", "f64", 1.0), ("bias_learning_rate_multiplier", "f64", 1.0),
                       ("bias_weight_decay_multiplier", "f64", 0.0)))
-    loss = Details.build("loss_metric_2", ("margin", "f32", 0.04), ("dist_thresh", "f32", 0.6))
-    return Model(Loss(loss, node))
+    return Model(Loss(records.loss_metric_2(), node))
 
 
 # ---------------------------------------------------------------------------------------

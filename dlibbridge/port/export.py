@@ -1,67 +1,85 @@
-"""Deployment exports of a FaceResNet beside dlib's own format: ONNX and TorchScript.
+"""Deployment exports of a FaceResNet beside dlib's own format: ONNX, TorchScript and a
+``torch.export`` program (``.pt2``).
 
-Every export is reloaded and compared with the torch module on check chips before it is
-written (atomically); the .dat export and its dlib parity check are :mod:`dlibbridge.port.convert`.
+All three take float32 chips (N,3,H,W), RGB 0–255, with a dynamic batch N, and give (N,128)
+descriptors.  Every export is reloaded and compared with the torch module on a batch of 3
+check chips (the trace used 2) before it is written (atomically): :func:`_checked_write`.
+The .dat export and its parity check in dlib itself are :mod:`dlibbridge.port.convert`.
 """
 from __future__ import annotations
 
 import io
 import os
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..codec import tree as fmt
+from .._io import write_atomic
+from .checkpoint import load_torchscript
 from .convert import ExportCheckError, _export_copy, _max_diff, check_chips
 
 
+def _checked_write(kind: str, data: bytes, run: Callable, m: nn.Module, path, atol: float) -> float:
+    """Max |Δ| of ``run`` (the reloaded export) vs the module on 3 check chips; writes
+    ``data`` to ``path`` only when it is ≤ ``atol``, else :class:`ExportCheckError`."""
+    x = check_chips(3, 0, tuple(m.config["input_size"]))
+    with torch.inference_mode():
+        diff = _max_diff(run(x), m(x))
+    if not diff <= atol:
+        raise ExportCheckError(f"{kind} export differs from the torch module by {diff:.3g} (> {atol})")
+    write_atomic(path, data)
+    return diff
+
+
 def export_onnx(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) -> float:
-    """ONNX graph with a dynamic batch: input ``chips`` float32 (N,3,H,W) RGB 0–255, output
-    ``descriptors`` (N,128).  Checked with onnxruntime on a batch of 3 (the trace used 2);
-    returns max |Δ| vs the torch module, raising :class:`ExportCheckError` above ``atol``."""
+    """ONNX graph (opset 17), input ``chips``, output ``descriptors``, checked with
+    onnxruntime; returns max |Δ| vs the torch module.  The TorchScript-based exporter
+    (``dynamo=False``): the dynamo exporter needs the onnxscript package, not a dependency."""
     import onnxruntime as ort
 
     m = _export_copy(module)
-    size = tuple(m.config["input_size"])
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the legacy exporter's deprecation/tracer notices
-        torch.onnx.export(m, (check_chips(2, 1, size),), buf, dynamo=False, opset_version=17,
-                          input_names=["chips"], output_names=["descriptors"],
+        torch.onnx.export(m, (check_chips(2, 1, tuple(m.config["input_size"])),), buf, dynamo=False,
+                          opset_version=17, input_names=["chips"], output_names=["descriptors"],
                           dynamic_axes={"chips": {0: "batch"}, "descriptors": {0: "batch"}})
     data = buf.getvalue()
-    x = check_chips(3, 0, size)
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"chips": x.numpy()})[0]
-    with torch.inference_mode():
-        want = m(x)
-    diff = _max_diff(got, want)
-    if not diff <= atol:
-        raise ExportCheckError(f"ONNX export differs from the torch module by {diff:.3g} (> {atol})")
-    fmt.write_atomic(path, data)
-    return diff
+    return _checked_write("ONNX", data, lambda x: sess.run(None, {"chips": x.numpy()})[0], m, path, atol)
 
 
 def export_torchscript(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) -> float:
-    """Traced TorchScript module with the same input/output as :func:`export_onnx`,
-    reloaded and checked on a batch of 3; returns max |Δ| vs the torch module."""
+    """Traced TorchScript module, reloaded and checked; returns max |Δ| vs the torch module.
+    torch ≥ 2.13 marks TorchScript deprecated (its notices are silenced here); the archive
+    still loads with ``torch.jit.load`` in every supported torch, and :func:`export_pt2` is
+    the format that replaces it."""
     m = _export_copy(module)
-    size = tuple(m.config["input_size"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(m, (check_chips(2, 1, size),), check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+        traced = torch.jit.trace(m, (check_chips(2, 1, tuple(m.config["input_size"])),), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     data = buf.getvalue()
-    loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    x = check_chips(3, 0, size)
-    with torch.inference_mode():
-        diff = _max_diff(loaded(x), m(x))
-    if not diff <= atol:
-        raise ExportCheckError(f"TorchScript export differs from the torch module by {diff:.3g} (> {atol})")
-    fmt.write_atomic(path, data)
-    return diff
+    loaded = load_torchscript(io.BytesIO(data))
+    return _checked_write("TorchScript", data, loaded, m, path, atol)
 
 
-__all__ = ['export_onnx', 'export_torchscript']
+def export_pt2(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) -> float:
+    """``torch.export`` program (``torch.export.save``; load with ``torch.export.load(path)
+    .module()``), dynamic batch, reloaded and checked; returns max |Δ| vs the torch module."""
+    m = _export_copy(module)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(m, (check_chips(2, 1, tuple(m.config["input_size"])),),
+                                      dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    data = buf.getvalue()
+    loaded = torch.export.load(io.BytesIO(data)).module()
+    return _checked_write("torch.export", data, loaded, m, path, atol)
+
+
+__all__ = ["export_onnx", "export_torchscript", "export_pt2"]

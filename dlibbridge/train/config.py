@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..data.augment import parse_degradations
 from .losses import LOSSES
+from ..errors import DlibbridgeError
 
 
 CONFIG_FILE = "config.json"
@@ -19,7 +20,7 @@ SELECT_METRICS = ("tar@far", "auc", "accuracy")
 RESUME_OVERRIDABLE = ("workers", "progress")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(DlibbridgeError, ValueError):
     """A fine-tuning job that cannot run as configured; the message says what to change."""
 
 

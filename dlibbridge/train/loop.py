@@ -31,6 +31,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,12 +51,15 @@ from torch import nn
 
 from ..data.augment import Augment, Jitter, parse_degradations
 from ..port.checkpoint import save_torch
-from ..codec.tree import sha256_file
+from ..port.convert import dlib_check
+from .._io import sha256_file
+from ..assets import resolve_model
 from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
 from .dist import Dist, init_distributed
 from .losses import make_loss
-from .rundir import _write_json, save_torch_atomic, write_logs
+from .rundir import write_logs, write_run_json
+from .._io import write_torch
 
 if TYPE_CHECKING:
     from ..data.store import ChipStore
@@ -72,7 +76,7 @@ def load_base_model(spec: str | None) -> nn.Module:
     or trainable bn_con) or a torch checkpoint (``model.pt``).  None = dlib's own model."""
     from .. import assets
     from ..port.checkpoint import load_model
-    path = Path(spec) if spec else assets.face_model_path()
+    path = assets.resolve_model(spec)
     if not path.is_file():
         raise FileNotFoundError(f"base model {path} does not exist")
     return load_model(path, trainable=True)
@@ -372,7 +376,7 @@ def _prepare_run_dir(cfg: FinetuneConfig, resume: bool, dist: Dist) -> Path:
         if not resume:
             # Written before data preparation so that a run killed while packing can be resumed;
             # replaced by the fully resolved config once the data and model are known.
-            _write_json(run_dir / CONFIG_FILE, {"config": cfg.to_json()})
+            write_run_json(run_dir / CONFIG_FILE, {"config": cfg.to_json()})
     dist.barrier()
     return run_dir
 
@@ -436,7 +440,7 @@ class _Job:
             raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {self.device}")
 
         self.model = load_base_model(c.base)
-        self.base_sha = sha256_file(Path(c.base) if c.base else _default_base())
+        self.base_sha = sha256_file(resolve_model(c.base))
         self.teacher = None
         if c.distill > 0:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device)
@@ -512,7 +516,7 @@ class _Job:
 
     def checkpoint(self) -> None:
         if self.dist.main:
-            save_torch_atomic(self.state(), self.run_dir / CHECKPOINT_FILE)
+            write_torch(self.run_dir / CHECKPOINT_FILE, self.state())
             write_logs(self.run_dir, self.step_log, self.val_log)
         self.dist.barrier()
 
@@ -523,7 +527,7 @@ class _Job:
             return
         c = self.cfg
         labels = np.asarray(self.store.labels)
-        _write_json(self.run_dir / CONFIG_FILE, {
+        write_run_json(self.run_dir / CONFIG_FILE, {
             "config": c.to_json(),
             "data": {"store": str(self.store.path), "images": int(len(labels)),
                      "identities": len(self.store.identities),
@@ -630,7 +634,7 @@ class _Job:
             x = chips[m * self.micro:(m + 1) * self.micro]
             y = labels[m * self.micro:(m + 1) * self.micro]
             last = m == n_micro - 1
-            sync = self.module.no_sync() if (self.dist.world > 1 and not last) else _nullcontext()
+            sync = self.module.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             with sync:
                 task, emb = self.module(x, y, self.amp_dtype)
                 loss = task
@@ -744,7 +748,7 @@ class _Job:
     def export(self) -> dict:
         from ..port.export import export_onnx
         from ..port.checkpoint import load_torch
-        from ..port.convert import to_dlib, to_dlib_tree, to_torch
+        from ..port.convert import to_dlib
         c = self.cfg
         model = self.model
         exported_step = self.step
@@ -759,10 +763,8 @@ class _Job:
         files = ["model.dat", "model_trainable.dat", "model.pt"]
         onnx_diff = None
         if c.onnx:
-            # The ONNX graph is the deployed form (batch-norm folded into affine, exactly what
-            # model.dat holds): that is what inference runtimes should execute.
-            deployed = to_torch(to_dlib_tree(model, trainable=False), trainable=False)
-            onnx_diff = export_onnx(deployed, out / "model.onnx")
+            # export_onnx writes the deployed form (batch-norm folded exactly as model.dat holds it).
+            onnx_diff = export_onnx(model, out / "model.onnx")
             files.append("model.onnx")
         check = dlib_export_check(model, out / "model.dat", self.store,
                                   self.split.val_rows if len(self.split.val_rows) else self.split.train_rows)
@@ -773,7 +775,7 @@ class _Job:
                    "train_elapsed_s": round(self.elapsed, 3),
                    "train_images_per_s": images / self.elapsed if self.elapsed > 0 else None,
                    "baseline": self.val_log[0] if self.val_log and self.val_log[0]["step"] == 0 else None}
-        _write_json(out / "summary.json", summary)
+        write_run_json(out / "summary.json", summary)
         return summary
 
 
@@ -782,12 +784,8 @@ def dlib_export_check(model: nn.Module, dat_path: Path, store, rows: np.ndarray,
     model's on a few chips: proof the exported file is the trained network."""
     import dlib
     rows = np.asarray(rows)[:n]
-    chips = np.ascontiguousarray(np.asarray(store.chips[np.sort(rows)]))
-    net = dlib.face_recognition_model_v1(str(dat_path))
-    ref = np.array([np.array(net.compute_face_descriptor(c)) for c in chips], np.float32)
-    with torch.no_grad():
-        got = model.eval()(torch.from_numpy(chips)).numpy()
-    return {"images": int(len(rows)), "max_abs_diff": float(np.abs(ref - got).max()),
+    diff = dlib_check(dat_path, model, chips=np.asarray(store.chips[np.sort(rows)]))
+    return {"images": int(len(rows)), "max_abs_diff": diff,
             "loaded_by": f"dlib {dlib.__version__} face_recognition_model_v1"}
 
 
@@ -817,16 +815,3 @@ class _GracefulStop:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _default_base() -> Path:
-    from .. import assets
-    return assets.face_model_path()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import DlibbridgeError
 
 __all__ = [
     "BatchCompositionError", "check_pairs", "metric_loss_and_gradient", "MetricLoss",
@@ -39,7 +40,7 @@ DLIB_MARGIN = 0.04
 DLIB_DIST_THRESH = 0.6
 
 
-class BatchCompositionError(ValueError):
+class BatchCompositionError(DlibbridgeError, ValueError):
     """A batch that cannot be trained on: metric losses need at least one positive pair (two
     images of one identity) and one negative pair (two identities).  dlib asserts here and
     aborts; we raise so the caller can say which data or sampler settings caused it."""

@@ -1,22 +1,20 @@
 """A run directory's records: per-step and per-validation logs (CSV and JSON), curves, atomic torch saves."""
 from __future__ import annotations
 
-import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..codec.tree import write_atomic
+from .._io import write_atomic, write_csv, write_json
 
 
 STEP_FIELDS = ["step", "epoch", "loss", "task_loss", "distill_loss", "lr", "images_per_s", "elapsed_s"]
 
 
-def _write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+def write_run_json(path: Path, obj) -> None:
+    """A run's JSON records (numpy scalars and paths as plain values)."""
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(o):
@@ -27,21 +25,12 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def _csv_bytes(rows: list[dict], fields: list[str]) -> bytes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    return buf.getvalue().encode()
-
-
 def write_logs(run_dir: Path, steps: list[dict], vals: list[dict]) -> None:
     """log.csv, val.csv, log.json and curves.png, each replaced atomically."""
-    write_atomic(run_dir / "log.csv", _csv_bytes(steps, STEP_FIELDS))
+    write_csv(run_dir / "log.csv", steps, STEP_FIELDS)
     val_fields = ["step", "epoch"] + sorted({k for v in vals for k in v} - {"step", "epoch"})
-    write_atomic(run_dir / "val.csv", _csv_bytes(vals, val_fields))
-    _write_json(run_dir / "log.json", {"steps": steps, "validation": vals})
+    write_csv(run_dir / "val.csv", vals, val_fields)
+    write_run_json(run_dir / "log.json", {"steps": steps, "validation": vals})
     plot_curves(run_dir / "curves.png", steps, vals)
 
 
@@ -78,10 +67,4 @@ def plot_curves(path: Path, steps: list[dict], vals: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
-
-
-def save_torch_atomic(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
     write_atomic(path, buf.getvalue())
