@@ -108,6 +108,34 @@ def _run_pack(args) -> int:
     return 0
 
 
+# ---- camera ------------------------------------------------------------
+
+def _add_camera(sub) -> None:
+    p = sub.add_parser(
+        "camera", help="measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
+        description="PHOTOS_DIR (any layout, no identities; 150x150 images are taken as aligned chips) -> "
+                    "camera.json (per-face records and their distributions; schema in docs/finetune.md) "
+                    "and camera.png beside it; a summary is printed.")
+    p.add_argument("photos_dir", metavar="PHOTOS_DIR")
+    _out_option(p, required=True, metavar="CAMERA_JSON", help="profile to write (its plot goes beside it as .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing camera profile (only one)")
+    p.add_argument("--max-images", type=int, metavar="N", help="measure N images spread over the folder (default all)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_camera)
+
+
+def _run_camera(args) -> int:
+    from .data import camera
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError("--max-images must be at least 1")
+    camera.check_output(args.out, args.photos_dir, args.overwrite)
+    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images)
+    out, png = camera.write_camera(profile, args.out)
+    print(profile.summary())
+    print(f"wrote {out} and {png}")
+    return 0
+
+
 # ---- evaluate --------------------------------------------
 
 def _add_evaluate(sub) -> None:
@@ -437,6 +465,7 @@ _COMMANDS = [
     _add_export,
     _add_embed,
     _add_evaluate,
+    _add_camera,
 ]
 
 
@@ -457,6 +486,7 @@ _ON_INTERRUPT = {
     "align": lambda args: "finished photos are kept, run the same command again to continue",
     "pack": lambda args: "run the same command again to continue",
     "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
+    "camera": lambda args: "nothing written",
 }
 # evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
 # files found deep in their pipelines) as bad input, as they always have.

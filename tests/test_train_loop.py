@@ -210,6 +210,8 @@ def _make_folder(root: Path, johns_dir: Path, counts: dict[str, int]) -> Path:
      ["-P", "2", "--accumulate", "2"], "needs >= 2 per share for negative pairs"),
     ({"John_Salley": 3, "John_Schneider": 3},
      ["-P", "2", "-K", "1"], "needs --images-per-identity >= 2"),
+    ({"John_Salley": 3, "John_Schneider": 3},
+     ["-P", "2", "--degrade", "lowres=0.5:48-24"], "--degrade: degradation 'lowres': range '48-24'"),
 ])
 def test_refuses_data_without_positive_and_negative_pairs(tmp_path, johns_dir, capsys, counts, argv, message):
     data = _make_folder(tmp_path / "data", johns_dir, counts)

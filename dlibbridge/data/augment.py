@@ -11,23 +11,25 @@ worker or process drew it — that is what makes runs reproducible and resumable
   because the network was trained on dlib-aligned chips: large crops would teach it a different
   alignment than the one used at inference.
 * **degradations** — for cameras worse than the web photos dlib was trained on: grayscale,
-  Gaussian blur, down-then-up scaling (low resolution) and JPEG compression.  Each is applied
-  with its own probability; :func:`degrade` applies a fixed degradation (for evaluating a
-  "degraded camera" scenario).
+  Gaussian blur, down-then-up scaling (low resolution), sensor noise, exposure (brightness and
+  contrast) and JPEG compression.  Each is applied with its own probability and parameter
+  range; :func:`degrade` applies a fixed degradation (for evaluating a "degraded camera"
+  scenario).  :mod:`dlibbridge.data.camera` draws them from a measured camera instead.
 
-The spec strings used on the command line (``--degrade gray=0.3,blur=0.2,lowres=0.3,jpeg=0.3``)
-are parsed by :func:`parse_degradations`.
+The spec strings used on the command line are parsed by :func:`parse_degradations`:
+``NAME[=PROB[:LO-HI]]`` joined by commas, e.g. ``gray=0.3,lowres=0.7:24-48,jpeg=0.5:20-40``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
 
 __all__ = ["Jitter", "Degradations", "Augment", "parse_degradations", "degrade",
-           "to_grayscale", "blur", "down_up", "jpeg"]
+           "to_grayscale", "blur", "down_up", "jpeg", "add_noise", "brightness_contrast"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,14 +103,19 @@ def blur(chip: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(chip, (0, 0), sigmaX=float(sigma)) if sigma > 0 else chip
 
 
-def down_up(chip: np.ndarray, side: int) -> np.ndarray:
+def down_up(chip: np.ndarray, side: int,
+            at_low_res: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Shrink to ``side`` pixels (area averaging, like a small sensor) then enlarge back
-    bilinearly, as an aligner would when it meets a low-resolution face."""
+    bilinearly, as an aligner would when it meets a low-resolution face.  ``at_low_res``
+    (image → image), when given, is applied to the small image: what the camera does at its
+    own resolution (sensor noise, JPEG) before the aligner enlarges it."""
     h, w = chip.shape[:2]
     side = int(side)
     if side >= min(h, w):
-        return chip
+        return chip if at_low_res is None else at_low_res(chip)
     small = cv2.resize(chip, (max(1, side * w // h), side), interpolation=cv2.INTER_AREA)
+    if at_low_res is not None:
+        small = at_low_res(small)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -120,24 +127,54 @@ def jpeg(chip: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-_DEGRADATIONS = ("gray", "blur", "lowres", "jpeg")
+def add_noise(chip: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian sensor noise of ``sigma`` grey levels, the same in the three channels when the
+    chip is gray (a monochrome sensor has one), independent per channel otherwise."""
+    if sigma <= 0:
+        return chip
+    gray = bool(np.array_equal(chip[..., 0], chip[..., 1]) and np.array_equal(chip[..., 1], chip[..., 2]))
+    n = rng.normal(0.0, sigma, size=chip.shape[:2] + ((1,) if gray else (chip.shape[2],)))
+    return np.clip(chip + n + 0.5, 0, 255).astype(np.uint8)
+
+
+def brightness_contrast(chip: np.ndarray, *, gain: float, mean_from: float, mean_to: float) -> np.ndarray:
+    """Exposure change: pixel values spread around ``mean_from`` scaled by ``gain`` (contrast)
+    and moved to ``mean_to`` (brightness), clipped as a sensor saturates."""
+    lut = np.clip((np.arange(256) - mean_from) * gain + mean_to + 0.5, 0, 255).astype(np.uint8)
+    return lut[chip]
+
+
+_DEGRADATIONS = ("gray", "blur", "lowres", "jpeg", "noise", "exposure")
+#: The range field of each degradation, its type and bounds (a spec's LO-HI must lie inside).
+_RANGES = {"blur": ("blur_sigma", float, 0.0, 20.0), "lowres": ("lowres_side", int, 2, 150),
+           "jpeg": ("jpeg_quality", int, 1, 100), "noise": ("noise_sigma", float, 0.0, 64.0),
+           "exposure": ("exposure_gain", float, 0.05, 1.0)}
 
 
 @dataclass(frozen=True)
 class Degradations:
     """Random camera degradations, each with its own probability (0 = off).  Ranges are
-    inclusive: blur sigma in pixels, low-resolution side in pixels, JPEG quality 1–100."""
+    inclusive: blur sigma in pixels, low-resolution side in pixels, JPEG quality 1–100, noise
+    sigma in grey levels, exposure gain (a dark, flat camera: the chip's brightness and its
+    contrast around it both scaled by the gain)."""
     gray: float = 0.0
     blur: float = 0.0
     lowres: float = 0.0
     jpeg: float = 0.0
+    noise: float = 0.0
+    exposure: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 2.0)
     lowres_side: tuple[int, int] = (24, 72)
     jpeg_quality: tuple[int, int] = (15, 60)
+    noise_sigma: tuple[float, float] = (2.0, 8.0)
+    exposure_gain: tuple[float, float] = (0.3, 0.8)
 
     @property
     def enabled(self) -> bool:
         return any(getattr(self, k) > 0 for k in _DEGRADATIONS)
+
+    def describe(self) -> dict:
+        return asdict(self)
 
     def __call__(self, chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         # Draw every random number unconditionally so that enabling one degradation does not
@@ -152,18 +189,27 @@ class Degradations:
             chip = blur(chip, sigma)
         if u[2] < self.lowres:
             chip = down_up(chip, side)
+        # Drawn after the original four, so specs without noise/exposure keep their results.
+        u2 = rng.random(2)
+        noise_sigma = rng.uniform(*self.noise_sigma)
+        gain = rng.uniform(*self.exposure_gain)
+        if u2[0] < self.noise:
+            chip = add_noise(chip, noise_sigma, rng)
+        if u2[1] < self.exposure:
+            chip = brightness_contrast(chip, gain=gain, mean_from=0.0, mean_to=0.0)
         if u[3] < self.jpeg:
             chip = jpeg(chip, quality)
         return chip
 
 
 def parse_degradations(spec: str | None) -> Degradations:
-    """``"gray=0.3,blur=0.2,lowres=0.5,jpeg=0.3"`` → :class:`Degradations` (a bare name means
-    probability 0.5; "" or None means none).  Unknown names and probabilities outside [0, 1]
-    are refused with the list of valid names."""
+    """``"gray=0.3,lowres=0.7:24-48,jpeg=0.5:20-40"`` → :class:`Degradations`.  Each item is
+    ``NAME[=PROB[:LO-HI]]``: a bare name means probability 0.5, a missing range keeps the
+    default one; "" or None means none.  Unknown names, probabilities outside [0, 1] and ranges
+    that are reversed, out of bounds or given to ``gray`` are refused with the reason."""
     if not spec:
         return Degradations()
-    probs: dict[str, float] = {}
+    values: dict[str, object] = {}
     for item in spec.split(","):
         item = item.strip()
         if not item:
@@ -172,14 +218,29 @@ def parse_degradations(spec: str | None) -> Degradations:
         name = name.strip()
         if name not in _DEGRADATIONS:
             raise ValueError(f"unknown degradation {name!r} in {spec!r}; valid: {', '.join(_DEGRADATIONS)}")
+        prob, _, rng_text = val.partition(":")
         try:
-            p = float(val) if val else 0.5
+            p = float(prob) if prob.strip() else 0.5
         except ValueError:
-            raise ValueError(f"degradation {name!r}: probability {val!r} is not a number") from None
+            raise ValueError(f"degradation {name!r}: probability {prob!r} is not a number") from None
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"degradation {name!r}: probability {p} is outside [0, 1]")
-        probs[name] = p
-    return Degradations(**probs)
+        values[name] = p
+        if rng_text.strip():
+            if name not in _RANGES:
+                raise ValueError(f"degradation {name!r} takes no range (got {rng_text!r})")
+            key, kind, lo_bound, hi_bound = _RANGES[name]
+            lo_text, sep, hi_text = rng_text.partition("-")
+            try:
+                lo, hi = kind(lo_text), kind(hi_text if sep else lo_text)
+            except ValueError:
+                raise ValueError(f"degradation {name!r}: range {rng_text!r} is not LO-HI "
+                                 f"({kind.__name__} values)") from None
+            if not lo_bound <= lo <= hi <= hi_bound:
+                raise ValueError(f"degradation {name!r}: range {rng_text!r} must satisfy "
+                                 f"{lo_bound} <= LO <= HI <= {hi_bound}")
+            values[key] = (lo, hi)
+    return Degradations(**values)
 
 
 def degrade(chip: np.ndarray, *, gray: bool = False, blur_sigma: float = 0.0,
@@ -203,7 +264,7 @@ class Augment:
     """The full training-time transform: jitter (optional) then degradations (optional).
     Picklable, so it can run inside DataLoader workers."""
     jitter: Jitter | None = field(default_factory=Jitter)
-    degradations: Degradations = field(default_factory=Degradations)
+    degradations: Degradations = field(default_factory=Degradations)   # or camera.CameraDegradations
 
     def __call__(self, chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if chip.dtype != np.uint8 or chip.ndim != 3 or chip.shape[2] != 3:
@@ -217,4 +278,4 @@ class Augment:
     def describe(self) -> dict:
         """Plain data for the run's resolved config."""
         return {"jitter": None if self.jitter is None else asdict(self.jitter),
-                "degradations": asdict(self.degradations)}
+                "degradations": self.degradations.describe()}

@@ -128,7 +128,10 @@ class FinetuneConfig:
             bad("--distill must be >= 0")
         if self.val_identities < 0:
             bad("--val-identities must be >= 0")
-        parse_degradations(self.degrade)          # raises with the valid names
+        try:
+            parse_degradations(self.degrade)
+        except ValueError as e:                   # says which item and why
+            bad(f"--degrade: {e}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
