@@ -116,7 +116,7 @@ def _add_camera(sub) -> None:
         description="PHOTOS_DIR (any layout, no identities; 150x150 images are taken as aligned chips) -> "
                     "camera.json (per-face records and their distributions; schema in docs/finetune.md) "
                     "and camera.png beside it; a summary is printed.")
-    p.add_argument("photos_dir", metavar="PHOTOS_DIR")
+    p.add_argument("photos_dir", metavar="PHOTOS_DIR", help="photos or 150x150 chips from the camera, any layout")
     _out_option(p, required=True, metavar="CAMERA_JSON", help="profile to write (its plot goes beside it as .png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing camera profile (only one)")
     p.add_argument("--max-images", type=int, metavar="N", help="measure N images spread over the folder (default all)")
