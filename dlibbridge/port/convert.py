@@ -375,9 +375,10 @@ def _as_model(src) -> tuple[Model, bytes | None]:
     return fmt.loads(data), data
 
 
-def to_torch(path_or_tree, trainable: bool = False) -> FaceResNet:
+def to_torch(path_or_tree, trainable: bool = False) -> nn.Module:
     """dlib face-ResNet file (path, bytes or parsed :class:`~dlibbridge.codec.tree.Model`) →
-    :class:`FaceResNet` in eval mode.
+    :class:`FaceResNet` in eval mode; any other network →
+    :class:`~dlibbridge.port.generic.DlibNet` (frozen form only).
 
     ``trainable=False`` gives the frozen inference form (affine scale/shift);
     ``trainable=True`` gives ``DlibBatchNorm2d`` layers for fine-tuning.  The original bytes
@@ -385,7 +386,16 @@ def to_torch(path_or_tree, trainable: bool = False) -> FaceResNet:
     back byte for byte.
     """
     model, data = _as_model(path_or_tree)
-    struct = parse_structure(model)
+    try:
+        struct = parse_structure(model)
+    except ConversionError:
+        if trainable:
+            raise
+        # Not the face ResNet: every other network goes through the generic converter.
+        from . import generic
+        net = generic.build(model)
+        net.dlib_source = data
+        return net
     config = dict(struct.config, trainable=bool(trainable))
     module = FaceResNet(config)
     _load_weights(module, struct, bool(trainable))
@@ -538,7 +548,12 @@ def to_dlib(module: nn.Module, path: str | os.PathLike, trainable: bool = False,
     descriptors with the module's on :func:`check_chips`; the file only replaces ``path``
     when max |Δ| ≤ ``atol`` (returned), else :class:`ExportCheckError`.
     """
-    data = fmt.dumps(to_dlib_tree(module, trainable))
+    from .generic import DlibNet
+    if isinstance(getattr(module, "_orig_mod", module), DlibNet):
+        from . import generic
+        data = fmt.dumps(generic.to_dlib_tree(module))
+    else:
+        data = fmt.dumps(to_dlib_tree(module, trainable))
     if not check:
         write_atomic(path, data)
         return None

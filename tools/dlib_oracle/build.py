@@ -88,19 +88,19 @@ def _compiler_id() -> str:
     return r.stdout.splitlines()[0] if r.stdout else CXX
 
 
-def build_key(sdist: Path) -> str:
+def build_key(sdist: Path, source: str = "oracle.cpp") -> str:
     h = hashlib.sha256()
-    for part in (SDIST_SHA256, (HERE / "oracle.cpp").read_bytes().hex(), _compiler_id(),
+    for part in (SDIST_SHA256, (HERE / source).read_bytes().hex(), _compiler_id(),
                  " ".join(CXXFLAGS + LIBS)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
-def _compile(src_root: Path, out: Path, log) -> None:
+def _compile(src_root: Path, out: Path, log, source: str = "oracle.cpp") -> None:
     jobs = []
     objs = []
-    for name, src in (("dlib_all", src_root / "dlib" / "all" / "source.cpp"), ("oracle", HERE / "oracle.cpp")):
+    for name, src in (("dlib_all", src_root / "dlib" / "all" / "source.cpp"), ("oracle", HERE / source)):
         obj = out.parent / f"{name}.o"
         objs.append(obj)
         cmd = [CXX, *CXXFLAGS, "-I", str(src_root), "-c", str(src), "-o", str(obj)]
@@ -118,12 +118,13 @@ def _compile(src_root: Path, out: Path, log) -> None:
         raise OracleBuildError("linking the dlib oracle failed:\n" + r.stderr[-4000:])
 
 
-def build(verbose: bool = True) -> Path:
-    """Path of the built oracle; builds it (once, under a lock) if needed."""
+def build(verbose: bool = True, source: str = "oracle.cpp") -> Path:
+    """Path of the built oracle (``source``: oracle.cpp, or zoo_oracle.cpp for the other
+    shipped networks); builds it (once, under a lock) if needed."""
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     sdist = sdist_path()
-    key = build_key(sdist)
-    target = BUILD_ROOT / key / "dlib_oracle"
+    key = build_key(sdist, source)
+    target = BUILD_ROOT / key / Path(source).stem
     if target.is_file():
         return target
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ def build(verbose: bool = True) -> Path:
         if target.is_file():          # another process built it while we waited
             return target
         t0 = time.monotonic()
-        log(f"building dlib_oracle ({key}) from {sdist.name} ...")
+        log(f"building {source} ({key}) from {sdist.name} ...")
         with tempfile.TemporaryDirectory(dir=BUILD_ROOT, prefix=".build-") as tmp:
             tmp = Path(tmp)
             with tarfile.open(sdist) as tar:
@@ -141,9 +142,9 @@ def build(verbose: bool = True) -> Path:
                     tar.extractall(tmp, members=members, filter="data")
                 except TypeError:     # Python without extraction filters (< 3.10.12)
                     tar.extractall(tmp, members=members)
-            out = tmp / "bin" / "dlib_oracle"
+            out = tmp / "bin" / Path(source).stem
             out.parent.mkdir()
-            _compile(tmp / f"dlib-{DLIB_VERSION}", out, log)
+            _compile(tmp / f"dlib-{DLIB_VERSION}", out, log, source)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(out, target)
         log(f"built {target} in {time.monotonic() - t0:.0f} s")
@@ -151,9 +152,9 @@ def build(verbose: bool = True) -> Path:
 
 
 def clean_old_builds(keep: Path) -> None:
-    """Remove builds of other keys (old oracle.cpp versions)."""
+    """Remove other builds of the same program (old source versions)."""
     for d in BUILD_ROOT.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and d != keep.parent:
+        if d.is_dir() and not d.name.startswith(".") and d != keep.parent and (d / keep.name).exists():
             shutil.rmtree(d, ignore_errors=True)
 
 
