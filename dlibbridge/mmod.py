@@ -25,6 +25,7 @@ The pipeline, each step as dlib does it (dlib 20.0.1 source, read for reference)
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -145,32 +146,36 @@ def _simd_columns(in_n: int, out_n: int):
     return left, left + 1, frac, tail
 
 
+@functools.lru_cache(maxsize=256)
+def _resize_plan(h: int, w: int, out_h: int, out_w: int):
+    """Index and weight tensors of :func:`resize_bilinear` (CPU; cached per size)."""
+    top, bottom, tb = _rows(h, out_h)
+    left, right, frac, tail = _simd_columns(w, out_w)
+    tl_ = np.floor(tail).astype(np.int64)
+    t = torch.from_numpy
+    return (t(top), t(bottom), t(tb.astype(np.float32)).view(-1, 1), t((1 - tb).astype(np.float32)).view(-1, 1),
+            t(tb).view(-1, 1), t(left), t(right), t(frac).view(1, -1),
+            t(tl_), t(np.minimum(tl_ + 1, w - 1)), t((tail - tl_).astype(np.float32)).view(1, -1))
+
+
 def resize_bilinear(src: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """dlib's ``resize_image`` of a float image (``tt::resize_bilinear`` on the CPU), bit for
-    bit: ``src`` is (..., h, w) float32."""
+    bit: ``src`` is (C, h, w) float32."""
     h, w = src.shape[-2:]
     dev = src.device
-    top, bottom, tb = _rows(h, out_h)
-    tb32 = torch.from_numpy(tb.astype(np.float32)).to(dev).view(-1, 1)
-    inv_tb32 = torch.from_numpy((1 - tb).astype(np.float32)).to(dev).view(-1, 1)
-    rt = src[..., torch.from_numpy(top).to(dev), :]
-    rb = src[..., torch.from_numpy(bottom).to(dev), :]
-    left, right, frac, tail = _simd_columns(w, out_w)
+    plan = [p.to(dev) for p in _resize_plan(h, w, out_h, out_w)]
+    top, bottom, tb32, inv_tb32, tb64, li, ri, lr, tli, tri, tlr = plan
+    rt = src.index_select(-2, top)
+    rb = src.index_select(-2, bottom)
     parts = []
-    if len(left):
-        li, ri = torch.from_numpy(left).to(dev), torch.from_numpy(right).to(dev)
-        lr = torch.from_numpy(frac).to(dev).view(1, -1)
+    if len(li):
         inv_lr = 1 - lr
         tlf, trf, blf, brf = inv_tb32 * inv_lr, inv_tb32 * lr, tb32 * inv_lr, tb32 * lr
-        parts.append(((tlf * rt[..., li] + trf * rt[..., ri]) + blf * rb[..., li]) + brf * rb[..., ri])
-    if len(tail):
-        tl_ = np.floor(tail).astype(np.int64)
-        tr_ = np.minimum(tl_ + 1, w - 1)
-        lr = torch.from_numpy((tail - tl_).astype(np.float32)).to(dev).view(1, -1)
-        li, ri = torch.from_numpy(tl_).to(dev), torch.from_numpy(tr_).to(dev)
-        a = (1 - lr) * rt[..., li] + lr * rt[..., ri]          # float32, as dlib's scalar tail
-        b = (1 - lr) * rb[..., li] + lr * rb[..., ri]
-        tb64 = torch.from_numpy(tb).to(dev).view(-1, 1)
+        parts.append(((tlf * rt.index_select(-1, li) + trf * rt.index_select(-1, ri))
+                      + blf * rb.index_select(-1, li)) + brf * rb.index_select(-1, ri))
+    if len(tli):
+        a = (1 - tlr) * rt.index_select(-1, tli) + tlr * rt.index_select(-1, tri)   # float32, dlib's scalar tail
+        b = (1 - tlr) * rb.index_select(-1, tli) + tlr * rb.index_select(-1, tri)
         parts.append(((1 - tb64) * a.double() + tb64 * b.double()).to(torch.float32))
     return torch.cat(parts, -1)
 
