@@ -1,0 +1,113 @@
+"""The torch MMOD detector against ``dlib.cnn_face_detection_model_v1`` on real photos (decoded
+by dlib): the same rectangles to the pixel, in the same order, confidences ≤ 1e-4; and its
+tiled pyramid against the tensor dlib's C++ ``to_tensor`` builds, bit for bit.
+
+Measured (dlib 20.0.1, CPU): ../shared/data/faces without the three largest photos, upsample 0:
+10 faces, all identical, max |Δconfidence| 8.3e-7; upsample 1 on the first four: 16 faces,
+identical, 2.0e-6."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dlib
+from dlibbridge import assets, mmod
+
+CONF_TOL = 1e-4
+LARGE = ("bald_guys.jpg", "dogs.jpg", "Tom_Cruise_avp_2014_4.jpg")   # minutes of dlib CPU time at upsample 1
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return mmod.cnn_face_detector()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dlib.cnn_face_detection_model_v1(str(assets.cnn_face_detector_path()))
+
+
+def _dlib(reference, img, upsample):
+    return [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom(), d.confidence)
+            for d in reference(img, upsample)]
+
+
+def _assert_same(got, want, name):
+    assert [g[:4] for g in got] == [w[:4] for w in want], name
+    for g, w in zip(got, want):
+        assert abs(g[4] - w[4]) <= CONF_TOL, (name, g, w)
+
+
+def _photos(shared_dir, large: bool):
+    files = sorted((shared_dir / "data" / "faces").glob("*.jpg"))
+    files = [f for f in files if large or f.name not in LARGE]
+    return [f.name for f in files], [dlib.load_rgb_image(str(f)) for f in files]
+
+
+@pytest.mark.slow
+def test_faces_photos_upsample_0(detector, reference, shared_dir):
+    names, imgs = _photos(shared_dir, large=True)
+    got = detector(imgs, upsample=0)
+    for name, img, g in zip(names, imgs, got):
+        _assert_same(g, _dlib(reference, img, 0), name)
+
+
+@pytest.mark.slow
+def test_faces_photos_upsample_1(detector, reference, shared_dir):
+    names, imgs = _photos(shared_dir, large=False)
+    got = detector(imgs[:5], upsample=1)
+    for name, img, g in zip(names, imgs, got):
+        _assert_same(g, _dlib(reference, img, 1), name)
+
+
+def test_celeba_sample_upsample_1(detector, reference, shared_dir):
+    files = sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[::400]
+    imgs = [dlib.load_rgb_image(str(f)) for f in files]
+    got = detector(imgs, upsample=1)
+    found = 0
+    for f, img, g in zip(files, imgs, got):
+        want = _dlib(reference, img, 1)
+        _assert_same(g, want, f.name)
+        found += len(want)
+    assert found >= len(files) // 2          # real faces, not a vacuous comparison
+
+
+def test_batch_of_different_sizes_equals_one_at_a_time(detector, shared_dir):
+    _, imgs = _photos(shared_dir, large=False)
+    imgs = [imgs[0][:300, :280], imgs[1], imgs[2][40:, 10:]]
+    batched = detector(imgs, upsample=0)
+    for img, b in zip(imgs, batched):
+        single = detector([img], upsample=0)[0]
+        assert [s[:4] for s in single] == [x[:4] for x in b]
+        np.testing.assert_allclose([s[4] for s in single], [x[4] for x in b], atol=1e-5)
+
+
+def test_bad_image_is_refused(detector):
+    with pytest.raises(ValueError, match="RGB uint8"):
+        detector([np.zeros((20, 20), np.uint8)])
+
+
+@pytest.mark.oracle
+def test_tiled_pyramid_is_dlibs_to_tensor(detector, shared_dir):
+    """The canvas (tiles, paddings, zero background, every level's float bilinear resize) is
+    bit-identical to the tensor dlib's input_rgb_image_pyramid::to_tensor builds."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "dlib_oracle"))
+    import build
+    binary = build.build(source="zoo_oracle.cpp")
+    _, imgs = _photos(shared_dir, large=False)
+    for img in (imgs[0][:211, :237], imgs[3]):
+        img = np.ascontiguousarray(img)
+        with tempfile.TemporaryDirectory() as tmp:
+            ipath, opath = Path(tmp) / "i.u8", Path(tmp) / "o.out"
+            img.tofile(ipath)
+            subprocess.run([str(binary), "forward", "face_mmod", str(assets.cnn_face_detector_path()), ipath,
+                            "1", str(img.shape[0]), str(img.shape[1]), opath], check=True, capture_output=True)
+            raw = opath.read_bytes()
+        dims = np.frombuffer(raw, np.int32, 4, 0)
+        want = np.frombuffer(raw, np.float32, int(np.prod(dims)), 16).reshape(dims)[0]
+        canvas, _ = detector._canvas(img)
+        np.testing.assert_array_equal(canvas.numpy(), want)
