@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "to_torch": "port.convert",
     "to_dlib": "port.convert",
+    "cnn_face_detector": "port.mmod",
 }
 
 

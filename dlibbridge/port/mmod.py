@@ -228,7 +228,7 @@ class CnnFaceDetector:
 
     def __init__(self, path=None, device: str | torch.device = "cpu"):
         if path is None:
-            from .assets import cnn_face_detector_path
+            from ..assets import cnn_face_detector_path
             path = cnn_face_detector_path()
         net = generic.to_torch(path)
         meta = net.dlib_meta

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import dlib
-from dlibbridge import assets, mmod
+from dlibbridge import assets
+from dlibbridge.port import mmod
 
 CONF_TOL = 1e-4
 LARGE = ("bald_guys.jpg", "dogs.jpg", "Tom_Cruise_avp_2014_4.jpg")   # minutes of dlib CPU time at upsample 1
