@@ -51,7 +51,8 @@ def _add_align(sub) -> None:
     p.add_argument("raw_dir", metavar="RAW_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--detector", choices=("hog", "cnn"), default="hog",
-                   help="dlib's HOG detector (default) or its CNN mmod_human_face_detector")
+                   help="dlib's HOG detector (default) or its CNN mmod_human_face_detector, run by "
+                        "dlibbridge's torch port (the same rectangles as dlib's, batched, faster)")
     p.add_argument("--upsample", type=int, default=1, metavar="N",
                    help="upsample the image N times before detecting (default 1, as dlib's examples)")
     p.add_argument("--multi", choices=("largest", "center", "all", "skip"),
@@ -77,8 +78,12 @@ def _run_align(args) -> int:
                                 max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    cnn_factory = None
+    if args.detector == "cnn":
+        from .port.mmod import cnn_face_detector
+        cnn_factory = cnn_face_detector
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
-                       progress=not args.quiet)
+                       progress=not args.quiet, cnn_factory=cnn_factory)
     print(al.format_summary(summary))
     return 0
 

@@ -310,3 +310,14 @@ def test_network_output_matches_dlib_cpp(name, zoo_oracle, real_model_files, sha
             worst = max(worst, _rel(got.reshape(y.shape), y))
     print(f"{name}: max |Δ| / max(1, max|y|) = {worst:.3g} over {len(images)} images")
     assert worst <= 1e-5
+
+
+def test_onnx_export_of_every_network(real_model_files, tmp_path):
+    from dlibbridge.port.export import export_onnx
+    for name, data in real_model_files.items():
+        if name.startswith("dlib_face_recognition"):
+            continue   # FaceResNet's own export, tests/test_port_export.py
+        net = generic.to_torch(data)
+        out = tmp_path / (name.replace("/", "_") + ".onnx")
+        diff = export_onnx(net, out)
+        assert diff <= 1e-5 and out.stat().st_size > 0, name

@@ -162,13 +162,20 @@ def frontal_face_detector():
 class FaceAligner:
     """dlib's detector + 5-point landmarks + ``get_face_chip``, loaded once per process."""
 
-    def __init__(self, detector: str = "hog", upsample: int = 1):
+    def __init__(self, detector: str = "hog", upsample: int = 1, cnn_factory=None):
+        """``cnn_factory``: a picklable zero-argument callable returning a detector with
+        ``det(images, upsample)`` → [[(l, t, r, b, confidence)]] (the torch port of dlib's CNN
+        detector, handed down by the CLI: this package sits below the torch port); without
+        it ``cnn`` runs dlib's own ``cnn_face_detection_model_v1``."""
         import dlib
 
         self._dlib = dlib
         self.detector, self.upsample = detector, upsample
+        self._torch_cnn = None
         if detector == "hog":
             self._hog = frontal_face_detector()
+        elif cnn_factory is not None:
+            self._torch_cnn = cnn_factory()
         else:
             self._cnn = dlib.cnn_face_detection_model_v1(str(assets.cnn_face_detector_path()))
         self._landmarks = dlib.shape_predictor(str(assets.landmarks5_path()))
@@ -178,6 +185,8 @@ class FaceAligner:
         if self.detector == "hog":
             rects, scores, _ = self._hog.run(rgb, self.upsample, 0.0)
             found = zip(rects, scores)
+        elif self._torch_cnn is not None:
+            return [Face((l, t, r, b), float(s)) for l, t, r, b, s in self._torch_cnn([rgb], self.upsample)[0]]
         else:
             found = ((d.rect, d.confidence) for d in self._cnn(rgb, self.upsample))
         return [Face((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in found]
@@ -275,11 +284,11 @@ _MADE_DIRS: set = set()
 
 
 def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str,
-                 hog_pickle: bytes | None = None) -> None:
+                 hog_pickle: bytes | None = None, cnn_factory=None) -> None:
     global _HOG_PICKLE
     if hog_pickle is not None:
         _HOG_PICKLE = hog_pickle
-    _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample), settings=settings,
+    _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample, cnn_factory), settings=settings,
                    raw_dir=Path(raw_dir), out_dir=Path(out_dir), policy=policy)
 
 
@@ -323,7 +332,8 @@ def default_jobs() -> int:
 
 def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
           settings: AlignSettings | None = None, *, jobs: int | None = None, redo: bool = False,
-          progress: bool = True, on_photo: Callable[[str], None] | None = None) -> dict:
+          progress: bool = True, on_photo: Callable[[str], None] | None = None,
+          cnn_factory: Callable | None = None) -> dict:
     """Align every photo under ``raw_dir`` into ``out_dir``; returns the summary (also saved
     as ``summary.json``).  ``jobs`` processes (default: all cores).  ``redo`` ignores what an
     earlier run in ``out_dir`` did.  ``on_photo(rel)`` is called in this process after each
@@ -358,7 +368,7 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     mode = "w" if redo else "a"
     with open(state / _JOURNAL, mode, encoding="utf-8") as jf:
-        for src, sha, rows in _run(todo, hashes, raw, out, resolved, policy, jobs, progress):
+        for src, sha, rows in _run(todo, hashes, raw, out, resolved, policy, jobs, progress, cnn_factory):
             st = os.stat(raw / src.rel) if (raw / src.rel).exists() else None
             record = {"source": src.rel, "sha256": sha, "rows": rows,
                       "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
@@ -469,7 +479,8 @@ def _nonempty_file(path: Path) -> bool:
 
 
 def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: AlignSettings,
-         policy: str, jobs: int | None, progress: bool) -> Iterator[tuple[Source, str, list[dict]]]:
+         policy: str, jobs: int | None, progress: bool,
+         cnn_factory: Callable | None = None) -> Iterator[tuple[Source, str, list[dict]]]:
     from tqdm import tqdm
 
     if not todo:
@@ -482,7 +493,7 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
     results: Iterable = ()
     try:
         if jobs == 1:
-            _init_worker(settings, str(raw), str(out), policy)
+            _init_worker(settings, str(raw), str(out), policy, None, cnn_factory)
             results: Iterable = map(_work, tasks)
         else:
             if settings.detector == "hog":
@@ -490,7 +501,7 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
             pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
-                                       initargs=(settings, str(raw), str(out), policy, _HOG_PICKLE))
+                                       initargs=(settings, str(raw), str(out), policy, _HOG_PICKLE, cnn_factory))
             results = _unordered(pool, _work, tasks, window=4 * jobs)
         for src, sha, rows in results:
             for r in rows:

@@ -19,6 +19,41 @@ from torch import nn
 from .._io import write_atomic
 from .checkpoint import load_torchscript
 from .convert import ExportCheckError, _export_copy, _max_diff, check_chips
+from .generic import DlibNet
+
+
+def _generic_inputs(net: DlibNet, n: int, seed: int) -> torch.Tensor:
+    """Random RGB images (N,3,H,W, 0–255 float) of the size the network takes: its
+    ``input_rgb_image_sized`` size, else 150×150 (any size works; the export's H and W are
+    dynamic)."""
+    h, w = net.input.size or (150, 150)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, h, w), generator=g).to(torch.float32)
+
+
+def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
+    import copy
+
+    import onnxruntime as ort
+
+    m = copy.deepcopy(net).to("cpu").eval()
+    axes = {0: "batch"} if net.input.size else {0: "batch", 2: "height", 3: "width"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (_generic_inputs(m, 2, 1),), buf, dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["output"],
+                          dynamic_axes={"images": axes, "output": {0: "batch"}})
+    data = buf.getvalue()
+    x = _generic_inputs(m, 3, 0)
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.inference_mode():
+        want = m(x)
+    diff = _max_diff(got, want) / max(1.0, float(want.abs().max()))
+    if not diff <= atol:
+        raise ExportCheckError(f"ONNX export differs from the torch module by {diff:.3g} (> {atol}, relative)")
+    write_atomic(path, data)
+    return diff
 
 
 def _checked_write(kind: str, data: bytes, run: Callable, m: nn.Module, path, atol: float) -> float:
@@ -37,6 +72,10 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) 
     """ONNX graph (opset 17), input ``chips``, output ``descriptors``, checked with
     onnxruntime; returns max |Δ| vs the torch module.  The TorchScript-based exporter
     (``dynamo=False``): the dynamo exporter needs the onnxscript package, not a dependency."""
+    if isinstance(getattr(module, "_orig_mod", module), DlibNet):
+        # any other dlib network: input ``images`` (N,3,H,W) RGB 0–255, output the tensor
+        # dlib's loss reads; the returned difference is relative to max(1, max |output|)
+        return _export_onnx_generic(getattr(module, "_orig_mod", module), path, atol)
     import onnxruntime as ort
 
     m = _export_copy(module)
