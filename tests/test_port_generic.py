@@ -283,6 +283,7 @@ def _rel(a, b):
 ORACLE_CASES = {
     # file → (oracle net type, image size)
     "mmod_human_face_detector.dat": ("face_mmod", (200, 240)),
+    "shared/mmod_human_face_detector.dat": ("face_mmod", (200, 240)),
     "mmod_rear_end_vehicle_detector.dat": ("vehicle_mmod", (200, 240)),
     "mmod_front_and_rear_end_vehicle_detector.dat": ("vehicle_mmod", (200, 240)),
     "dnn_gender_classifier_v1.dat": ("gender", (32, 32)),
