@@ -322,3 +322,11 @@ def test_onnx_export_of_every_network(real_model_files, tmp_path):
         out = tmp_path / (name.replace("/", "_") + ".onnx")
         diff = export_onnx(net, out)
         assert diff <= 1e-5 and out.stat().st_size > 0, name
+
+
+def test_checked_dat_export_of_a_generic_network(real_model_files, tmp_path):
+    from dlibbridge.port import convert
+    net = generic.to_torch(real_model_files["dnn_gender_classifier_v1.dat"])
+    out = tmp_path / "gender.dat"
+    assert convert.to_dlib(net, out, check=True) == 0.0
+    assert out.read_bytes() == real_model_files["dnn_gender_classifier_v1.dat"]

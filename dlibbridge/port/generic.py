@@ -471,7 +471,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def _new_params(e, d: Details, mods: list[nn.Module]) -> Details | None:
     """The record with the modules' numbers, or None when they equal what the record gives."""
-    fresh = _layer_modules(e, d) if not (d.version.startswith("input")) else []
+    fresh = _layer_modules(e, d)
     if all(_same(_state(a), _state(b)) for a, b in zip(mods, fresh)):
         return None
     t = d.layer_type
@@ -530,8 +530,17 @@ def to_dlib_tree(net: DlibNet) -> Model:
     return model
 
 
-def to_dlib(net: DlibNet, path: str | os.PathLike) -> None:
-    fmt.write_atomic(path, fmt.dumps(to_dlib_tree(net)))
+def reload_check(path: str | os.PathLike, net: DlibNet) -> float:
+    """max |Δ| / max(1, max |y|) between ``net`` and the network re-read from ``path``, on two
+    random images of the size the network takes."""
+    net = getattr(net, "_orig_mod", net)
+    h, w = net.input.size or (150, 150)
+    x = torch.randint(0, 256, (2, h, w, 3), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    back = to_torch(path).to("cpu")
+    with torch.no_grad():
+        want = net.to("cpu")(x)
+        got = back(x)
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
 
 
 def output_shapes(net: DlibNet, height: int, width: int) -> list[tuple[str, str, tuple[int, ...]]]:
