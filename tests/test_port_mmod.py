@@ -118,7 +118,7 @@ def test_align_cnn_detector_is_dlibs(shared_dir):
     """``align --detector cnn`` (the torch port handed to FaceAligner) finds dlib's boxes."""
     from dlibbridge.data.align import FaceAligner
     img = dlib.load_rgb_image(str(sorted((shared_dir / "data" / "faces").glob("*.jpg"))[0]))
-    ours = FaceAligner("cnn", 0, mmod.cnn_face_detector).detect(img)
-    theirs = FaceAligner("cnn", 0).detect(img)
+    ours = FaceAligner("cnn", 1, mmod.cnn_face_detector).detect(img)
+    theirs = FaceAligner("cnn", 1).detect(img)
     assert [f.box for f in ours] == [f.box for f in theirs] and ours
     assert max(abs(a.score - b.score) for a, b in zip(ours, theirs)) <= CONF_TOL
