@@ -1,0 +1,267 @@
+"""Cross-quality fine-tuning: teach dlib's face model a worse camera without forgetting clean faces.
+
+A frozen copy of the base model (the *teacher*) sees the clean chip; the *student* sees the same
+chip as the target camera would have taken it.  Four loss terms, weighted (``docs/finetune.md``
+has the formulas with a worked example):
+
+* **identity** — dlib's metric loss (:class:`dlibbridge.losses.MetricLoss`) over the student's
+  embeddings of the degraded and the clean versions of the batch together, so both stay
+  separable by identity at dlib's 0.6 threshold;
+* **cross-quality** — ``mean_i ‖s(degraded_i) − t(clean_i)‖²``: the degraded face is pulled to
+  where the base model puts the clean face, so the student's distances stay on the teacher's
+  scale (0.6 keeps working) and nothing has to be learnt from scratch;
+* **relational** — ``mean_{i<j} (‖s(clean_i) − s(clean_j)‖ − ‖t(clean_i) − t(clean_j)‖)²``: the
+  teacher's pairwise distance matrix of the clean batch, the guard against forgetting (it
+  constrains the geometry, not each point);
+* **same-input** — ``mean_i ‖s(clean_i) − t(clean_i)‖²`` (what ``--distill`` was before: the
+  teacher on the student's own, clean input).
+
+CPU practicality: the lower levels are frozen, so their output for each (chip, degraded
+version) never changes; :func:`build_cache` runs them once per version and keeps the features,
+and training runs only the upper levels (``train_from`` and above) on the cached tensors —
+``tools/bench_camera_finetune.py`` measures the split.  The teacher's embeddings of the clean
+versions are cached too.
+
+:func:`adapt_batchnorm` is the unlabeled adaptation: every frozen affine (dlib's deployed
+batch-norm) re-derived so that, on target-camera chips, its input is normalised with the target
+domain's statistics instead of the clean domain's (AdaBN), exactly and sequentially.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .arch import DlibAffine, FaceResNet
+from .losses import MetricLoss
+
+__all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",
+           "train_xq", "adapt_batchnorm", "embed_chips"]
+
+
+def stages(model: FaceResNet) -> list[str]:
+    """Stage names, input side first: ``stem``, ``level4`` … ``level0`` (``fc`` is the head)."""
+    return ["stem"] + list(model.level_names)
+
+
+def run_prefix(model: FaceResNet, chips: torch.Tensor, train_from: str) -> torch.Tensor:
+    """uint8 N×150×150×3 chips → the input of stage ``train_from`` (the frozen part's output)."""
+    x = model.input(chips).to(model.fc.weight.dtype)
+    for name in stages(model):
+        if name == train_from:
+            break
+        x = getattr(model, name)(x)
+    return x
+
+
+def run_suffix(model: FaceResNet, feats: torch.Tensor, train_from: str) -> torch.Tensor:
+    """The input of stage ``train_from`` → 128-d descriptors."""
+    names = stages(model)
+    x = feats.to(model.fc.weight.dtype)
+    for name in names[names.index(train_from):]:
+        x = getattr(model, name)(x)
+    return model.fc(torch.flatten(x.mean((2, 3)), 1))
+
+
+@torch.no_grad()
+def embed_chips(model: FaceResNet, chips: np.ndarray, batch: int = 64) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(chips[i:i + batch]))).numpy()
+                           for i in range(0, len(chips), batch)])
+
+
+@dataclass
+class XQConfig:
+    """Settings of a cross-quality run (every field has the default the benchmark chose)."""
+    train_from: str = "level1"       # first trained stage; the ones below are frozen and cached
+    versions: int = 4                # degraded versions cached per training chip
+    steps: int = 600
+    identities: int = 16             # P identities × K chips per step
+    per_identity: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup: int = 20
+    w_identity: float = 1.0
+    w_xq: float = 1.0
+    w_relational: float = 1.0
+    w_same: float = 0.0
+    clean_in_identity: bool = True   # the clean versions also go through the identity loss
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def build_cache(base: FaceResNet, chips: np.ndarray, degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+                cfg: XQConfig, *, batch: int = 64, log: Callable[[str], None] | None = None) -> dict:
+    """Frozen-part features of every training chip: ``clean`` (N×2×…, unflipped and mirrored),
+    ``degraded`` (N×V×…, version v mirrored when v is odd, each its own camera draw seeded by
+    (seed, chip, version)) and the teacher's clean descriptors ``teacher`` (N×2×128).  Features
+    are stored as float16 (halves the memory; the suffix sees a 1e-3 relative rounding)."""
+    base.eval()
+    n, v = len(chips), cfg.versions
+    t0 = time.perf_counter()
+    clean, deg, teacher = [], [], []
+    for i in range(0, n, batch):
+        part = chips[i:i + batch]
+        c2 = np.stack([part, part[:, :, ::-1]], 1)                 # (b, 2, H, W, 3)
+        dv = np.empty((len(part), v) + part.shape[1:], np.uint8)
+        for j, chip in enumerate(part):
+            for k in range(v):
+                rng = np.random.default_rng((cfg.seed, i + j, k))
+                src = chip[:, ::-1] if k % 2 else chip
+                dv[j, k] = degrade(np.ascontiguousarray(src), rng)
+        fc = run_prefix(base, torch.from_numpy(np.ascontiguousarray(c2.reshape((-1,) + part.shape[1:]))), cfg.train_from)
+        fd = run_prefix(base, torch.from_numpy(dv.reshape((-1,) + part.shape[1:])), cfg.train_from)
+        teacher.append(run_suffix(base, fc, cfg.train_from).reshape(len(part), 2, -1))
+        clean.append(fc.half().reshape((len(part), 2) + fc.shape[1:]))
+        deg.append(fd.half().reshape((len(part), v) + fd.shape[1:]))
+        if log and (i // batch) % 10 == 0:
+            log(f"cache {i + len(part)}/{n} chips, {time.perf_counter() - t0:.0f} s")
+    return {"clean": torch.cat(clean), "degraded": torch.cat(deg), "teacher": torch.cat(teacher),
+            "seconds": time.perf_counter() - t0}
+
+
+def _pdist(e: torch.Tensor) -> torch.Tensor:
+    d2 = (e[:, None, :] - e[None, :, :]).pow(2).sum(-1)
+    iu = torch.triu_indices(len(e), len(e), 1)
+    return torch.sqrt(d2[iu[0], iu[1]] + 1e-12)
+
+
+def xq_losses(s_deg: torch.Tensor, s_clean: torch.Tensor, t_clean: torch.Tensor, labels: torch.Tensor,
+              cfg: XQConfig, metric: nn.Module) -> dict[str, torch.Tensor]:
+    """The four loss terms (unweighted) of one batch; ``total`` is their weighted sum."""
+    if cfg.clean_in_identity:
+        ident = metric(torch.cat([s_deg, s_clean]), torch.cat([labels, labels]))
+    else:
+        ident = metric(s_deg, labels)
+    xq = (s_deg - t_clean).pow(2).sum(1).mean()
+    rel = (_pdist(s_clean) - _pdist(t_clean)).pow(2).mean()
+    same = (s_clean - t_clean).pow(2).sum(1).mean()
+    total = cfg.w_identity * ident + cfg.w_xq * xq + cfg.w_relational * rel + cfg.w_same * same
+    return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same}
+
+
+def _batches(labels: np.ndarray, cfg: XQConfig, rng: np.random.Generator):
+    """P×K index batches: P identities with at least two chips, K chips each (with replacement
+    only when an identity has fewer)."""
+    groups: dict[int, np.ndarray] = {}
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        if len(idx) >= 2:
+            groups[int(lab)] = idx
+    ids = np.array(sorted(groups))
+    while True:
+        rows = np.concatenate([rng.choice(groups[int(l)], size=cfg.per_identity,
+                                          replace=len(groups[int(l)]) < cfg.per_identity)
+                               for l in rng.choice(ids, size=cfg.identities, replace=False)])
+        yield rows
+
+
+def train_xq(base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig, *,
+             log: Callable[[str], None] | None = None) -> tuple[FaceResNet, list[dict]]:
+    """Train a copy of ``base`` (deployed affine form; stages from ``cfg.train_from`` up and the
+    fc) on the cached features.  Returns the student and one log row per step."""
+    torch.manual_seed(cfg.seed)
+    student = copy.deepcopy(base)
+    names = stages(student)
+    trained = names[names.index(cfg.train_from):] + ["fc"]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = [p for n in trained for p in getattr(student, n).parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    metric = MetricLoss()
+    rng = np.random.default_rng(cfg.seed)
+    labels_t = torch.as_tensor(labels)
+    v = cache["degraded"].shape[1]
+    rows = []
+    t0 = time.perf_counter()
+    batches = _batches(np.asarray(labels), cfg, rng)
+    student.train()
+    for step in range(cfg.steps):
+        f = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * f
+        idx = next(batches)
+        ver = rng.integers(0, v, size=len(idx))
+        flip = ver % 2                                   # the clean view mirrored like the degraded one
+        fd = cache["degraded"][idx, ver]
+        fc = cache["clean"][idx, flip]
+        tc = cache["teacher"][idx, flip]
+        s = run_suffix(student, torch.cat([fd, fc]), cfg.train_from)
+        terms = xq_losses(s[:len(idx)], s[len(idx):], tc, labels_t[idx], cfg, metric)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+        row = {k: float(t.detach()) for k, t in terms.items()}
+        row.update(step=step + 1, lr=cfg.lr * f, seconds=time.perf_counter() - t0)
+        rows.append(row)
+        if log and (step + 1) % 50 == 0:
+            log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same"))
+                + f" step {step + 1} {row['seconds']:.0f} s")
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return student, rows
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: FaceResNet, source_chips: np.ndarray, target_chips: np.ndarray, *,
+                    alpha: float = 1.0, upto: str | None = None) -> FaceResNet:
+    """AdaBN for a deployed (affine) model: a copy in which every ``DlibAffine`` of the stages
+    below ``upto`` (all when None) normalises its input with the target domain's per-channel
+    mean/std instead of the source's: ``g' = g·σ_s/σ_t``, ``b' = b + g·μ_s − g'·μ_t``, so that
+    ``g'x_t + b'`` has the statistics ``g x_s + b`` had.  ``alpha`` blends the target statistics
+    in (0 = unchanged, 1 = fully target).  Both sets run through the network as one batch each
+    with every affine adapted before its output is used (exactly sequential: later layers see
+    the adapted earlier ones)."""
+    out = copy.deepcopy(model).eval()
+    names = stages(out)
+    limit = names.index(upto) if upto else len(names) + 1
+    affines: list[DlibAffine] = []
+    for i, n in enumerate(names):
+        if i < limit:
+            affines += [m for m in getattr(out, n).modules() if isinstance(m, DlibAffine)]
+    src_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(mod, inp):
+        x = inp[0]
+        src_stats.append((x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).sqrt()))
+
+    hooks = [a.register_forward_pre_hook(record) for a in affines]
+    out(torch.from_numpy(np.ascontiguousarray(source_chips)))
+    for h in hooks:
+        h.remove()
+    pos = {id(a): i for i, a in enumerate(affines)}
+
+    def adapt(mod, inp):
+        x = inp[0]
+        mu_s, sd_s = src_stats[pos[id(mod)]]
+        mu_t, sd_t = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).sqrt()
+        mu = (1 - alpha) * mu_s + alpha * mu_t
+        sd = torch.exp((1 - alpha) * torch.log(sd_s + 1e-6) + alpha * torch.log(sd_t + 1e-6))
+        g = mod.scale
+        g_new = g * (sd_s + 1e-6) / sd
+        mod.shift.copy_(mod.shift + g * mu_s - g_new * mu)
+        mod.scale.copy_(g_new)
+
+    hooks = [a.register_forward_pre_hook(adapt) for a in affines]
+    old_chunk = out.cpu_chunk
+    out.cpu_chunk = 1 << 30          # one batch: each affine must see the whole target set at once
+    out(torch.from_numpy(np.ascontiguousarray(target_chips)))
+    out.cpu_chunk = old_chunk
+    for h in hooks:
+        h.remove()
+    return out

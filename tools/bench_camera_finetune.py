@@ -1,0 +1,315 @@
+"""Does fine-tuning for a worse camera help, on people it never saw?  Research harness and the
+benchmark recorded in docs/benchmarks.md.
+
+    python tools/bench_camera_finetune.py prepare --chips ALIGNED_CELEBA_DEV
+    python tools/bench_camera_finetune.py eval-base
+    python tools/bench_camera_finetune.py run NAME [--method xq|degrade|adabn|xq+adabn] [xq options]
+    python tools/bench_camera_finetune.py table
+
+Protocol:
+
+* chips: ``dlibbridge align`` output of celeba-dev (status ``ok``); identities split by seed
+  (``--test-ids`` of them never trained on, reported in ``WORK/split.json``).
+* target cameras, applied to the clean chips with known parameters (the first is the one the
+  runs target unless ``--camera`` says otherwise):
+  ``A`` low-resolution grayscale JPEG — gray, chip sampled at 40 px (face ~27 px), noise 3, JPEG q 40 at that size;
+  ``B`` blurry noisy colour — blur sigma 2.2, noise sigma 8 grey levels, JPEG q 35.
+  Each test chip gets one fixed degradation per camera (seeded by chip index).
+* metrics per domain (clean, A, B) on the test ids: TAR at FAR = 1e-3 and accuracy at dlib's 0.6
+  threshold and at the best threshold on all pairs of the test chips, 10-fold accuracy on
+  ``--pairs`` generated pairs (LFW protocol).
+* methods (``run``): see :mod:`dlibbridge.xq`.  Every run's model, log, wall times and metrics
+  go to ``WORK/runs/NAME/``; ``table`` prints the Markdown table of every finished run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dlibbridge import augment  # noqa: E402
+from dlibbridge.metrics import (accuracy_at, best_threshold, kfold_accuracy, pair_distances,  # noqa: E402
+                                tar_at_far)
+from dlibbridge.pairs import generate_pairs  # noqa: E402
+
+WORK = Path(os.environ.get("DLIBBRIDGE_BENCH_WORK", "/work/cache/xq"))
+
+
+# ---- target cameras (known parameters) ------------------------------------------------------
+
+def add_noise(chip: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    if sigma <= 0:
+        return chip
+    return np.clip(chip + rng.normal(0.0, sigma, chip.shape) + 0.5, 0, 255).astype(np.uint8)
+
+
+CAMERAS = {
+    "A": {"gray": True, "side": 40, "jpeg": 40, "blur": 0.0, "noise": 3.0},
+    "B": {"gray": False, "side": None, "jpeg": 35, "blur": 2.2, "noise": 8.0},
+}
+
+
+def camera_fn(p: dict):
+    """chip, rng → the chip as camera ``p`` takes it: colour loss, optics blur, sampling at
+    ``side`` px where noise and JPEG happen, then the aligner's enlargement back."""
+    def apply(chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if p["gray"]:
+            chip = augment.to_grayscale(chip)
+        chip = augment.blur(chip, p["blur"])
+        side = p["side"]
+        small = cv2.resize(chip, (side, side), interpolation=cv2.INTER_AREA) if side else chip
+        small = add_noise(small, p["noise"], rng)
+        if p["jpeg"]:
+            small = augment.jpeg(small, p["jpeg"])
+        if side:
+            small = cv2.resize(small, chip.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+        return small
+    return apply
+
+
+def camera_range_fn(p: dict, spread: float = 0.25):
+    """The same camera with each parameter drawn per chip from ±``spread`` around its value:
+    the training-time sampler when the exact camera is not known."""
+    def apply(chip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        u = rng.uniform(1 - spread, 1 + spread, size=4)
+        q = {"gray": p["gray"], "side": int(round(p["side"] * u[0])) if p["side"] else None,
+             "jpeg": int(np.clip(round(p["jpeg"] * u[1]), 5, 95)) if p["jpeg"] else None,
+             "blur": p["blur"] * u[2], "noise": p["noise"] * u[3]}
+        return camera_fn(q)(chip, rng)
+    return apply
+
+
+def degraded_set(chips: np.ndarray, cam: str, seed: int = 12345) -> np.ndarray:
+    f = camera_fn(CAMERAS[cam])
+    return np.stack([f(c, np.random.default_rng((seed, i))) for i, c in enumerate(chips)])
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def read_chips(chips_dir: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    with open(chips_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") == "ok" and row.get("chip") and row.get("identity"):
+                out.setdefault(row["identity"], []).append(chips_dir / row["chip"])
+    return {k: sorted(v) for k, v in sorted(out.items()) if len(v) >= 2}
+
+
+def load_png(p: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def prepare(args) -> None:
+    people = read_chips(Path(args.chips))
+    names = sorted(people)
+    rng = np.random.default_rng(args.seed)
+    test = sorted(rng.permutation(names)[: args.test_ids].tolist())
+    train = [n for n in names if n not in test]
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    def stack(ids, cap=None):
+        chips, labels = [], []
+        for li, n in enumerate(ids):
+            ps = people[n] if cap is None else sorted(rng.permutation(people[n])[:cap].tolist())
+            for p in ps:
+                chips.append(load_png(Path(p)))
+                labels.append(li)
+        return np.stack(chips), np.array(labels)
+
+    tr_c, tr_l = stack(train)
+    te_c, te_l = stack(test, args.test_per_id)
+    np.savez(WORK / "data.npz", train_chips=tr_c, train_labels=tr_l, test_chips=te_c, test_labels=te_l)
+    split = {"seed": args.seed, "train_ids": train, "test_ids": test, "train_chips": int(len(tr_c)),
+             "test_chips": int(len(te_c)), "test_per_id": args.test_per_id, "chips_dir": str(args.chips)}
+    (WORK / "split.json").write_text(json.dumps(split, indent=1))
+    print(f"train {len(train)} ids / {len(tr_c)} chips; test {len(test)} ids / {len(te_c)} chips")
+
+
+def load_data():
+    d = np.load(WORK / "data.npz")
+    return d["train_chips"], d["train_labels"], d["test_chips"], d["test_labels"]
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def domains(test_chips: np.ndarray) -> dict[str, np.ndarray]:
+    path = WORK / "test_domains.npz"
+    if path.is_file():
+        d = np.load(path)
+        return {k: d[k] for k in d.files}
+    out = {"clean": test_chips}
+    out.update({cam: degraded_set(test_chips, cam) for cam in CAMERAS})
+    np.savez(path, **out)
+    return out
+
+
+def metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0, pairs: int = 3000) -> dict:
+    iu, ju = np.triu_indices(len(emb), k=1)
+    dist = pair_distances(emb[iu], emb[ju])
+    same = labels[iu] == labels[ju]
+    ident = {}
+    for i, lab in enumerate(labels):
+        ident.setdefault(str(lab), []).append(str(i))
+    ps = generate_pairs(ident, pairs, 10, seed=seed)
+    i1 = np.array([int(p.ref1) for p in ps.pairs()])
+    i2 = np.array([int(p.ref2) for p in ps.pairs()])
+    sm = np.array([p.same for p in ps.pairs()])
+    kf = kfold_accuracy(pair_distances(emb[i1], emb[i2]), sm, ps.fold_ids())
+    thr, acc = best_threshold(dist, same)
+    return {"tar_at_far_1e-3": tar_at_far(dist, same, 1e-3)["tar"], "accuracy_10fold": kf["mean"],
+            "accuracy_10fold_std": kf["std"], "accuracy_at_0.6": accuracy_at(dist, same, 0.6),
+            "best_threshold": thr, "accuracy_at_best": acc}
+
+
+def evaluate(model, doms: dict, labels: np.ndarray) -> dict:
+    from dlibbridge.xq import embed_chips
+    return {k: metrics(embed_chips(model, v), labels) for k, v in doms.items()}
+
+
+def base_model():
+    from dlibbridge import assets
+    from dlibbridge.convert import load_model
+    return load_model(assets.face_model_path(), trainable=False)
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+def run(args) -> None:
+    from dlibbridge import xq
+    torch.set_num_threads(args.threads)
+    out = WORK / "runs" / args.name
+    if (out / "result.json").is_file() and not args.redo:
+        print(f"{out} done"); return
+    out.mkdir(parents=True, exist_ok=True)
+    tr_c, tr_l, te_c, te_l = load_data()
+    doms = domains(te_c)
+    base = base_model()
+    t0 = time.perf_counter()
+    times = {}
+    cam = CAMERAS[args.camera]
+    sampler = camera_range_fn(cam, args.spread) if args.spread > 0 else camera_fn(cam)
+    model = base
+    # unlabeled target photos: degraded chips of the *training* identities (never the test ones)
+    if "adabn" in args.method:
+        rng = np.random.default_rng(args.seed + 1)
+        pick = rng.permutation(len(tr_c))[: args.target_n]
+        target = np.stack([sampler(tr_c[i], np.random.default_rng((args.seed, 7, int(i)))) for i in pick])
+        source = tr_c[rng.permutation(len(tr_c))[: args.target_n]]
+        t = time.perf_counter()
+        model = xq.adapt_batchnorm(base, source, target, alpha=args.alpha, upto=args.adabn_upto)
+        times["adabn_s"] = time.perf_counter() - t
+    if args.method != "adabn":
+        cfg = xq.XQConfig(train_from=args.train_from, versions=args.versions, steps=args.steps,
+                          identities=args.P, per_identity=args.K, lr=args.lr, w_identity=args.w_id,
+                          w_xq=args.w_xq, w_relational=args.w_rel, w_same=args.w_same, seed=args.seed,
+                          clean_in_identity=not args.no_clean)
+        if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
+            cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
+        log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
+        key = (f"cache-{args.camera}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}"
+               + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
+        if (WORK / key).is_file():
+            cache = torch.load(WORK / key)
+            times["cache_s"] = 0.0
+            times["cache_reused_s"] = cache["seconds"]
+        else:
+            cache = xq.build_cache(model, tr_c, sampler, cfg, log=log)
+            torch.save(cache, WORK / (key + ".partial"))
+            os.replace(WORK / (key + ".partial"), WORK / key)
+            times["cache_s"] = cache["seconds"]
+        t = time.perf_counter()
+        model, rows = xq.train_xq(model, cache, tr_l, cfg, log=log)
+        times["train_s"] = time.perf_counter() - t
+        with open(out / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader(); w.writerows(rows)
+        del cache
+    times["wall_s"] = time.perf_counter() - t0
+    torch.save(model.state_dict(), out / "model_state.pt")
+    res = {"name": args.name, "args": vars(args), "times": times, "metrics": evaluate(model, doms, te_l)}
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
+
+
+def eval_base(args) -> None:
+    torch.set_num_threads(args.threads)
+    _, _, te_c, te_l = load_data()
+    doms = domains(te_c)
+    t = time.perf_counter()
+    res = {"name": "base", "metrics": evaluate(base_model(), doms, te_l), "times": {"eval_s": time.perf_counter() - t}}
+    (WORK / "runs" / "base").mkdir(parents=True, exist_ok=True)
+    (WORK / "runs" / "base" / "result.json").write_text(json.dumps(res, indent=1))
+    for k, v in res["metrics"].items():
+        print(k, {a: round(b, 4) for a, b in v.items()})
+
+
+def table(args) -> None:
+    rows = []
+    for p in sorted((WORK / "runs").glob("*/result.json")):
+        r = json.loads(p.read_text())
+        rows.append(r)
+    doms = list(rows[0]["metrics"])
+    head = "| run | " + " | ".join(f"{d} TAR@1e-3 | {d} acc@0.6 | {d} 10-fold | {d} best thr" for d in doms) + " | wall s |"
+    print(head)
+    print("|" + "---|" * (2 + 4 * len(doms)))
+    for r in rows:
+        cells = []
+        for d in doms:
+            m = r["metrics"][d]
+            cells += [f"{100 * m['tar_at_far_1e-3']:.2f}", f"{100 * m['accuracy_at_0.6']:.2f}",
+                      f"{100 * m['accuracy_10fold']:.2f}", f"{m['best_threshold']:.3f}"]
+        print(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('times', {}).get('wall_s', 0):.0f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--chips", required=True)
+    p.add_argument("--test-ids", type=int, default=69)
+    p.add_argument("--test-per-id", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval-base")
+    p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("table")
+    p = sub.add_parser("run")
+    p.add_argument("name")
+    p.add_argument("--method", default="xq", choices=["xq", "degrade", "adabn", "xq+adabn"])
+    p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
+    p.add_argument("--spread", type=float, default=0.25)
+    p.add_argument("--train-from", default="level1")
+    p.add_argument("--versions", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("-P", type=int, default=16)
+    p.add_argument("-K", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--w-id", type=float, default=1.0)
+    p.add_argument("--w-xq", type=float, default=1.0)
+    p.add_argument("--w-rel", type=float, default=1.0)
+    p.add_argument("--w-same", type=float, default=0.0)
+    p.add_argument("--no-clean", action="store_true")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--adabn-upto", default=None)
+    p.add_argument("--target-n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--redo", action="store_true")
+    args = ap.parse_args()
+    {"prepare": prepare, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
