@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dlibbridge import augment  # noqa: E402
-from dlibbridge.metrics import (accuracy_at, best_threshold, kfold_accuracy, pair_distances,  # noqa: E402
+from dlibbridge.data import augment  # noqa: E402
+from dlibbridge.eval.metrics import (accuracy_at, best_threshold, kfold_accuracy, pair_distances,  # noqa: E402
                                 tar_at_far)
-from dlibbridge.pairs import generate_pairs  # noqa: E402
+from dlibbridge.eval.pairs import generate_pairs  # noqa: E402
 
 WORK = Path(os.environ.get("DLIBBRIDGE_BENCH_WORK", "/work/cache/xq"))
 
@@ -174,20 +174,20 @@ def metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0, pairs: int = 300
 
 
 def evaluate(model, doms: dict, labels: np.ndarray) -> dict:
-    from dlibbridge.xq import embed_chips
+    from dlibbridge.train.xq import embed_chips
     return {k: metrics(embed_chips(model, v), labels) for k, v in doms.items()}
 
 
 def base_model():
     from dlibbridge import assets
-    from dlibbridge.convert import load_model
+    from dlibbridge.port.checkpoint import load_model
     return load_model(assets.face_model_path(), trainable=False)
 
 
 # ---- runs -----------------------------------------------------------------------------------
 
 def run(args) -> None:
-    from dlibbridge import xq
+    from dlibbridge.train import xq
     torch.set_num_threads(args.threads)
     out = WORK / "runs" / args.name
     if (out / "result.json").is_file() and not args.redo:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import DlibAffine, FaceResNet
+from ..port.arch import DlibAffine, FaceResNet
 from .losses import MetricLoss
 
 __all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",

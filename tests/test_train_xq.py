@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dlibbridge import xq
-from dlibbridge.losses import MetricLoss
+from dlibbridge.train import xq
+from dlibbridge.train.losses import MetricLoss
 
 
 def _ref_terms(sd, sc, tc):
@@ -61,7 +61,7 @@ def test_relational_term_ignores_a_rigid_motion():
 
 @pytest.fixture(scope="module")
 def deployed(face_model_path):
-    from dlibbridge.convert import load_model
+    from dlibbridge.port.checkpoint import load_model
     return load_model(face_model_path, trainable=False)
 
 
