@@ -257,11 +257,26 @@ def _add_finetune(sub) -> None:
                    help="freeze the stem and the levels up to LEVEL (input side first)")
     g.add_argument("--pretrained-lr-scale", type=float, default=S,
                    help="lr factor for the pretrained network (default 0.1 with a new head, else 1)")
-    g.add_argument("--distill", type=float, default=S, metavar="W",
-                   help="add W * mean ||e - e_base||^2 pulling embeddings to the base model's")
+    g.add_argument("--same-input-distill", "--distill", dest="distill", type=float, default=S, metavar="W",
+                   help="add W * mean ||e - e_base||^2 pulling embeddings to the base model's embedding of the "
+                        "same (augmented) input (default 0; 1 with --camera)")
     g.add_argument("--bn", default=S, choices=("frozen", "train"),
                    help="batch-norm statistics: frozen (default; step 0 = the deployed model) or trained "
                         "(calibrated on training data first)")
+    g = p.add_argument_group("target camera (docs/finetune.md: cross-quality fine-tuning)")
+    g.add_argument("--camera", default=S, metavar="CAMERA_JSON",
+                   help="fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation "
+                        "with the measured recipe as the defaults; validation in the clean and camera domains")
+    g.add_argument("--target-photos", default=S, metavar="DIR",
+                   help="unlabeled aligned chips from the target camera: adapt batch-norm to them first")
+    g.add_argument("--xq-weight", type=float, default=S, metavar="W",
+                   help="cross-quality term: student(degraded) to teacher(clean) (default 1)")
+    g.add_argument("--relational-weight", type=float, default=S, metavar="W",
+                   help="relational guard: the teacher's pairwise distances of the clean batch (default 1)")
+    g.add_argument("--camera-versions", type=int, default=S, metavar="N",
+                   help="degraded versions cached per training chip (default 4)")
+    g.add_argument("--clean-limit", type=float, default=S, metavar="F",
+                   help="a selected step loses at most F of the base's clean TAR@FAR (default 0.01 = 1 point)")
     g = p.add_argument_group("data")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=S,
                    help="no jitter (dlib-example crop/rotation/flip/colour)")
@@ -270,8 +285,9 @@ def _add_finetune(sub) -> None:
     g.add_argument("--val-identities", type=float, default=S, metavar="F",
                    help="held-out identities: fraction (<1) or count (default 0.1; 0 = no validation)")
     g.add_argument("--val-every", type=int, default=S, metavar="E", help="validate every E epochs (default 1)")
-    g.add_argument("--select-metric", default=S, choices=("tar@far", "auc", "accuracy"),
-                   help="best-checkpoint metric (default tar@far, FAR=1e-3)")
+    g.add_argument("--select-metric", default=S, metavar="[DOMAIN:]METRIC",
+                   help="best-checkpoint metric: tar@far (default, FAR=1e-3), auc or accuracy; with --camera "
+                        "prefixed by the domain, camera: (default) or clean:, within --clean-limit")
     g.add_argument("--patience", type=int, default=S, metavar="N",
                    help="stop after N validations without improvement")
     g.add_argument("--export", default=S, choices=("best", "last"), help="which weights to export (default best)")
@@ -296,13 +312,20 @@ def _run_finetune(args) -> int:
     else:
         if not args.data or "out" not in given:
             raise UsageError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
-        cfg, resume = FinetuneConfig(data=args.data, **given), False
+        cfg = (FinetuneConfig.for_camera(args.data, **given) if "camera" in given
+               else FinetuneConfig(data=args.data, **given))
+        resume = False
     summary = finetune(cfg, resume=resume)
     if summary:
         best = summary.get("best") or {}
         print(f"{cfg.out}: exported step {summary['exported_step']} of {summary['final_step']}"
               + (f" ({best.get('metric')} {best.get('score'):.4f})" if best else "")
               + f"; dlib check max |diff| {summary['export_check']['max_abs_diff']:.2e}")
+        thr = summary.get("recommended_threshold")
+        if thr:
+            print(f"recommended distance threshold on this camera: {thr['threshold']:.3f} (accuracy "
+                  f"{thr['accuracy_at_threshold']:.4f}; at dlib's 0.6: {thr['accuracy_at_0.6']:.4f}); "
+                  f"written to {cfg.out}/threshold.json")
     return 0
 
 

@@ -199,7 +199,13 @@ def run(args) -> None:
     t0 = time.perf_counter()
     times = {}
     cam = CAMERAS[args.camera]
-    sampler = camera_range_fn(cam, args.spread) if args.spread > 0 else camera_fn(cam)
+    if args.sampler == "estimated":
+        from dlibbridge.data import camera
+        sampler = camera.load_camera(WORK / f"camera-{args.camera}.json").degradations()
+    elif args.spread > 0:
+        sampler = camera_range_fn(cam, args.spread)
+    else:
+        sampler = camera_fn(cam)
     model = base
     # unlabeled target photos: degraded chips of the *training* identities (never the test ones)
     if "adabn" in args.method:
@@ -218,7 +224,7 @@ def run(args) -> None:
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
-        key = (f"cache-{args.camera}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}"
+        key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
             cache = torch.load(WORK / key)
@@ -241,6 +247,31 @@ def run(args) -> None:
     res = {"name": args.name, "args": vars(args), "times": times, "metrics": evaluate(model, doms, te_l)}
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
+
+
+def estimate(args) -> None:
+    """The camera profile the runs may train with: ``dlibbridge camera``'s estimator on
+    ``--n`` chips of the *training* identities taken by each camera (unlabeled; the test
+    identities are never used), stored losslessly as PNG like an aligner's output."""
+    from dlibbridge.data import camera
+    tr_c, _, _, _ = load_data()
+    rng = np.random.default_rng(args.seed)
+    pick = rng.permutation(len(tr_c))[: args.n]
+    for cam in CAMERAS:
+        folder = WORK / f"camera-{cam}-chips"
+        folder.mkdir(exist_ok=True)
+        f = camera_fn(CAMERAS[cam])
+        for i in pick:
+            out = f(tr_c[i], np.random.default_rng((args.seed, 99, int(i))))
+            cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+        t = time.perf_counter()
+        profile = camera.measure_folder(folder)
+        path = WORK / f"camera-{cam}.json"
+        path.unlink(missing_ok=True)
+        (WORK / f"camera-{cam}.png").unlink(missing_ok=True)
+        camera.write_camera(profile, path)
+        print(f"camera {cam} (true {CAMERAS[cam]}), estimated in {time.perf_counter() - t:.0f} s:")
+        print(profile.summary())
 
 
 def eval_base(args) -> None:
@@ -284,10 +315,16 @@ def main() -> int:
     p = sub.add_parser("eval-base")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("table")
+    p = sub.add_parser("estimate")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("run")
     p.add_argument("name")
     p.add_argument("--method", default="xq", choices=["xq", "degrade", "adabn", "xq+adabn"])
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
+    p.add_argument("--sampler", default="range", choices=["range", "estimated"],
+                   help="training degradations: the true camera with each parameter ±spread, or "
+                        "sampled from the profile `estimate` measured on unlabeled chips")
     p.add_argument("--spread", type=float, default=0.25)
     p.add_argument("--train-from", default="level1")
     p.add_argument("--versions", type=int, default=4)
@@ -307,7 +344,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"prepare": prepare, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
+    {"prepare": prepare, "estimate": estimate, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
     return 0
 
 

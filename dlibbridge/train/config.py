@@ -16,6 +16,15 @@ BEST_FILE = "best.pt"
 PAIR_LOSSES = ("metric", "triplet")
 FREEZE_LEVELS = ("none", "stem", "level4", "level3", "level2", "level1", "level0")
 SELECT_METRICS = ("tar@far", "auc", "accuracy")
+#: Validation domains of a camera run (``--camera``): the held-out identities' clean chips and
+#: the same chips degraded by the camera profile.
+SELECT_DOMAINS = ("camera", "clean")
+#: What ``--camera`` changes in the defaults: the recipe measured in docs/benchmarks.md
+#: (cross-quality distillation on cached features of frozen lower levels).  An option given
+#: explicitly wins over these.
+CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 1e-5,
+                 "weight_decay": 1e-4, "freeze_until": "level2", "distill": 1.0, "max_steps": 600,
+                 "warmup_steps": 20, "select_metric": "camera:tar@far", "checkpoint_every": 100}
 # Config fields that may differ on --resume without changing what is computed.
 RESUME_OVERRIDABLE = ("workers", "progress")
 
@@ -52,7 +61,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.01               # cosine floor, as a fraction of lr
     freeze_until: str = "none"
     pretrained_lr_scale: float | None = None  # default 0.1 with a new head, else 1.0
-    distill: float = 0.0
+    distill: float = 0.0                     # same-input distillation weight (teacher on the student's input)
     bn: str = "frozen"                       # frozen | train
     calibration_batches: int = 20            # for --bn train
     augment: bool = True
@@ -72,6 +81,22 @@ class FinetuneConfig:
     seed: int = 0
     onnx: bool = False
     progress: bool = True
+    camera: str | None = None                # camera.json: run the cross-quality recipe for that camera
+    target_photos: str | None = None         # unlabeled target-camera chips: batch-norm adaptation
+    xq_weight: float = 1.0                   # cross-quality term (camera runs)
+    relational_weight: float = 1.0           # relational guard (camera runs)
+    camera_versions: int = 4                 # degraded versions cached per training chip
+    clean_limit: float = 0.01                # camera runs: most clean TAR@FAR a selected step may lose
+
+    @classmethod
+    def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
+        """A camera run: :data:`CAMERA_RECIPE` under whatever is given explicitly."""
+        return cls(data=data, out=out, camera=camera, **{**CAMERA_RECIPE, **given})
+
+    def select(self) -> tuple[str | None, str]:
+        """``select_metric`` split into (domain, metric); the domain is None outside camera runs."""
+        domain, _, metric = self.select_metric.rpartition(":")
+        return (domain or ("camera" if self.camera else None)), metric
 
     def resolved(self, has_head: bool, cuda: bool) -> "FinetuneConfig":
         c = dataclasses.replace(self)
@@ -110,8 +135,21 @@ class FinetuneConfig:
             bad(f"--bn {self.bn!r}: choose frozen or train")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             bad(f"--amp {self.amp!r}: choose auto, off, bf16 or fp16")
-        if self.select_metric not in SELECT_METRICS:
-            bad(f"--select-metric {self.select_metric!r}: choose one of {', '.join(SELECT_METRICS)}")
+        domain, metric = self.select()
+        if metric not in SELECT_METRICS or (domain is not None and not self.camera):
+            bad(f"--select-metric {self.select_metric!r}: choose one of {', '.join(SELECT_METRICS)}"
+                + (f", optionally after a domain ({'/'.join(SELECT_DOMAINS)}:) with --camera" if not self.camera else ""))
+        if domain is not None and domain not in SELECT_DOMAINS:
+            bad(f"--select-metric {self.select_metric!r}: the domain is one of {', '.join(SELECT_DOMAINS)}")
+        if self.target_photos and not self.camera:
+            bad("--target-photos adapts a camera run: give --camera camera.json too")
+        if self.camera:
+            if self.freeze_until == "none":
+                bad("--camera trains on cached features of frozen lower levels: --freeze-until must name a level")
+            if self.freeze_until == "level0":
+                bad("--freeze-until level0 leaves only the fc to train; a camera run needs level0 trainable at least")
+            if self.camera_versions < 1 or self.xq_weight < 0 or self.relational_weight < 0 or self.clean_limit < 0:
+                bad("--camera-versions must be >= 1; --xq-weight, --relational-weight and --clean-limit >= 0")
         if self.export not in ("best", "last"):
             bad(f"--export {self.export!r}: choose best or last")
         for name in ("epochs", "identities_per_batch", "images_per_identity", "accumulate",

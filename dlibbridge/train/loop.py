@@ -401,6 +401,9 @@ def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """Run (or continue) a fine-tuning job; returns the summary written to summary.json."""
+    if cfg.camera:
+        from .camera_finetune import camera_finetune
+        return camera_finetune(cfg, resume)
     cfg.validate()
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist = init_distributed(device_kind)

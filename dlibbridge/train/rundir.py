@@ -25,9 +25,9 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def write_logs(run_dir: Path, steps: list[dict], vals: list[dict]) -> None:
+def write_logs(run_dir: Path, steps: list[dict], vals: list[dict], step_fields: list[str] = STEP_FIELDS) -> None:
     """log.csv, val.csv, log.json and curves.png, each replaced atomically."""
-    write_csv(run_dir / "log.csv", steps, STEP_FIELDS)
+    write_csv(run_dir / "log.csv", steps, step_fields)
     val_fields = ["step", "epoch"] + sorted({k for v in vals for k in v} - {"step", "epoch"})
     write_csv(run_dir / "val.csv", vals, val_fields)
     write_run_json(run_dir / "log.json", {"steps": steps, "validation": vals})
@@ -54,10 +54,12 @@ def plot_curves(path: Path, steps: list[dict], vals: list[dict]) -> None:
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if vals:
         vs = [v["step"] for v in vals]
-        for key in ("tar@far", "accuracy", "auc"):
-            if key in vals[0]:
-                axes[2].plot(vs, [v[key] for v in vals], marker="o",
-                             label=f"TAR@FAR={vals[0]['far']:g}" if key == "tar@far" else key)
+        # A camera run validates in several domains: keys "DOMAIN.tar@far" etc.
+        for key in sorted(k for k in vals[0] if k.rpartition(".")[2] in ("tar@far", "accuracy", "auc")):
+            domain, _, name = key.rpartition(".")
+            far = vals[0].get(f"{domain}.far" if domain else "far")
+            label = f"TAR@FAR={far:g}" if name == "tar@far" else name
+            axes[2].plot(vs, [v[key] for v in vals], marker="o", label=f"{domain}: {label}" if domain else label)
         axes[2].set_title("held-out identities")
         axes[2].legend()
     for ax in axes:

@@ -32,7 +32,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from ..port.arch import DlibAffine, FaceResNet
 from .losses import MetricLoss
 
 __all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",
-           "train_xq", "adapt_batchnorm", "embed_chips"]
+           "XQTrainer", "train_xq", "adapt_batchnorm", "embed_chips"]
 
 
 def stages(model: FaceResNet) -> list[str]:
@@ -149,72 +149,84 @@ def xq_losses(s_deg: torch.Tensor, s_clean: torch.Tensor, t_clean: torch.Tensor,
     return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same}
 
 
-def _batches(labels: np.ndarray, cfg: XQConfig, rng: np.random.Generator):
-    """P×K index batches: P identities with at least two chips, K chips each (with replacement
-    only when an identity has fewer)."""
-    groups: dict[int, np.ndarray] = {}
-    for lab in np.unique(labels):
-        idx = np.flatnonzero(labels == lab)
-        if len(idx) >= 2:
-            groups[int(lab)] = idx
-    ids = np.array(sorted(groups))
-    while True:
-        rows = np.concatenate([rng.choice(groups[int(l)], size=cfg.per_identity,
-                                          replace=len(groups[int(l)]) < cfg.per_identity)
-                               for l in rng.choice(ids, size=cfg.identities, replace=False)])
-        yield rows
+class XQTrainer:
+    """Trains a copy of ``base`` (deployed affine form: the stages from ``cfg.train_from`` up and
+    the fc) on cached features, one :meth:`step` at a time.  Step ``n``'s batch, degraded versions
+    and mirroring come from a generator seeded by (seed, n), so a run continued from
+    :meth:`state_dict` sees exactly the data an uninterrupted run would."""
+
+    def __init__(self, base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.cache = cfg, cache
+        self.student = copy.deepcopy(base)
+        names = stages(self.student)
+        trained = names[names.index(cfg.train_from):] + ["fc"]
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        params = [p for n in trained for p in getattr(self.student, n).parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                                      {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
+        self.metric = MetricLoss()
+        self.labels = torch.as_tensor(np.asarray(labels))
+        lab = np.asarray(labels)
+        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab) if (lab == l).sum() >= 2}
+        self.ids = np.array(sorted(self.groups))
+        if len(self.ids) < cfg.identities:
+            raise ValueError(f"{cfg.identities} identities per batch but only {len(self.ids)} have two or more chips")
+        self.n = 0
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return c.lr * min(1.0, (step + 1) / max(1, c.warmup)) * 0.5 * (1 + math.cos(math.pi * step / c.steps))
+
+    def step(self) -> dict:
+        c = self.cfg
+        rng = np.random.default_rng((c.seed, 104729, self.n))
+        idx = np.concatenate([rng.choice(self.groups[int(l)], size=c.per_identity,
+                                         replace=len(self.groups[int(l)]) < c.per_identity)
+                              for l in rng.choice(self.ids, size=c.identities, replace=False)])
+        ver = rng.integers(0, self.cache["degraded"].shape[1], size=len(idx))
+        flip = ver % 2                                   # the clean view mirrored like the degraded one
+        lr = self.lr_at(self.n)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.student.train()
+        s = run_suffix(self.student, torch.cat([self.cache["degraded"][idx, ver], self.cache["clean"][idx, flip]]),
+                       c.train_from)
+        terms = xq_losses(s[:len(idx)], s[len(idx):], self.cache["teacher"][idx, flip], self.labels[idx], c, self.metric)
+        self.opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.opt.step()
+        self.student.eval()
+        self.n += 1
+        return {"step": self.n, "lr": lr, **{k: float(t.detach()) for k, t in terms.items()}}
+
+    def state_dict(self) -> dict:
+        return {"step": self.n, "student": self.student.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.n = int(st["step"])
+        self.student.load_state_dict(st["student"])
+        self.opt.load_state_dict(st["opt"])
 
 
 def train_xq(base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig, *,
              log: Callable[[str], None] | None = None) -> tuple[FaceResNet, list[dict]]:
-    """Train a copy of ``base`` (deployed affine form; stages from ``cfg.train_from`` up and the
-    fc) on the cached features.  Returns the student and one log row per step."""
-    torch.manual_seed(cfg.seed)
-    student = copy.deepcopy(base)
-    names = stages(student)
-    trained = names[names.index(cfg.train_from):] + ["fc"]
-    for p in student.parameters():
-        p.requires_grad_(False)
-    params = [p for n in trained for p in getattr(student, n).parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    metric = MetricLoss()
-    rng = np.random.default_rng(cfg.seed)
-    labels_t = torch.as_tensor(labels)
-    v = cache["degraded"].shape[1]
-    rows = []
-    t0 = time.perf_counter()
-    batches = _batches(np.asarray(labels), cfg, rng)
-    student.train()
-    for step in range(cfg.steps):
-        f = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * f
-        idx = next(batches)
-        ver = rng.integers(0, v, size=len(idx))
-        flip = ver % 2                                   # the clean view mirrored like the degraded one
-        fd = cache["degraded"][idx, ver]
-        fc = cache["clean"][idx, flip]
-        tc = cache["teacher"][idx, flip]
-        s = run_suffix(student, torch.cat([fd, fc]), cfg.train_from)
-        terms = xq_losses(s[:len(idx)], s[len(idx):], tc, labels_t[idx], cfg, metric)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-        row = {k: float(t.detach()) for k, t in terms.items()}
-        row.update(step=step + 1, lr=cfg.lr * f, seconds=time.perf_counter() - t0)
+    """All ``cfg.steps`` steps of :class:`XQTrainer`; returns the student and the step log."""
+    tr = XQTrainer(base, cache, labels, cfg)
+    rows, t0 = [], time.perf_counter()
+    for _ in range(cfg.steps):
+        row = tr.step()
+        row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        if log and (step + 1) % 50 == 0:
+        if log and row["step"] % 50 == 0:
             log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same"))
-                + f" step {step + 1} {row['seconds']:.0f} s")
-    student.eval()
-    for p in student.parameters():
+                + f" step {row['step']} {row['seconds']:.0f} s")
+    for p in tr.student.parameters():
         p.requires_grad_(False)
-    return student, rows
+    return tr.student.eval(), rows
 
 
 @torch.no_grad()

@@ -1,0 +1,251 @@
+"""``dlibbridge finetune DATA --camera camera.json``: fine-tune dlib's face model for one camera.
+
+The run (all in RUN_DIR, resumable with ``--resume``):
+
+1. DATA is opened and split by identity exactly as a plain run (:func:`loop.split_identities`).
+2. The base model, in its deployed form, is the teacher.  With ``--target-photos DIR`` its
+   batch-norm affines are first re-derived from unlabeled target-camera chips
+   (:func:`xq.adapt_batchnorm`); that adapted model is what the student starts from.
+3. Every training chip is degraded ``--camera-versions`` times by samples of the camera profile
+   (:mod:`dlibbridge.data.camera`); the frozen levels (up to ``--freeze-until``) run once per
+   version and their features are cached in ``RUN_DIR/feature_cache.pt``, with the teacher's
+   descriptors of the clean chips.
+4. :class:`xq.XQTrainer` trains the upper levels: identity + cross-quality + relational +
+   same-input terms (docs/finetune.md).
+5. Validation on the held-out identities in each domain — ``clean`` and ``camera`` (the same
+   chips degraded by the profile, fixed per chip) — at step 0 and every ``--checkpoint-every``
+   steps (their frozen features are cached too, so a validation costs only the upper levels).
+   ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``) among
+   the steps whose clean TAR@FAR is at most ``--clean-limit`` below the base's; step 0 (the base,
+   or the adapted base) is always a candidate.
+6. ``model.dat`` (deployed; checked in ``dlib.face_recognition_model_v1``), ``model.pt``,
+   ``threshold.json`` (the distance threshold that is best on the camera domain, beside dlib's
+   0.6), ``val.csv``/``curves.png``/``summary.json`` with every domain.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import sha256_file, write_torch
+from ..assets import resolve_model
+from . import xq
+from .config import CHECKPOINT_FILE, CONFIG_FILE, FinetuneConfig, FinetuneError
+from .dist import Dist
+from .rundir import write_logs, write_run_json
+
+__all__ = ["camera_finetune", "DOMAINS"]
+
+DOMAINS = ("clean", "camera")
+CACHE_FILE = "feature_cache.pt"
+THRESHOLD_FILE = "threshold.json"
+STEP_FIELDS = ["step", "loss", "identity", "xq", "relational", "same", "lr", "elapsed_s"]
+
+
+def _train_from(cfg: FinetuneConfig, model) -> str:
+    names = xq.stages(model)
+    return names[names.index(cfg.freeze_until) + 1]
+
+
+def _degraded(chips: np.ndarray, degrade, seed: int, salt: int) -> np.ndarray:
+    return np.stack([degrade(np.ascontiguousarray(c), np.random.default_rng((seed, salt, i))) for i, c in enumerate(chips)])
+
+
+class _CameraJob:
+    def __init__(self, cfg: FinetuneConfig, resume: bool):
+        from ..data import camera as camera_mod
+        from ..port.checkpoint import load_model
+        from .loop import _prepare_run_dir, open_data, split_identities
+        self.cfg = cfg
+        self.run_dir = _prepare_run_dir(cfg, resume, Dist())
+        self.resume = resume
+        try:
+            self.profile = camera_mod.load_camera(cfg.camera)
+        except camera_mod.CameraError as e:
+            raise FinetuneError(f"--camera: {e}") from None
+        self.degrade = self.profile.degradations()
+        self.store = open_data(cfg.data, self.run_dir, cfg.progress)
+        self.split = split_identities(self.store, cfg, 1)
+        labels = np.asarray(self.store.labels)
+        self.train_labels = np.array([self.split.train_classes[int(l)] for l in labels[self.split.train_rows]])
+        self.base_path = resolve_model(cfg.base)
+        self.base = load_model(self.base_path, trainable=False)
+        self.train_from = _train_from(cfg, self.base)
+        self.xcfg = xq.XQConfig(
+            train_from=self.train_from, versions=cfg.camera_versions, steps=cfg.max_steps or 600,
+            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or 1e-5,
+            weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay,
+            warmup=20 if cfg.warmup_steps is None else cfg.warmup_steps, w_xq=cfg.xq_weight,
+            w_relational=cfg.relational_weight, w_same=cfg.distill, seed=cfg.seed)
+        self.timings: dict[str, float] = {}
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _log(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(f"[finetune --camera] {msg}", flush=True)
+
+    def start_model(self):
+        """The base, or the base adapted to the target photos (unlabeled)."""
+        if not self.cfg.target_photos:
+            return self.base, None
+        from ..port.calibrate import BatchNormError, load_chips
+        t = time.perf_counter()
+        try:
+            target, skipped = load_chips(self.cfg.target_photos, limit=500, seed=self.cfg.seed)
+        except BatchNormError as e:
+            raise FinetuneError(f"--target-photos: {e}") from None
+        if len(target) < 16:
+            raise FinetuneError(f"--target-photos {self.cfg.target_photos}: {len(target)} readable chips; "
+                                "adaptation needs at least 16")
+        rng = np.random.default_rng((self.cfg.seed, 7))
+        rows = np.sort(rng.permutation(self.split.train_rows)[:len(target)])
+        source = np.asarray(self.store.chips[rows])
+        adapted = xq.adapt_batchnorm(self.base, source, target)
+        self.timings["target_adaptation_s"] = time.perf_counter() - t
+        return adapted, {"target_chips": int(len(target)), "skipped": skipped[:20], "source_chips": int(len(source))}
+
+    def features(self, start) -> tuple[dict, dict]:
+        """Training cache and validation features (built once; reused on --resume)."""
+        path = self.run_dir / CACHE_FILE
+        if path.is_file():
+            got = torch.load(path, weights_only=True)
+            return got["train"], got["val"]
+        t = time.perf_counter()
+        chips = np.asarray(self.store.chips[self.split.train_rows])
+        train = xq.build_cache(start, chips, self.degrade, self.xcfg, log=self._log)
+        val = {}
+        if len(self.split.val_rows):
+            vchips = np.asarray(self.store.chips[self.split.val_rows])
+            with torch.no_grad():
+                val["clean"] = xq.run_prefix(start, torch.from_numpy(vchips), self.train_from).half()
+                val["camera"] = xq.run_prefix(start, torch.from_numpy(
+                    _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from).half()
+        self.timings["cache_s"] = time.perf_counter() - t
+        write_torch(path, {"train": train, "val": val})
+        return train, val
+
+    def validate(self, model, val: dict, step: int) -> dict | None:
+        from .loop import verification_summary
+        if not val:
+            return None
+        labels = np.asarray(self.store.labels)[self.split.val_rows]
+        rec = {"step": step}
+        with torch.no_grad():
+            for d in DOMAINS:
+                emb = torch.cat([xq.run_suffix(model, f, self.train_from) for f in val[d].split(128)]).numpy()
+                for k, v in verification_summary(emb, labels, self.cfg.select_far).items():
+                    rec[f"{d}.{k}"] = v
+        return rec
+
+    def eligible(self, rec: dict, base_rec: dict) -> bool:
+        """A step may be exported when its clean TAR@FAR is at most clean_limit below the base's."""
+        return rec["clean.tar@far"] >= base_rec["clean.tar@far"] - self.cfg.clean_limit - 1e-12
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.cfg
+        t0 = time.perf_counter()
+        start, adaptation = self.start_model()
+        train, val = self.features(start)
+        trainer = xq.XQTrainer(start, train, self.train_labels, self.xcfg)
+        domain, metric = c.select()
+        key = f"{domain}.{metric}"
+        steps_log, vals, best = [], [], None
+        ck = self.run_dir / CHECKPOINT_FILE
+        if self.resume and ck.is_file():
+            st = torch.load(ck, weights_only=False)
+            trainer.load_state_dict(st["trainer"])
+            steps_log, vals, best, self.timings = st["steps"], st["vals"], st["best"], st["timings"]
+            self._log(f"resumed at step {trainer.n}")
+        self.write_config(adaptation)
+        if not vals:
+            rec = self.validate(trainer.student, val, 0)
+            if rec:
+                vals.append(rec)
+                best = {"step": 0, "score": rec[key], "metric": key, "validation": rec}
+                write_torch(self.run_dir / "best_state.pt", trainer.student.state_dict())
+        t_train = time.perf_counter()
+        elapsed0 = self.timings.get("train_s", 0.0)
+        while trainer.n < self.xcfg.steps:
+            row = trainer.step()
+            row["loss"] = row.pop("total")
+            row["elapsed_s"] = elapsed0 + time.perf_counter() - t_train
+            steps_log.append(row)
+            if trainer.n % c.checkpoint_every == 0 or trainer.n == self.xcfg.steps:
+                rec = self.validate(trainer.student, val, trainer.n)
+                if rec:
+                    vals.append(rec)
+                    if self.eligible(rec, vals[0]) and rec[key] > best["score"]:
+                        best = {"step": trainer.n, "score": rec[key], "metric": key, "validation": rec}
+                        write_torch(self.run_dir / "best_state.pt", trainer.student.state_dict())
+                    self._log(f"step {trainer.n}: " + ", ".join(f"{d} TAR@FAR {rec[f'{d}.tar@far']:.4f}" for d in DOMAINS))
+                self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
+                write_torch(ck, {"trainer": trainer.state_dict(), "steps": steps_log, "vals": vals, "best": best,
+                                 "timings": self.timings})
+                write_logs(self.run_dir, steps_log, vals, step_fields=STEP_FIELDS)
+        self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
+        model = trainer.student
+        exported = trainer.n
+        if c.export == "best" and best is not None and best["step"] != trainer.n:
+            model = copy.deepcopy(trainer.student)
+            model.load_state_dict(torch.load(self.run_dir / "best_state.pt", weights_only=True))
+            exported = best["step"]
+        summary = self.export(model.eval(), exported, trainer.n, best, vals, adaptation)
+        self.timings["wall_s"] = time.perf_counter() - t0
+        summary["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
+        write_run_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def write_config(self, adaptation) -> None:
+        c = self.cfg
+        write_run_json(self.run_dir / CONFIG_FILE, {
+            "config": c.to_json(), "recipe": self.xcfg.to_json(), "camera": self.degrade.describe(),
+            "target_adaptation": adaptation,
+            "data": {"train_chips": int(len(self.split.train_rows)), "train_identities": len(self.split.train_classes),
+                     "val_chips": int(len(self.split.val_rows)), "val_identities": self.split.val_identities,
+                     "dropped_single": self.split.dropped_single},
+            "base_sha256": sha256_file(self.base_path)})
+
+    def export(self, model, exported: int, final: int, best, vals, adaptation) -> dict:
+        from ..port.checkpoint import save_torch
+        from ..port.convert import to_dlib
+        from .loop import dlib_export_check
+        out = self.run_dir
+        to_dlib(model, out / "model.dat", trainable=False)
+        save_torch(model, out / "model.pt")
+        rows = self.split.val_rows if len(self.split.val_rows) else self.split.train_rows
+        check = dlib_export_check(model, out / "model.dat", self.store, rows)
+        final_rec = next((v for v in vals if v["step"] == exported), None)
+        threshold = None
+        if final_rec:
+            threshold = {"threshold": final_rec["camera.best_threshold"], "domain": "camera",
+                         "accuracy_at_threshold": final_rec["camera.accuracy"],
+                         "accuracy_at_0.6": final_rec["camera.accuracy_at_0.6"],
+                         "note":
+                         "distance threshold with the best accuracy on the held-out identities as the camera "
+                         "takes them; dlib's default is 0.6"}
+            write_run_json(out / THRESHOLD_FILE, threshold)
+        per_domain = {}
+        if vals:
+            for d in DOMAINS:
+                per_domain[d] = {"base": {k.split(".", 1)[1]: v for k, v in vals[0].items() if k.startswith(d + ".")},
+                                 "exported": None if not final_rec else
+                                 {k.split(".", 1)[1]: v for k, v in final_rec.items() if k.startswith(d + ".")}}
+        files = ["model.dat", "model.pt"] + ([THRESHOLD_FILE] if threshold else [])
+        return {"exported_step": exported, "final_step": final, "total_steps": self.xcfg.steps, "best": best,
+                "domains": per_domain, "recommended_threshold": threshold, "files": files, "export_check": check,
+                "target_adaptation": adaptation, "recipe": self.xcfg.to_json()}
+
+
+def camera_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
+    """Run (or continue) a camera fine-tune; returns the summary written to summary.json."""
+    cfg.validate()
+    if torch.cuda.is_available() and cfg.device not in ("auto", "cpu"):
+        raise FinetuneError("--camera runs on the CPU (cached features); use --device cpu or auto")
+    return _CameraJob(cfg, resume).run()
