@@ -274,6 +274,64 @@ def estimate(args) -> None:
         print(profile.summary())
 
 
+def train_store() -> Path:
+    """The training identities' chips as a chip store (``DATA`` of the product runs)."""
+    from dlibbridge.data.store import pack
+    store = WORK / "train.store"
+    if (store / "index.json").is_file():
+        return store
+    split = json.loads((WORK / "split.json").read_text())
+    people = read_chips(Path(split["chips_dir"]))
+    links = WORK / "train.links"
+    for person in split["train_ids"]:
+        (links / person).mkdir(parents=True, exist_ok=True)
+        for c in people[person]:
+            dst = links / person / c.name
+            if not dst.exists():
+                os.symlink(c.resolve(), dst)
+    pack(links, store, progress=False)
+    return store
+
+
+def product(args) -> None:
+    """The shipped path: ``dlibbridge finetune TRAIN_STORE --camera camera-X.json`` with every
+    other setting at its default (plus ``--seed``, and what ``--extra`` names), then the test
+    identities in every domain.  The camera profile is the one `estimate` measured."""
+    from dlibbridge.port.checkpoint import load_torch
+    from dlibbridge.train.config import FinetuneConfig
+    from dlibbridge.train.loop import finetune
+    torch.set_num_threads(args.threads)
+    out = WORK / "runs" / args.name
+    if (out / "result.json").is_file():
+        print(f"{out} done"); return
+    run_dir = out / "run"
+    extra = json.loads(args.extra) if args.extra else {}
+    if args.target_photos:
+        tr_c, _, _, _ = load_data()
+        folder = WORK / f"target-{args.camera}-chips"
+        if not folder.is_dir():
+            rng = np.random.default_rng(args.seed + 1)
+            folder.mkdir()
+            f = camera_fn(CAMERAS[args.camera])
+            for i in rng.permutation(len(tr_c))[:300]:
+                cv2.imwrite(str(folder / f"{i:05d}.png"),
+                            cv2.cvtColor(f(tr_c[i], np.random.default_rng((7, int(i)))), cv2.COLOR_RGB2BGR))
+        extra["target_photos"] = str(folder)
+    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}.json"),
+                                    seed=args.seed, progress=True, **extra)
+    t = time.perf_counter()
+    summary = finetune(cfg, resume=(run_dir / "config.json").is_file())
+    wall = time.perf_counter() - t
+    _, _, te_c, te_l = load_data()
+    model = load_torch(run_dir / "model.pt")
+    res = {"name": args.name, "args": vars(args), "times": {"wall_s": wall, **summary.get("timings_s", {})},
+           "exported_step": summary["exported_step"], "export_check": summary["export_check"],
+           "recommended_threshold": summary.get("recommended_threshold"),
+           "metrics": evaluate(model, domains(te_c), te_l)}
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), res["times"])
+
+
 def eval_base(args) -> None:
     torch.set_num_threads(args.threads)
     _, _, te_c, te_l = load_data()
@@ -315,6 +373,13 @@ def main() -> int:
     p = sub.add_parser("eval-base")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("table")
+    p = sub.add_parser("product")
+    p.add_argument("name")
+    p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-photos", action="store_true", help="also adapt to 300 unlabeled target chips")
+    p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("estimate")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -344,7 +409,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"prepare": prepare, "estimate": estimate, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
+    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
     return 0
 
 

@@ -23,7 +23,7 @@ SELECT_DOMAINS = ("camera", "clean")
 #: (cross-quality distillation on cached features of frozen lower levels).  An option given
 #: explicitly wins over these.
 CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 1e-5,
-                 "weight_decay": 1e-4, "freeze_until": "level2", "distill": 1.0, "max_steps": 600,
+                 "weight_decay": 1e-4, "freeze_until": "level2", "distill": 1.0, "max_steps": 300,
                  "warmup_steps": 20, "select_metric": "camera:tar@far", "checkpoint_every": 100}
 # Config fields that may differ on --resume without changing what is computed.
 RESUME_OVERRIDABLE = ("workers", "progress")
