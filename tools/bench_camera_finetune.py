@@ -344,22 +344,35 @@ def eval_base(args) -> None:
         print(k, {a: round(b, 4) for a, b in v.items()})
 
 
+COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
+           ("accuracy_10fold", "10-fold", 100), ("accuracy_at_best", "acc@best", 100), ("best_threshold", "thr", 1))
+
+
 def table(args) -> None:
-    rows = []
-    for p in sorted((WORK / "runs").glob("*/result.json")):
-        r = json.loads(p.read_text())
-        rows.append(r)
+    """Markdown table of the finished runs whose name starts with ``--only`` (all but ``prod*``
+    by default); ``--seeds`` folds runs named PREFIX-sN into one row of mean ± std."""
+    rows = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*/result.json"))]
+    if args.only:
+        rows = [r for r in rows if r["name"] == "base" or r["name"].startswith(args.only)]
+    else:
+        rows = [r for r in rows if not r["name"].startswith("prod")]
     doms = list(rows[0]["metrics"])
-    head = "| run | " + " | ".join(f"{d} TAR@1e-3 | {d} acc@0.6 | {d} 10-fold | {d} best thr" for d in doms) + " | wall s |"
-    print(head)
-    print("|" + "---|" * (2 + 4 * len(doms)))
+    print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in COLUMNS) + " | wall s |")
+    print("|" + "---|" * (2 + len(COLUMNS) * len(doms)))
+    groups: dict[str, list[dict]] = {}
     for r in rows:
+        name = r["name"].rsplit("-s", 1)[0] if args.seeds and r["name"] != "base" else r["name"]
+        groups.setdefault(name, []).append(r)
+    for name, rs in groups.items():
         cells = []
         for d in doms:
-            m = r["metrics"][d]
-            cells += [f"{100 * m['tar_at_far_1e-3']:.2f}", f"{100 * m['accuracy_at_0.6']:.2f}",
-                      f"{100 * m['accuracy_10fold']:.2f}", f"{m['best_threshold']:.3f}"]
-        print(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('times', {}).get('wall_s', 0):.0f} |")
+            for key, _, scale in COLUMNS:
+                v = np.array([r["metrics"][d][key] for r in rs]) * scale
+                fmt = "{:.3f}" if scale == 1 else "{:.2f}"
+                cells.append(fmt.format(v.mean()) + (f" ± {fmt.format(v.std(ddof=1))}" if len(v) > 1 else ""))
+        wall = np.array([r.get("times", {}).get("wall_s", 0) for r in rs])
+        label = f"{name} (n={len(rs)})" if len(rs) > 1 else name
+        print(f"| {label} | " + " | ".join(cells) + f" | {wall.mean():.0f} |")
 
 
 def main() -> int:
@@ -373,6 +386,8 @@ def main() -> int:
     p = sub.add_parser("eval-base")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("table")
+    p.add_argument("--only", help="runs whose name starts with this (and the base)")
+    p.add_argument("--seeds", action="store_true", help="mean ± std over NAME-sN runs")
     p = sub.add_parser("product")
     p.add_argument("name")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
