@@ -24,6 +24,7 @@ Protocol:
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -328,6 +329,10 @@ def product(args) -> None:
            "exported_step": summary["exported_step"], "export_check": summary["export_check"],
            "recommended_threshold": summary.get("recommended_threshold"),
            "metrics": evaluate(model, domains(te_c), te_l)}
+    # The last step's weights too: selection on a small validation set may hand back the base.
+    last = copy.deepcopy(model)
+    last.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainer"]["student"])
+    res["metrics_last_step"] = evaluate(last.eval(), domains(te_c), te_l)
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), res["times"])
 
@@ -356,6 +361,8 @@ def table(args) -> None:
         rows = [r for r in rows if r["name"] == "base" or r["name"].startswith(args.only)]
     else:
         rows = [r for r in rows if not r["name"].startswith("prod")]
+    if args.last:
+        rows = [dict(r, metrics=r.get("metrics_last_step", r["metrics"])) for r in rows]
     doms = list(rows[0]["metrics"])
     print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in COLUMNS) + " | wall s |")
     print("|" + "---|" * (2 + len(COLUMNS) * len(doms)))
@@ -388,6 +395,7 @@ def main() -> int:
     p = sub.add_parser("table")
     p.add_argument("--only", help="runs whose name starts with this (and the base)")
     p.add_argument("--seeds", action="store_true", help="mean ± std over NAME-sN runs")
+    p.add_argument("--last", action="store_true", help="product runs: the last step's model, not the exported one")
     p = sub.add_parser("product")
     p.add_argument("name")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
