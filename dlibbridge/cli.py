@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._writable import check_output_dir, check_output_file
 from .codec.tree import DlibFormatError
 from .assets import resolve_model
 from .errors import DlibbridgeError
@@ -187,6 +188,10 @@ def _run_evaluate(args) -> int:
     from pathlib import Path
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
+    if args.report:
+        check_output_dir(args.report, "--report")
+    if args.json:
+        check_output_file(args.json, "--json")
     for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
@@ -356,6 +361,10 @@ def _run_export(args) -> int:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
+    for option, o in (("-o", args.out), ("--onnx", args.onnx), ("--torchscript", args.torchscript),
+                      ("--pt2", args.pt2), ("--checkpoint", args.checkpoint)):
+        if o:
+            check_output_file(o, option, src.stat().st_size if src.is_file() else 0)
     module = load_model(args.model)
     if args.out:
         diff = convert.to_dlib(module, args.out, trainable=args.trainable, check=True, atol=args.atol)
@@ -398,6 +407,7 @@ def _add_embed(sub) -> None:
 def _run_embed(args) -> int:
     _passive_omp()
     from .eval.embed import embed_folder
+    check_output_file(args.out, "-o")
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet)
     for path, reason in res.skipped:
