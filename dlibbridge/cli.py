@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _writable as w
 from ._writable import check_output_dir, check_output_file
 from .codec.tree import DlibFormatError
 from .assets import resolve_model
@@ -191,7 +192,7 @@ def _run_evaluate(args) -> int:
     if args.report:
         check_output_dir(args.report, "--report")
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
@@ -361,10 +362,13 @@ def _run_export(args) -> int:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
-    for option, o in (("-o", args.out), ("--onnx", args.onnx), ("--torchscript", args.torchscript),
-                      ("--pt2", args.pt2), ("--checkpoint", args.checkpoint)):
+    for option, o, kind, is_kind in (("-o", args.out, "a dlib DNN file", w.is_dlib_file),
+                                     ("--onnx", args.onnx, "an ONNX file", w.is_onnx),
+                                     ("--torchscript", args.torchscript, "a TorchScript file", w.is_zip),
+                                     ("--pt2", args.pt2, "a torch.export program", w.is_zip),
+                                     ("--checkpoint", args.checkpoint, "a torch checkpoint", w.is_zip)):
         if o:
-            check_output_file(o, option, src.stat().st_size if src.is_file() else 0)
+            check_output_file(o, option, src.stat().st_size if src.is_file() else 0, kind=kind, is_kind=is_kind)
     module = load_model(args.model)
     if args.out:
         diff = convert.to_dlib(module, args.out, trainable=args.trainable, check=True, atol=args.atol)
@@ -407,7 +411,7 @@ def _add_embed(sub) -> None:
 def _run_embed(args) -> int:
     _passive_omp()
     from .eval.embed import embed_folder
-    check_output_file(args.out, "-o")
+    check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet)
     for path, reason in res.skipped:

@@ -95,3 +95,20 @@ def test_a_directory_as_file_output_fails_before_the_work(name, tmp_path, few_ch
     _one_line_naming(err, path)
     assert "is a directory" in err
     assert (path / "photo.jpg").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("name", ["unfreeze", "export", "export-onnx", "embed"])
+def test_a_foreign_file_as_output_is_never_replaced(name, tmp_path, few_chips, capsys):
+    argv, path = _commands(tmp_path, few_chips)[name]
+    path.write_bytes(b"\xff\xd8\xff my holiday photo")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    _one_line_naming(err, path)
+    assert "refusing to replace" in err
+    assert path.read_bytes() == b"\xff\xd8\xff my holiday photo"
+
+
+def test_a_rerun_replaces_its_own_output(tmp_path, capsys):
+    out = tmp_path / "t.dat"
+    assert cli.main(["unfreeze", "-o", str(out), "--quiet"]) == 0
+    assert cli.main(["unfreeze", "-o", str(out), "--quiet"]) == 0
