@@ -433,9 +433,10 @@ def _add_unfreeze(sub) -> None:
                     "one; --calibrate re-seeds the statistics from your aligned chips.")
     p.add_argument("model", nargs="?", metavar="MODEL", help="dlib .dat file (default: the installed dlib face model)")
     p.add_argument("-o", "--out", metavar="OUT", help="output file (default: <name>_trainable.dat in the current folder)")
-    p.add_argument("--calibrate", metavar="FACES_DIR",
+    p.add_argument("--calibrate", metavar="FACES_DIR", nargs="?", const="sample",
                    help="aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` "
-                        "store) to estimate each batch-norm's input statistics on")
+                        "store) to estimate each batch-norm's input statistics on; without FACES_DIR, the "
+                        "25 sample chips shipped in the package (5 people)")
     p.add_argument("--max-chips", type=int, default=1000, metavar="N",
                    help="calibrate on at most N chips, a seeded random subset (default 1000)")
     p.add_argument("--batch-size", type=int, default=25, metavar="B",
@@ -445,13 +446,24 @@ def _add_unfreeze(sub) -> None:
 
 
 def _run_unfreeze(args) -> int:
+    from pathlib import Path
     from . import assets
     from .port.calibrate import unfreeze_file
     src = assets.resolve_model(args.model)
     out = args.out or assets.default_output_path(src, "_trainable")
-    lines = unfreeze_file(src, out, args.calibrate, max_chips=args.max_chips, batch_size=args.batch_size,
+    faces = args.calibrate
+    if faces == "sample" and not Path(faces).exists():      # a folder really called "sample" wins
+        faces = assets.sample_chips_dir()
+    lines = unfreeze_file(src, out, faces, max_chips=args.max_chips, batch_size=args.batch_size,
                           progress=not args.quiet)
     print("\n".join(lines))
+    if faces is None:
+        print("note: uncalibrated. Inference is exact, but dlib's batch-norm trains on batch statistics, which "
+              "are far from the stored ones: the first training steps start from a much worse network. "
+              "Add --calibrate FACES_DIR (your aligned chips), or --calibrate alone for the shipped sample.")
+    print(f"next: train {out} with dlib's C++ dnn_trainer (its bn_con net_type loads it; docs/unfreeze.md), "
+          "or fine-tune in PyTorch with `dlibbridge finetune DATA --base "
+          f"{out} --out RUN_DIR`")
     return 0
 
 
