@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     except DlibFormatError as e:
         print(f"dlibbridge {args.command}: invalid dlib file: {e}", file=sys.stderr)
         return 2
+    except IsADirectoryError as e:
+        print(f"dlibbridge {args.command}: {e.filename} is a directory, not a file", file=sys.stderr)
+        return 2
     except bad_input as e:
         print(f"dlibbridge {args.command}: {e}", file=sys.stderr)
         return 2
