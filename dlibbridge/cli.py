@@ -351,7 +351,7 @@ def _run_export(args) -> int:
     _passive_omp()
     from .port import convert
     from .port.checkpoint import load_model, save_torch
-    from .port.export import export_onnx, export_pt2, export_torchscript
+    from .port.export import check_onnx_installed, export_onnx, export_pt2, export_torchscript
     outputs = [o for o in (args.out, args.onnx, args.torchscript, args.pt2, args.checkpoint) if o]
     if not outputs:
         raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
@@ -362,6 +362,8 @@ def _run_export(args) -> int:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
+    if args.onnx:
+        check_onnx_installed()
     for option, o, kind, is_kind in (("-o", args.out, "a dlib DNN file", w.is_dlib_file),
                                      ("--onnx", args.onnx, "an ONNX file", w.is_onnx),
                                      ("--torchscript", args.torchscript, "a TorchScript file", w.is_zip),

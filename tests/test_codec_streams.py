@@ -45,3 +45,19 @@ def test_a_directory_as_a_model_file_is_one_clear_line(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err == f"dlibbridge {argv[0]}: {tmp_path} is a directory, not a file\n", err
+
+
+@pytest.mark.parametrize("argv", [["export", "default", "--onnx", "m.onnx"],
+                                  ["finetune", "data", "--out", "run", "--onnx"]])
+def test_onnx_without_the_extra_names_it(tmp_path, argv):
+    """onnx made unimportable (as on an install without the [onnx] extra): one line naming
+    the extra, before any work, nothing written."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['onnx'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "dlibbridge", *argv], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "pip install 'dlibbridge[onnx]'" in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["__pycache__", "data", "sitecustomize.py"] or \
+        sorted(x.name for x in tmp_path.iterdir()) == ["data", "sitecustomize.py"]

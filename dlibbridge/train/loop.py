@@ -427,6 +427,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     cfg.validate()
     if not resume:
         check_data(cfg.data)
+    if cfg.onnx:
+        from ..port.export import check_onnx_installed
+        check_onnx_installed()
     base = load_base_model(cfg.base)       # a bad --base fails before the run folder exists
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist = init_distributed(device_kind)
