@@ -62,12 +62,6 @@ def _safely(is_kind: Callable[[Path], bool], path: Path) -> bool:
         return False
 
 
-def is_dlib_file(path: Path) -> bool:
-    from .codec.tree import load
-    load(path)
-    return True
-
-
 def is_zip(path: Path) -> bool:
     import zipfile
     return zipfile.is_zipfile(path)

@@ -11,7 +11,7 @@ import sys
 
 from . import _writable as w
 from ._writable import check_output_dir, check_output_file
-from .codec.tree import DlibFormatError
+from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .errors import DlibbridgeError
 
@@ -364,7 +364,7 @@ def _run_export(args) -> int:
         raise UsageError("two outputs name the same file")
     if args.onnx:
         check_onnx_installed()
-    for option, o, kind, is_kind in (("-o", args.out, "a dlib DNN file", w.is_dlib_file),
+    for option, o, kind, is_kind in (("-o", args.out, "a dlib DNN file", is_dlib_file),
                                      ("--onnx", args.onnx, "an ONNX file", w.is_onnx),
                                      ("--torchscript", args.torchscript, "a TorchScript file", w.is_zip),
                                      ("--pt2", args.pt2, "a torch.export program", w.is_zip),

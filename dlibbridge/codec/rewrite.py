@@ -26,10 +26,10 @@ import numpy as np
 
 from .._dlib import face_descriptors
 from .._io import replace_verified
-from .._writable import check_output_file, is_dlib_file
+from .._writable import check_output_file
 from . import tree as fmt
 from .records import _BN_MODE, BatchNormError, affine_to_bn, bn_to_affine
-from .tree import Model
+from .tree import Model, is_dlib_file
 
 # ---------------------------------------------------------------------------------------
 # Whole trees

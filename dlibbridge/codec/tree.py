@@ -505,6 +505,15 @@ def _starts_with_a_version_string(data) -> bool:
     return False
 
 
+def is_dlib_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` parses as a dlib DNN file (what an output may replace)."""
+    try:
+        load(path)
+    except (DlibFormatError, OSError):
+        return False
+    return True
+
+
 def load(path: str | os.PathLike) -> Model:
     """Parse a dlib DNN file.  The file is memory-mapped, not read into a bytes object:
     tensors are copied once, straight from the page cache into their numpy arrays.  A pipe
