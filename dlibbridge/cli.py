@@ -86,7 +86,13 @@ def _run_align(args) -> int:
         cnn_factory = cnn_face_detector
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
+    if summary["files"] == 0:
+        raise al.AlignError(f"nothing to do: {args.raw_dir} holds no files")
     print(al.format_summary(summary))
+    if summary["chips"] == 0:
+        print(f"dlibbridge align: no face could be aligned in {summary['files']} files (see the status line)",
+              file=sys.stderr)
+        return 2
     return 0
 
 
