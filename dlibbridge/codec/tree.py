@@ -515,10 +515,12 @@ def is_dlib_file(path: str | os.PathLike) -> bool:
 
 
 def load(path: str | os.PathLike) -> Model:
-    """Parse a dlib DNN file.  The file is memory-mapped, not read into a bytes object:
+    """Parse a dlib DNN file (``"default"``: dlib's installed face model, see
+    :func:`dlibbridge.assets.resolve_model`).  The file is memory-mapped, not read into a bytes object:
     tensors are copied once, straight from the page cache into their numpy arrays.  A pipe
     or another stream (``/dev/stdin``) cannot be mapped and is read whole instead."""
-    with open(path, "rb") as f:
+    from ..assets import resolve_model
+    with open(resolve_model(path), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return loads(f.read())
         if os.fstat(f.fileno()).st_size == 0:
