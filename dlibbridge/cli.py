@@ -315,6 +315,10 @@ def _run_finetune(args) -> int:
         print(f"{cfg.out}: exported step {summary['exported_step']} of {summary['final_step']}"
               + (f" ({best.get('metric')} {best.get('score'):.4f})" if best else "")
               + f"; dlib check max |diff| {summary['export_check']['max_abs_diff']:.2e}")
+        if summary["exported_step"] == 0:
+            print("note: the exported model is the base model (step 0): no training step beat it on the held-out "
+                  "identities, so model.dat is dlib's model unchanged; comparing it with the base compares dlib "
+                  "with itself (more held-out identities, --export last, or other settings)")
     return 0
 
 

@@ -345,3 +345,15 @@ def test_a_run_folder_that_never_trained_is_reused(johns_store, tmp_path, capsys
     assert _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "1",
                      "--val-identities", "0", "--margin", "0.3") == 0
     assert (run / "model.dat").is_file()
+
+
+def test_exporting_the_base_model_says_so(johns_store, tmp_path, capsys):
+    """Two held-out johns already score perfectly at step 0, so nothing can beat the base:
+    the exported model is dlib's own, and the command says so instead of implying a gain."""
+    run = tmp_path / "run"
+    assert _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "1",
+                     "--val-identities", "2", "--margin", "0.3") == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["exported_step"] == 0, summary
+    assert "note: the exported model is the base model (step 0)" in out
