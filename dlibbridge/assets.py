@@ -63,6 +63,13 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     return Path(spec)
 
 
+def sample_chips_dir() -> Path:
+    """25 aligned 150×150 chips of 5 people shipped inside the package (dlib's public-domain
+    example faces, provenance in models/README.md): enough to calibrate ``unfreeze`` on a
+    machine that has no faces of its own yet."""
+    return Path(__file__).resolve().parent / "sample" / "johns"
+
+
 def default_output_path(model: os.PathLike | str, suffix: str) -> Path:
     """``<name><suffix>.dat`` in the current directory (never next to, or over, the input)."""
     stem = Path(model).name

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .codec.tree import DlibFormatError
+from . import _writable as w
+from ._writable import check_output_dir, check_output_file
+from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .errors import DlibbridgeError
 
@@ -84,7 +86,13 @@ def _run_align(args) -> int:
         cnn_factory = cnn_face_detector
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
+    if summary["files"] == 0:
+        raise al.AlignError(f"nothing to do: {args.raw_dir} holds no files")
     print(al.format_summary(summary))
+    if summary["chips"] == 0:
+        print(f"dlibbridge align: no face could be aligned in {summary['files']} files (see the status line)",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -187,6 +195,10 @@ def _run_evaluate(args) -> int:
     from pathlib import Path
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
+    if args.report:
+        check_output_dir(args.report, "--report")
+    if args.json:
+        check_output_file(args.json, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
@@ -326,6 +338,10 @@ def _run_finetune(args) -> int:
             print(f"recommended distance threshold on this camera: {thr['threshold']:.3f} (accuracy "
                   f"{thr['accuracy_at_threshold']:.4f}; at dlib's 0.6: {thr['accuracy_at_0.6']:.4f}); "
                   f"written to {cfg.out}/threshold.json")
+        if summary["exported_step"] == 0:
+            print("note: the exported model is the base model (step 0): no training step beat it on the held-out "
+                  "identities, so model.dat is dlib's model unchanged; comparing it with the base compares dlib "
+                  "with itself (more held-out identities, --export last, or other settings)")
     return 0
 
 
@@ -368,7 +384,7 @@ def _run_export(args) -> int:
     _passive_omp()
     from .port import convert
     from .port.checkpoint import load_model, save_torch
-    from .port.export import export_onnx, export_pt2, export_torchscript
+    from .port.export import check_onnx_installed, export_onnx, export_pt2, export_torchscript
     outputs = [o for o in (args.out, args.onnx, args.torchscript, args.pt2, args.checkpoint) if o]
     if not outputs:
         raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
@@ -379,6 +395,15 @@ def _run_export(args) -> int:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
+    if args.onnx:
+        check_onnx_installed()
+    for option, o, kind, is_kind in (("-o", args.out, "a dlib DNN file", is_dlib_file),
+                                     ("--onnx", args.onnx, "an ONNX file", w.is_onnx),
+                                     ("--torchscript", args.torchscript, "a TorchScript file", w.is_zip),
+                                     ("--pt2", args.pt2, "a torch.export program", w.is_zip),
+                                     ("--checkpoint", args.checkpoint, "a torch checkpoint", w.is_zip)):
+        if o:
+            check_output_file(o, option, src.stat().st_size if src.is_file() else 0, kind=kind, is_kind=is_kind)
     module = load_model(args.model)
     if args.out:
         diff = convert.to_dlib(module, args.out, trainable=args.trainable, check=True, atol=args.atol)
@@ -421,6 +446,7 @@ def _add_embed(sub) -> None:
 def _run_embed(args) -> int:
     _passive_omp()
     from .eval.embed import embed_folder
+    check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet)
     for path, reason in res.skipped:
@@ -442,9 +468,10 @@ def _add_unfreeze(sub) -> None:
                     "one; --calibrate re-seeds the statistics from your aligned chips.")
     p.add_argument("model", nargs="?", metavar="MODEL", help="dlib .dat file (default: the installed dlib face model)")
     p.add_argument("-o", "--out", metavar="OUT", help="output file (default: <name>_trainable.dat in the current folder)")
-    p.add_argument("--calibrate", metavar="FACES_DIR",
+    p.add_argument("--calibrate", metavar="FACES_DIR", nargs="?", const="sample",
                    help="aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` "
-                        "store) to estimate each batch-norm's input statistics on")
+                        "store) to estimate each batch-norm's input statistics on; without FACES_DIR, the "
+                        "25 sample chips shipped in the package (5 people)")
     p.add_argument("--max-chips", type=int, default=1000, metavar="N",
                    help="calibrate on at most N chips, a seeded random subset (default 1000)")
     p.add_argument("--batch-size", type=int, default=25, metavar="B",
@@ -454,13 +481,24 @@ def _add_unfreeze(sub) -> None:
 
 
 def _run_unfreeze(args) -> int:
+    from pathlib import Path
     from . import assets
     from .port.calibrate import unfreeze_file
     src = assets.resolve_model(args.model)
     out = args.out or assets.default_output_path(src, "_trainable")
-    lines = unfreeze_file(src, out, args.calibrate, max_chips=args.max_chips, batch_size=args.batch_size,
+    faces = args.calibrate
+    if faces == "sample" and not Path(faces).exists():      # a folder really called "sample" wins
+        faces = assets.sample_chips_dir()
+    lines = unfreeze_file(src, out, faces, max_chips=args.max_chips, batch_size=args.batch_size,
                           progress=not args.quiet)
     print("\n".join(lines))
+    if faces is None:
+        print("note: uncalibrated. Inference is exact, but dlib's batch-norm trains on batch statistics, which "
+              "are far from the stored ones: the first training steps start from a much worse network. "
+              "Add --calibrate FACES_DIR (your aligned chips), or --calibrate alone for the shipped sample.")
+    print(f"next: train {out} with dlib's C++ dnn_trainer (its bn_con net_type loads it; docs/unfreeze.md), "
+          "or fine-tune in PyTorch with `dlibbridge finetune DATA --base "
+          f"{out} --out RUN_DIR`")
     return 0
 
 
@@ -535,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except DlibFormatError as e:
         print(f"dlibbridge {args.command}: invalid dlib file: {e}", file=sys.stderr)
+        return 2
+    except IsADirectoryError as e:
+        print(f"dlibbridge {args.command}: {e.filename} is a directory, not a file", file=sys.stderr)
         return 2
     except bad_input as e:
         print(f"dlibbridge {args.command}: {e}", file=sys.stderr)

@@ -381,3 +381,15 @@ def test_a_killed_worker_is_reported_with_the_photos_in_flight(tmp_path, shared_
         align(raw, tmp_path / "out", jobs=2, progress=False, on_photo=kill_a_worker)
     rerun = align(raw, tmp_path / "out", jobs=1, progress=False)
     assert rerun["reused_from_earlier_runs"] >= 1 and rerun["files"] == 16
+
+
+def test_an_empty_folder_is_nothing_to_do_and_no_face_is_a_failure(tmp_path, capsys):
+    """Exit 0 means chips were made: an empty RAW_DIR says there was nothing to do, photos
+    without a single alignable face exit 2 after the summary."""
+    (tmp_path / "raw").mkdir()
+    assert cli_main(["align", str(tmp_path / "raw"), str(tmp_path / "out"), "-q"]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    cv2.imwrite(str(tmp_path / "raw" / "blank.png"), np.zeros((200, 200, 3), np.uint8))
+    assert cli_main(["align", str(tmp_path / "raw"), str(tmp_path / "out2"), "-q"]) == 2
+    cap = capsys.readouterr()
+    assert "no face could be aligned" in cap.err and "status: " in cap.out

@@ -120,3 +120,10 @@ def test_resolve_lfw_numbers_file_names_and_missing(tmp_path):
 def fake_identities(n_ids=30, seed=3) -> dict[str, list[str]]:
     rng = np.random.default_rng(seed)
     return {f"id{i:02d}": [f"{j:03d}.jpg" for j in range(int(rng.integers(1, 12)))] for i in range(n_ids)}
+
+
+def test_too_few_identities_for_the_folds_names_the_option_and_the_most_allowed():
+    from dlibbridge.eval.pairs import generate_pairs
+    ids = {f"p{i}": [f"p{i}/a.jpg", f"p{i}/b.jpg"] for i in range(8)}
+    with pytest.raises(ValueError, match=r"use --folds 4 \(the most these identities allow\)"):
+        generate_pairs(ids, 3000, n_folds=10)

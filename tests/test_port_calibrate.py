@@ -66,5 +66,36 @@ def test_cli_calibration_folder_errors_are_clear(tmp_path, capsys):
     assert cli.main(["unfreeze", "--calibrate", str(photos), "-o", str(tmp_path / "o.dat"), "-q"]) == 2
     assert "not an aligned 150x150 chip" in capsys.readouterr().err
     assert cli.main(["unfreeze", "--calibrate", str(tmp_path / "nope"), "-o", str(tmp_path / "o.dat")]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "calibration folder " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.dat").exists()
+
+
+def test_unfreeze_calibrates_on_the_shipped_sample_without_a_folder(tmp_path, capsys):
+    """`--calibrate` alone uses the 25 chips inside the package: the README's main command
+    works on a fresh clone with nothing beside it; the last line says what to do next."""
+    from dlibbridge import assets
+    chips = sorted(assets.sample_chips_dir().glob("*/*.jpg"))
+    assert len(chips) == 25 and len({c.parent.name for c in chips}) == 5
+    out = tmp_path / "cal.dat"
+    assert cli.main(["unfreeze", "--calibrate", "-o", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated 29 batch-norm layers on 25 chips" in text and out.is_file()
+    assert "uncalibrated" not in text
+    assert text.strip().splitlines()[-1].startswith("next: train") and "dlibbridge finetune" in text
+
+
+def test_uncalibrated_unfreeze_says_what_that_means_for_training(tmp_path, capsys):
+    assert cli.main(["unfreeze", "-o", str(tmp_path / "u.dat"), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "uncalibrated" in text and "batch statistics" in text and "--calibrate" in text
+
+
+def test_calibration_progress_counts_what_it_names(capsys):
+    """The bar counts chip forward passes (statistics + the before/after checks), and says so."""
+    from dlibbridge import assets
+    from dlibbridge.codec.tree import load
+    from dlibbridge.port import calibrate
+    chips, _ = calibrate.load_chips(assets.sample_chips_dir(), limit=6)
+    calibrate.unfreeze(load(assets.face_model_path()), chips, batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating on 6 chips" in err and "chip passes" in err

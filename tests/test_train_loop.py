@@ -317,3 +317,43 @@ def test_open_data_aligns_raw_photos_then_packs(tmp_path, johns_dir):
     assert (run / "chips" / "manifest.csv").is_file() and store.path == run / "data.store"
     assert len(store) == 4 and len(store.identities) == 2 and store.chips.shape[1:] == (150, 150, 3)
     assert open_data(str(raw), run, progress=False).path == store.path      # reused, not redone
+
+
+@pytest.mark.parametrize("bad", ["data", "base_dir", "base_bytes"])
+def test_failure_before_training_leaves_nothing_that_blocks_the_retry(johns_store, tmp_path, capsys, bad):
+    """A mistyped DATA, a directory or random bytes as --base fail before the run folder
+    exists, so the corrected command (same --out) is not refused."""
+    run = tmp_path / "run"
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(os.urandom(4000))
+    argv = {"data": [tmp_path / "no-such-data", "--out", run],
+            "base_dir": [johns_store, "--out", run, "--base", tmp_path],
+            "base_bytes": [johns_store, "--out", run, "--base", junk]}[bad]
+    assert _finetune(*argv, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_a_run_folder_that_never_trained_is_reused(johns_store, tmp_path, capsys):
+    """A run killed before its first checkpoint (config.json only) is not a run to protect:
+    the same command starts it again; a foreign config.json is still refused."""
+    run = tmp_path / "run"
+    cfg = FinetuneConfig(data=str(johns_store), out=str(run))
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": cfg.to_json()}))
+    assert _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "1",
+                     "--val-identities", "0", "--margin", "0.3") == 0
+    assert (run / "model.dat").is_file()
+
+
+def test_exporting_the_base_model_says_so(johns_store, tmp_path, capsys):
+    """Two held-out johns already score perfectly at step 0, so nothing can beat the base:
+    the exported model is dlib's own, and the command says so instead of implying a gain."""
+    run = tmp_path / "run"
+    assert _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "1",
+                     "--val-identities", "2", "--margin", "0.3") == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["exported_step"] == 0, summary
+    assert "note: the exported model is the base model (step 0)" in out

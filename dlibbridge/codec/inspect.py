@@ -9,6 +9,7 @@ docs/inspect-json.md and versioned by its ``schema`` key.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 
 from .. import assets
 from .._io import sha256_file
-from .tree import InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip, load
+from .tree import InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip, load, loads
 
 JSON_SCHEMA = "dlibbridge.inspect/1"
 
@@ -168,7 +169,11 @@ def _summary(d) -> str:
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything ``inspect`` reports, as the JSON-ready dict of docs/inspect-json.md."""
     path = Path(path)
-    model = load(path)
+    if path.is_file():
+        model, size, sha = load(path), path.stat().st_size, sha256_file(path)
+    else:                      # a pipe or stream ("-" = stdin): read once, describe the bytes
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        model, size, sha = loads(data), len(data), hashlib.sha256(data).hexdigest()
     arch = recognise(model)
     shapes = output_shapes(model, arch)
     versions: collections.Counter = collections.Counter()
@@ -201,8 +206,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "schema": JSON_SCHEMA,
         "file": str(path),
-        "size": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "size": size,
+        "sha256": sha,
         "architecture": arch,
         "total_params": sum(x["params"] for x in layers),
         "versions": dict(sorted(versions.items())),

@@ -26,9 +26,10 @@ import numpy as np
 
 from .._dlib import face_descriptors
 from .._io import replace_verified
+from .._writable import check_output_file
 from . import tree as fmt
 from .records import _BN_MODE, BatchNormError, affine_to_bn, bn_to_affine
-from .tree import Model
+from .tree import Model, is_dlib_file
 
 # ---------------------------------------------------------------------------------------
 # Whole trees
@@ -110,6 +111,7 @@ def _check_paths(src: Path, out: Path) -> None:
         raise BatchNormError(f"{src}: no such file")
     if out.exists() and os.path.samefile(src, out) or out.resolve() == src.resolve():
         raise BatchNormError(f"refusing to write over the input {src}; choose another -o")
+    check_output_file(out, "-o", src.stat().st_size, kind="a dlib DNN file", is_kind=is_dlib_file)
 
 
 def freeze_file(src: str | os.PathLike, out: str | os.PathLike) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
@@ -481,14 +482,47 @@ def loads(data: bytes) -> Model:
         raw = _codec.parse(memoryview(data).cast("B"))
     except _codec.CodecError as e:
         msg, offset, path = e.args
+        if not _starts_with_a_version_string(data):
+            msg = f"this is not a dlib DNN file: {msg}"
         raise DlibFormatError(msg, offset, path) from None
     return Model(_node_from_raw(raw["net"]), [_trailer_from_raw(t) for t in raw["trailers"]])
 
 
+def _starts_with_a_version_string(data) -> bool:
+    """Every dlib DNN file opens, within its first few bytes (after a small serialization
+    version integer), with its outer layer's version string such as ``loss_metric_2``: dlib's
+    integer encoding of the length (control byte = byte count 1..8, little-endian bytes) and
+    that many printable characters with an underscore.  When even this first record is not
+    there, the file is not a damaged network but something else entirely."""
+    head = bytes(data[:96])
+    for i in range(min(len(head), 24)):
+        c = head[i]
+        if 1 <= c <= 8:
+            n = int.from_bytes(head[i + 1:i + 1 + c], "little")
+            text = head[i + 1 + c:i + 1 + c + n]
+            if 3 <= n <= 64 and len(text) == n and b"_" in text and all(0x20 < b < 0x7F for b in text):
+                return True
+    return False
+
+
+def is_dlib_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` parses as a dlib DNN file (what an output may replace)."""
+    try:
+        load(path)
+    except (DlibFormatError, OSError):
+        return False
+    return True
+
+
 def load(path: str | os.PathLike) -> Model:
-    """Parse a dlib DNN file.  The file is memory-mapped, not read into a bytes object:
-    tensors are copied once, straight from the page cache into their numpy arrays."""
-    with open(path, "rb") as f:
+    """Parse a dlib DNN file (``"default"``: dlib's installed face model, see
+    :func:`dlibbridge.assets.resolve_model`).  The file is memory-mapped, not read into a bytes object:
+    tensors are copied once, straight from the page cache into their numpy arrays.  A pipe
+    or another stream (``/dev/stdin``) cannot be mapped and is read whole instead."""
+    from ..assets import resolve_model
+    with open(resolve_model(path), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return loads(f.read())
         if os.fstat(f.fileno()).st_size == 0:
             return loads(b"")
         # MAP_POPULATE (Linux) faults the pages in one kernel call instead of one by one.

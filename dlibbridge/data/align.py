@@ -613,7 +613,7 @@ def format_summary(summary: dict) -> str:
         f"{s['files']} files ({s['layout']}): {s['chips']} chips from {s['photos_with_chips']} photos, "
         f"{s['faces_detected']} faces detected; {s['processed_this_run']} processed now, "
         f"{s['reused_from_earlier_runs']} from earlier runs, {s['seconds']:.1f} s",
-        "status: " + ", ".join(f"{k} {v}" for k, v in s["status_counts"].items()),
+        "status: " + (", ".join(f"{k} {v}" for k, v in s["status_counts"].items()) or "nothing processed"),
     ]
     if s["failures_by_reason"]:
         lines.append("no chip: " + ", ".join(f"{k} {v}" for k, v in s["failures_by_reason"].items()))

@@ -282,9 +282,11 @@ def generate_pairs(identities: dict[str, list[str]], n_pairs: int, n_folds: int 
             raise ValueError(f"identity folder {name!r}: names with whitespace cannot go in a pairs file")
     eligible = [n for n, f in identities.items() if len(f) >= 2]
     if len(identities) < 2 * n_folds or len(eligible) < n_folds:
+        max_folds = min(len(identities) // 2, len(eligible))
         raise ValueError(
             f"{len(identities)} identities ({len(eligible)} with >= 2 images) are too few for {n_folds} "
-            f"identity-disjoint folds (need >= {2 * n_folds} identities, >= {n_folds} with 2+ images)")
+            f"identity-disjoint folds (need >= {2 * n_folds} identities, >= {n_folds} with 2+ images)"
+            + (f"; use --folds {max_folds} (the most these identities allow)" if max_folds >= 2 else ""))
     rng = np.random.default_rng(seed)
     per = n_pairs // (2 * n_folds)
     folds = []

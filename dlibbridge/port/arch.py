@@ -27,6 +27,7 @@ import contextlib
 from collections import OrderedDict
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +84,8 @@ class DlibInput(nn.Module):
         return out
 
     def to_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, np.ndarray):          # chips as dlib and OpenCV hand them out
+            x = torch.from_numpy(np.ascontiguousarray(x)).to(self.mean.device)
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dim() != 4:

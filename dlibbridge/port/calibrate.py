@@ -187,7 +187,10 @@ def calibrate(module, chips: np.ndarray, *, batch_size: int = 25, report_max: in
     was_training = module.training
     module.eval()
     from tqdm import tqdm
-    with tqdm(total=len(chips) + 4 * len(sample), desc="calibrating", unit="chip", disable=not progress) as bar:
+    # The bar counts forward passes of one chip: the statistics pass over every chip plus the
+    # before/after deviation checks (4 passes over the report sample).
+    with tqdm(total=len(chips) + 4 * len(sample), desc=f"calibrating on {len(chips)} chips",
+              unit=" chip passes", disable=not progress) as bar:
         try:
             infer0 = _descriptors(module, sample, bs, device, bar)
             train0 = _descriptors(module, sample, bs, device, bar, norms)
@@ -244,8 +247,10 @@ def load_chips(path: str | os.PathLike, limit: int | None = None, seed: int = 0)
     from ..data.store import ChipStore, StoreError, chip_entries
 
     root = Path(path)
+    if not root.exists():
+        raise BatchNormError(f"calibration folder {root} does not exist")
     if not root.is_dir():
-        raise BatchNormError(f"{root} is not a folder of aligned chips")
+        raise BatchNormError(f"{root} is a file, not a folder of aligned chips")
     rng = np.random.default_rng(seed)
     try:
         store = ChipStore(root)

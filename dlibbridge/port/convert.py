@@ -35,6 +35,7 @@ from torch import nn
 
 from .._dlib import face_descriptors
 from .._io import replace_verified, write_atomic
+from ..assets import resolve_model
 from ..codec import records
 from ..codec import tree as fmt
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, affine_as_bn_variance, fold
@@ -371,7 +372,7 @@ def _as_model(src) -> tuple[Model, bytes | None]:
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         return fmt.loads(data), data
-    data = Path(src).read_bytes()
+    data = resolve_model(src).read_bytes()      # "default" = dlib's installed face model
     return fmt.loads(data), data
 
 

@@ -56,6 +56,21 @@ def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
     return diff
 
 
+def check_onnx_installed(option: str = "--onnx") -> None:
+    """ONNX export needs the optional ``onnx`` extra (onnx, onnxruntime); say so before any
+    work instead of failing deep inside torch's exporter."""
+    import importlib
+    missing = []
+    for name in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportCheckError(f"{option} needs the package{'s' if len(missing) > 1 else ''} "
+                               f"{' and '.join(missing)}: pip install 'dlibbridge[onnx]'")
+
+
 def _checked_write(kind: str, data: bytes, run: Callable, m: nn.Module, path, atol: float) -> float:
     """Max |Δ| of ``run`` (the reloaded export) vs the module on 3 check chips; writes
     ``data`` to ``path`` only when it is ≤ ``atol``, else :class:`ExportCheckError`."""

@@ -77,9 +77,19 @@ def load_base_model(spec: str | None) -> nn.Module:
     from .. import assets
     from ..port.checkpoint import load_model
     path = assets.resolve_model(spec)
+    if path.is_dir():
+        raise FinetuneError(f"--base {path} is a directory, not a model file")
     if not path.is_file():
-        raise FileNotFoundError(f"base model {path} does not exist")
+        raise FinetuneError(f"--base {path} does not exist")
     return load_model(path, trainable=True)
+
+
+def check_data(data: str) -> None:
+    """DATA must be a chip store or a folder: refused before anything is written."""
+    src = Path(data)
+    if not (src / "index.json").is_file() and not src.is_dir():
+        raise FinetuneError(f"DATA {src} " + ("is a file, not a chip store or a folder" if src.exists()
+                                                else "does not exist"))
 
 
 def freeze_until(model: nn.Module, level: str) -> list[str]:
@@ -367,7 +377,7 @@ def _amp_dtype(amp: str) -> torch.dtype | None:
 def _prepare_run_dir(cfg: FinetuneConfig, resume: bool, dist: Dist) -> Path:
     run_dir = Path(cfg.out)
     if dist.main:
-        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not resume and run_dir.exists() and any(run_dir.iterdir()) and not _never_trained(run_dir):
             if (run_dir / CONFIG_FILE).exists():
                 raise FinetuneError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                     "or choose another --out")
@@ -379,6 +389,19 @@ def _prepare_run_dir(cfg: FinetuneConfig, resume: bool, dist: Dist) -> Path:
             write_run_json(run_dir / CONFIG_FILE, {"config": cfg.to_json()})
     dist.barrier()
     return run_dir
+
+
+def _never_trained(run_dir: Path) -> bool:
+    """A run folder killed or failed before its first checkpoint: a readable dlibbridge
+    config.json and nothing but what is written before step 0 (config, the packed or aligned
+    data).  Starting it afresh loses no training."""
+    if not set(p.name for p in run_dir.iterdir()) <= {CONFIG_FILE, "data.store", "chips"}:
+        return False
+    try:
+        FinetuneConfig.from_json(json.loads((run_dir / CONFIG_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None) -> FinetuneConfig:
@@ -405,17 +428,23 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         from .camera_finetune import camera_finetune
         return camera_finetune(cfg, resume)
     cfg.validate()
+    if not resume:
+        check_data(cfg.data)
+    if cfg.onnx:
+        from ..port.export import check_onnx_installed
+        check_onnx_installed()
+    base = load_base_model(cfg.base)       # a bad --base fails before the run folder exists
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist = init_distributed(device_kind)
     try:
-        return _Job(cfg, resume, dist).run()
+        return _Job(cfg, resume, dist, base).run()
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 class _Job:
-    def __init__(self, cfg: FinetuneConfig, resume: bool, dist: Dist):
+    def __init__(self, cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module):
         self.dist = dist
         self.device = _pick_device(cfg.device, dist)
         self.resume = resume
@@ -442,7 +471,7 @@ class _Job:
         if self.amp_dtype is not None and self.device.type != "cuda":
             raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {self.device}")
 
-        self.model = load_base_model(c.base)
+        self.model = base
         self.base_sha = sha256_file(resolve_model(c.base))
         self.teacher = None
         if c.distill > 0:
