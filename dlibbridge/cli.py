@@ -391,6 +391,9 @@ def _add_embed(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--engine", choices=("torch", "dlib"), default="torch",
                    help="run a .dat through the torch port (default) or the dlib package itself")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes decoding chips while the network runs (0: none; default: one per "
+                        "core beyond the first, none for small folders)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_embed)
 
@@ -399,7 +402,8 @@ def _run_embed(args) -> int:
     _passive_omp()
     from .eval.embed import embed_folder
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
-                       device=args.device, engine=args.engine, progress=not args.quiet)
+                       device=args.device, engine=args.engine, progress=not args.quiet,
+                       workers=args.workers)
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")

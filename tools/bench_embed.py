@@ -4,6 +4,7 @@
     python tools/bench_embed.py                       # CPU: dlib + every port variant, batches 1,16,64,256
     python tools/bench_embed.py --variants eager,onnxruntime --batch-sizes 64
     python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
+    python tools/bench_embed.py --threads-study --rounds 3      # thread policies, idle vs one busy core
 
 Engines (``--variants``):
 
@@ -12,8 +13,8 @@ Engines (``--variants``):
 * ``eager``         — ``to_torch`` frozen form as returned (channels_last weights, batches
                       over ``cpu_chunk`` = 32 run in chunks), ``torch.inference_mode``;
 * ``nchw``          — the same with contiguous NCHW weights (PyTorch's default layout);
-* ``folded``        — each affine folded into its convolution's weights and bias (one less
-                      pass over every activation; arithmetic differs in the last bits);
+* ``unfolded``      — the same, but each convolution followed by its own affine pass (what
+                      ``eager`` did before it folded the affines into the convolutions);
 * ``jit_onednn``    — TorchScript trace → ``torch.jit.freeze`` → ``optimize_for_inference``
                       (oneDNN conv+relu/add fusions, prepacked weights);
 * ``compile``       — ``torch.compile`` (inductor, ``freezing=True``: prepacked oneDNN
@@ -29,9 +30,11 @@ CPU-second = 32 × the clock it really runs at (turbo included; a VM's /proc/cpu
 the nominal clock, printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
 
 Threads: torch's OpenMP (libgomp) spins idle threads by default; on cores shared with other
-jobs that made the port ~4x slower at 2 threads, so the recorded runs set
-``OMP_WAIT_POLICY=PASSIVE`` (what ``dlibbridge embed``/``export`` do unless told otherwise);
-the value in effect is printed.
+jobs that made the port ~4x slower at 2 threads (see ``dlibbridge.port.threads``).  This tool
+imports torch before dlibbridge, so the policy is the environment's; the value in effect is
+printed.  ``--threads-study`` measures, in fresh processes, what a user's script gets from
+each import order / thread setting, with and without a busy-loop process competing for a
+core, interleaved over ``--rounds``.
 
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -60,8 +64,9 @@ sys.path.insert(0, str(REPO))
 
 from dlibbridge import assets  # noqa: E402
 from dlibbridge.port import arch, convert, export  # noqa: E402
+from dlibbridge.port import threads  # noqa: E402
 
-CPU_VARIANTS = ("eager", "nchw", "folded", "jit_onednn", "compile", "onnxruntime")
+CPU_VARIANTS = ("eager", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
 CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
 FLOP_PER_CYCLE_AVX2_FMA = 2 * 8 * 2   # 2 FMA pipes × 8 fp32 lanes × (mul + add)
 
@@ -169,17 +174,90 @@ def time_calls(fn, min_time: float, reps: int, sync=lambda: None, warmup: bool =
     return times, cpu[times.index(min(times))]
 
 
-def fold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
-    """Inference copy with each affine folded into its conv: w·g, bias·g + shift."""
-    m = copy.deepcopy(module)
-    for unit in m.modules():
-        if isinstance(unit, arch.ConvNorm) and isinstance(unit.norm, arch.DlibAffine):
-            with torch.no_grad():
-                g, s = unit.norm.scale, unit.norm.shift
-                unit.conv.weight.mul_(g.view(-1, 1, 1, 1))
-                unit.conv.bias.mul_(g).add_(s)
-            unit.norm = torch.nn.Identity()
-    return m
+def unfold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
+    """The module with every ConvNorm run layer by layer (conv, then a separate affine pass)."""
+    for unit in module.modules():
+        if isinstance(unit, arch.ConvNorm):
+            unit.forward = functools.partial(torch.nn.Sequential.forward, unit)
+    return module
+
+
+# What a user's script does, per --threads-study configuration: import order, then threads.
+THREAD_CONFIGS = {
+    # torch first (libgomp spins), all cores: what every to_torch user got before the guard
+    "spinning, all cores": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL); "
+                           "torch.set_num_threads(CORES)",
+    # torch first, to_torch's guard sizes the pool to the free cores (and warns)
+    "torch first (guarded)": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL)",
+    # dlibbridge first: OMP_WAIT_POLICY=PASSIVE before libgomp starts, all cores
+    "dlibbridge first (passive)": "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
+}
+THREAD_CHILD = """
+import json, os, sys, time, warnings
+warnings.simplefilter("ignore")
+MODEL, CORES = sys.argv[1], len(os.sched_getaffinity(0))
+{setup}
+import numpy as np
+chips = torch.from_numpy(np.load(sys.argv[2]))
+times = []
+with torch.inference_mode():
+    net(chips)
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < float(sys.argv[3]):
+        t = time.perf_counter(); net(chips); times.append(time.perf_counter() - t)
+from dlibbridge.port import threads
+print(json.dumps({{"times": times, "threads": torch.get_num_threads(), "policy": threads.openmp_wait_policy()}}))
+"""
+
+
+def threads_study(chips: np.ndarray, rounds: int, min_time: float) -> int:
+    """Each THREAD_CONFIGS entry in a fresh process (the OpenMP policy is fixed at torch's
+    import), idle and beside one busy-loop process, interleaved; ms/face per call."""
+    import subprocess
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    results: dict = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as d:
+        npy = Path(d) / "chips.npy"
+        np.save(npy, chips)
+        for r in range(rounds):
+            for busy in (False, True):
+                for name, setup in THREAD_CONFIGS.items():
+                    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+                    try:
+                        loads.append(os.getloadavg()[0])
+                        out = subprocess.run([sys.executable, "-c", THREAD_CHILD.format(setup=setup),
+                                              str(assets.face_model_path()), str(npy), str(min_time)],
+                                             env=env, capture_output=True, text=True, check=True)
+                    finally:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    ms = [1000 * t / len(chips) for t in res["times"]]
+                    cell = results.setdefault((name, busy), {"median_ms": [], "best_ms": [], "threads": set(),
+                                                             "policy": res["policy"]})
+                    cell["median_ms"].append(statistics.median(ms))
+                    cell["best_ms"].append(min(ms))
+                    cell["threads"].add(res["threads"])
+                    print(f"round {r + 1} {'busy core' if busy else 'no hog   '} {name:28s}: "
+                          f"{statistics.median(ms):6.2f} ms/face median, {min(ms):6.2f} best, "
+                          f"{res['threads']} threads, policy {res['policy']}", flush=True)
+    print(f"\nbatch {len(chips)}, {rounds} rounds; load average during the study "
+          f"{min(loads):.1f}–{max(loads):.1f} (includes this study's own processes)\n")
+    print("| configuration | competing busy loop | threads | OpenMP policy | ms/face (median of rounds) "
+          "| range over rounds | vs spinning, all cores |")
+    print("|---|---|---:|---|---:|---|---:|")
+    for busy in (False, True):
+        base = statistics.median(results[("spinning, all cores", busy)]["median_ms"])
+        for name in THREAD_CONFIGS:
+            c = results[(name, busy)]
+            med = statistics.median(c["median_ms"])
+            print(f"| {name} | {'yes' if busy else 'no'} | {'/'.join(map(str, sorted(c['threads'])))} | "
+                  f"{c['policy']} | {med:.2f} | {min(c['median_ms']):.2f}–{max(c['median_ms']):.2f} | "
+                  f"{base / med:.2f}× |")
+    return 0
 
 
 class Runner:
@@ -193,8 +271,8 @@ class Runner:
         self.nchw_float = False
         if name == "nchw":
             m = m.to(memory_format=torch.contiguous_format)
-        elif name == "folded":
-            m = fold_affines(m)
+        elif name == "unfolded":
+            m = unfold_affines(m)
         elif name == "fp16":
             m = m.half()
         elif name == "bf16":
@@ -246,10 +324,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed calls per cell at least (default 3)")
     ap.add_argument("--dlib-max-batch", type=int, default=256, help="largest batch dlib is timed at")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--threads-study", action="store_true",
+                    help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
+    ap.add_argument("--rounds", type=int, default=3, help="--threads-study rounds (default 3)")
     args = ap.parse_args(argv)
+    if args.threads_study:
+        return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time)
 
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)     # chosen explicitly: to_torch's spinning-pool guard stays out
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # fp32 means IEEE fp32 (parity): compiled graphs do not see the port's own TF32 toggle.

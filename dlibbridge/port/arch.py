@@ -206,7 +206,7 @@ class ConvNorm(nn.Sequential):
         self._folded: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not isinstance(self.norm, DlibAffine) or torch.is_grad_enabled()
+        if (not isinstance(self.norm, DlibAffine) or torch.is_grad_enabled() or _hooked(self)
                 or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting()):
             return super().forward(x)
         conv = self.conv
@@ -224,6 +224,15 @@ class ConvNorm(nn.Sequential):
             b = torch.addcmul(s, conv.bias.to(dtype), g)
             self._folded = (key, w.to(dtype), b)
         return self._folded[1], self._folded[2]
+
+
+def _hooked(unit: nn.Module) -> bool:
+    """Whether a forward hook would see the unit's layers (module or global hooks): then they
+    must run as written, so hooks on the affines (calibration, parity probes) see their inputs."""
+    from torch.nn.modules import module as _m
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in unit.children())
 
 
 class ResBlock(nn.Module):
