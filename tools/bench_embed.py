@@ -5,6 +5,7 @@
     python tools/bench_embed.py --variants eager,onnxruntime --batch-sizes 64
     python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
     python tools/bench_embed.py --threads-study --rounds 3      # thread policies, idle vs one busy core
+    python tools/bench_embed.py --pipeline ALIGNED_DIR --photos 640 --rounds 3   # embed end to end
 
 Engines (``--variants``):
 
@@ -312,6 +313,60 @@ class Runner:
             return self.module(x).float().cpu().numpy()
 
 
+def pipeline_study(aligned: Path, photos: int, batch: int, rounds: int) -> int:
+    """``embed_folder`` end to end (decode + network + write) on the first ``photos`` chips
+    of an aligned folder, decoding in this process vs in worker processes, beside the two
+    stages alone: decode only, network only (chips already in memory); interleaved rounds."""
+    import tempfile
+
+    from dlibbridge import embed
+    from dlibbridge.evaluate import ModelSpec, make_embedder
+    files = embed.list_images(aligned)[:photos]
+    if not files:
+        sys.exit(f"no chips under {aligned}")
+    workers = embed.default_workers(len(files), batch)
+    model = str(assets.face_model_path())
+    net = make_embedder(ModelSpec.parse(model, "torch"), device="cpu", batch_size=batch)
+    rates: dict = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "chips"
+        for rel in files:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(aligned / rel)
+        chips = np.stack([embed._read_chip(root / rel) for rel in files])    # warms the page cache
+        net.embed(chips[:batch])
+
+        def decode():
+            for rel in files:
+                embed._read_chip(root / rel)
+
+        def network():
+            for i in range(0, len(chips), batch):
+                net.embed(chips[i:i + batch])
+
+        stages = {"decode only (1 process)": decode, "network only (chips in memory)": network}
+        for w in sorted({0, workers}):
+            stages[f"embed end to end, {w} decode workers"] = functools.partial(
+                embed.embed_folder, model, root, Path(d) / "out.npz", batch_size=batch, progress=False, workers=w)
+        for r in range(rounds):
+            for name, fn in stages.items():
+                loads.append(os.getloadavg()[0])
+                t = time.perf_counter()
+                fn()
+                rate = len(files) / (time.perf_counter() - t)
+                rates.setdefault(name, []).append(rate)
+                print(f"round {r + 1} {name:40s}: {rate:7.1f} photos/s", flush=True)
+    print(f"\n{len(files)} chips of {aligned}, batch {batch}, torch {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}, {rounds} rounds; "
+          f"load average {min(loads):.1f}–{max(loads):.1f}\n")
+    print("| stage | photos/s (median of rounds) | range over rounds |")
+    print("|---|---:|---|")
+    for name, rs in rates.items():
+        print(f"| {name} | {statistics.median(rs):.1f} | {min(rs):.1f}–{max(rs):.1f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -326,8 +381,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--threads-study", action="store_true",
                     help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
-    ap.add_argument("--rounds", type=int, default=3, help="--threads-study rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--pipeline rounds (default 3)")
+    ap.add_argument("--pipeline", metavar="ALIGNED_DIR", type=Path,
+                    help="only time `embed` end to end on chips of an `align` output (batch: first of --batch-sizes)")
+    ap.add_argument("--photos", type=int, default=640, help="--pipeline: chips used (default 640)")
     args = ap.parse_args(argv)
+    if args.pipeline:
+        threads.set_threads(args.threads)
+        return pipeline_study(args.pipeline, args.photos, int(args.batch_sizes.split(",")[0]), args.rounds)
     if args.threads_study:
         return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time)
 
