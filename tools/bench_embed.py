@@ -6,6 +6,7 @@
     python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
     python tools/bench_embed.py --threads-study --rounds 3      # thread policies, idle vs one busy core
     python tools/bench_embed.py --pipeline ALIGNED_DIR --photos 640 --rounds 3   # embed end to end
+    python tools/bench_embed.py --interleave --variants unfolded,eager,nchw --batch-sizes 64 --rounds 30
 
 Engines (``--variants``):
 
@@ -367,6 +368,39 @@ def pipeline_study(aligned: Path, photos: int, batch: int, rounds: int) -> int:
     return 0
 
 
+def interleaved_study(base: arch.FaceResNet, chips: np.ndarray, variants: list[str], rounds: int,
+                      device: torch.device) -> int:
+    """The variants called in turn, ``rounds`` times over: on a machine whose load drifts,
+    the ratio within each round compares engines under the same conditions."""
+    runners = {}
+    for name in variants:
+        runners[name] = Runner(name, base, device, None)
+        x = runners[name].prepare(chips)
+        runners[name](x)
+        runners[name].x = x
+    ms = {name: [] for name in variants}
+    loads = []
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        for name, r in runners.items():
+            t = time.perf_counter()
+            r(r.x)
+            _sync(device)
+            ms[name].append(1000 * (time.perf_counter() - t) / len(chips))
+    first = variants[0]
+    print(f"\nbatch {len(chips)}, {rounds} interleaved rounds, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}; "
+          f"load average {min(loads):.1f}–{max(loads):.1f}\n")
+    print(f"| engine | ms/face (median) | ms/face (best) | speed vs {first}, per round: median (quartiles) |")
+    print("|---|---:|---:|---|")
+    for name in variants:
+        ratios = sorted(a / b for a, b in zip(ms[first], ms[name]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"| {name} | {statistics.median(ms[name]):.2f} | {min(ms[name]):.2f} | "
+              f"{statistics.median(ratios):.3f}× ({q[0]:.3f}–{q[2]:.3f}) |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -385,7 +419,15 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", metavar="ALIGNED_DIR", type=Path,
                     help="only time `embed` end to end on chips of an `align` output (batch: first of --batch-sizes)")
     ap.add_argument("--photos", type=int, default=640, help="--pipeline: chips used (default 640)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="only alternate calls of --variants at the first of --batch-sizes for --rounds rounds")
     args = ap.parse_args(argv)
+    if args.interleave:
+        threads.set_threads(args.threads)
+        return interleaved_study(convert.to_torch(assets.face_model_path()),
+                                 load_chips(int(args.batch_sizes.split(",")[0])),
+                                 args.variants.split(",") if args.variants else ["eager", "unfolded"],
+                                 args.rounds, torch.device(args.device))
     if args.pipeline:
         threads.set_threads(args.threads)
         return pipeline_study(args.pipeline, args.photos, int(args.batch_sizes.split(",")[0]), args.rounds)
