@@ -330,19 +330,9 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
-def _passive_omp() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).  On
-    cores shared with other jobs libgomp's default spinning made the port 4x slower at 2
-    threads (docs/benchmarks.md); libgomp reads this when torch is first imported."""
-    import os
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _run_export(args) -> int:
     import os
     from pathlib import Path
-    _passive_omp()
     from .port import convert
     from .port.checkpoint import load_model, save_torch
     from .port.export import export_onnx, export_pt2, export_torchscript
@@ -399,7 +389,6 @@ def _add_embed(sub) -> None:
 
 
 def _run_embed(args) -> int:
-    _passive_omp()
     from .eval.embed import embed_folder
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet,

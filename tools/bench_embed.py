@@ -320,8 +320,8 @@ def pipeline_study(aligned: Path, photos: int, batch: int, rounds: int) -> int:
     stages alone: decode only, network only (chips already in memory); interleaved rounds."""
     import tempfile
 
-    from dlibbridge import embed
-    from dlibbridge.evaluate import ModelSpec, make_embedder
+    from dlibbridge.eval import embed
+    from dlibbridge.eval.embedders import ModelSpec, make_embedder
     files = embed.list_images(aligned)[:photos]
     if not files:
         sys.exit(f"no chips under {aligned}")
