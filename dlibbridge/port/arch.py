@@ -189,11 +189,13 @@ class ConvNorm(nn.Sequential):
 
     Frozen form without autograd (inference): the affine is folded into the convolution,
     ``conv(x; w·g, b·g + s)``, one pass over the activations instead of two (the affine pass
-    was ~18% of a CPU forward).  The folded weights are cached and rebuilt when any of the
-    four tensors changes (in-place updates bump their version; ``.to()`` replaces them).
-    Rounding differs from conv-then-affine in the last bits only: descriptors stay within
-    1e-6 of dlib (tests/test_arch.py).  With autograd, under tracing/compiling (exports keep
-    dlib's layer structure) and in the trainable form, the two layers run as written.
+    was ~18% of a CPU forward).  The folded weights are cached (a second copy of the conv
+    weights, 22 MB for the face net) and rebuilt when any of the four tensors changes
+    (in-place updates bump their version; ``.to()`` replaces them).  Rounding differs from
+    conv-then-affine in the last bits only: descriptors stay within 1e-6 of dlib
+    (tests/test_port_arch.py).  With autograd, under forward hooks on the unit's layers
+    (calibration), under tracing/compiling (exports keep dlib's layer structure) and in the
+    trainable form, the layers run as written.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: NormFactory,

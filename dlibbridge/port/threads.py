@@ -3,7 +3,7 @@
 torch's CPU kernels run on an OpenMP (libgomp) pool whose idle threads *spin* by default.
 When another process holds one of the cores, every one of the ~150 parallel regions of a
 forward pass ends in a barrier that a spinning thread wastes its time slice on: at batch 64
-on 2 cores with one busy neighbour the port ran ~4–5× slower than with sleeping idle threads
+on 2 cores shared with other jobs the port ran 4–6× slower than with sleeping idle threads
 (docs/benchmarks.md, ``tools/bench_embed.py --threads-study``).
 
 libgomp reads ``OMP_WAIT_POLICY`` once, when torch is first imported, and offers no call to
