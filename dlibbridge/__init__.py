@@ -2,12 +2,16 @@
 
 ``codec`` (the file codec) never imports torch; the torch port (``port``) is imported lazily
 so ``import dlibbridge`` stays cheap for tools that only read or rewrite files.  The package
-map is docs/architecture.md.
+map is docs/architecture.md.  Imported before torch, it makes torch's idle OpenMP threads sleep
+instead of spin (``port.threads``).
 """
 from .codec.tree import (  # noqa: F401
     DlibFormatError, Details, Field, Model, AddLayer, InputLayer, TagOrSkip, TagOnInput,
     Repeat, Loss, ShapePredictor, load, loads, dumps, save,
 )
+from .port import threads as _threads
+
+_threads.prefer_passive_openmp()
 
 __version__ = "0.1.0"
 
@@ -15,6 +19,8 @@ _LAZY = {
     "to_torch": "port.convert",
     "to_dlib": "port.convert",
     "cnn_face_detector": "port.mmod",
+    "set_threads": "port.threads",
+    "threads": "port.threads",
 }
 
 

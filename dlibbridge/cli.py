@@ -369,19 +369,9 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
-def _passive_omp() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).  On
-    cores shared with other jobs libgomp's default spinning made the port 4x slower at 2
-    threads (docs/benchmarks.md); libgomp reads this when torch is first imported."""
-    import os
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _run_export(args) -> int:
     import os
     from pathlib import Path
-    _passive_omp()
     from .port import convert
     from .port.checkpoint import load_model, save_torch
     from .port.export import check_onnx_installed, export_onnx, export_pt2, export_torchscript
@@ -439,16 +429,19 @@ def _add_embed(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--engine", choices=("torch", "dlib"), default="torch",
                    help="run a .dat through the torch port (default) or the dlib package itself")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes decoding chips while the network runs (0: none; default: one per "
+                        "core beyond the first, none for small folders)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_embed)
 
 
 def _run_embed(args) -> int:
-    _passive_omp()
     from .eval.embed import embed_folder
     check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
-                       device=args.device, engine=args.engine, progress=not args.quiet)
+                       device=args.device, engine=args.engine, progress=not args.quiet,
+                       workers=args.workers)
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")

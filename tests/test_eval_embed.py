@@ -64,6 +64,18 @@ def test_embed_resumes_after_interruption(chip_folder, face_model_path, tmp_path
     assert not out.with_name("emb.npz.partial.npz").exists()
 
 
+def test_embed_decoding_in_worker_processes_gives_the_same_output(chip_folder, face_model_path, tmp_path):
+    root, rel = chip_folder
+    one = embed.embed_folder(str(face_model_path), root, tmp_path / "a.npz", batch_size=3, progress=False,
+                             workers=0)
+    two = embed.embed_folder(str(face_model_path), root, tmp_path / "b.npz", batch_size=3, progress=False,
+                             workers=2)
+    assert one.paths == two.paths == rel and one.skipped == two.skipped and len(two.skipped) == 2
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
+    assert a["skipped_reasons"].tolist() == b["skipped_reasons"].tolist()
+
+
 def test_embed_refuses_empty_or_missing_folders(tmp_path, face_model_path):
     with pytest.raises(embed.EmbedError, match="not a folder"):
         embed.embed_folder(str(face_model_path), tmp_path / "missing", tmp_path / "o.npz", progress=False)

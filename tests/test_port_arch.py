@@ -268,3 +268,20 @@ def test_batch_composition_and_cpu_chunking_do_not_change_results(frozen, traina
             ya, yb = a(x), b(x)
         assert torch.equal(ya, yb)
         assert torch.equal(a.level0[0].branch2.norm.running_var, b.level0[0].branch2.norm.running_var)
+
+
+def test_folded_inference_follows_weight_edits_and_matches_the_layered_path(frozen, johns_chips):
+    """Inference folds each affine into its convolution and caches the result: an in-place
+    edit of a scale must reach the next call, and the folded output must stay the layered
+    (autograd) one up to rounding."""
+    net = copy.deepcopy(frozen)
+    x = torch.from_numpy(johns_chips[2][:4])
+    with torch.inference_mode():
+        before = net(x)
+    with torch.no_grad():
+        net.level2[0].branch1.norm.scale.mul_(1.5)
+    with torch.inference_mode():
+        folded = net(x)
+    layered = net(x).detach()                     # autograd on: conv, then the affine pass
+    assert (folded - before).abs().max() > 1e-3
+    assert (folded - layered).abs().max() <= 1e-6

@@ -4,6 +4,9 @@
     python tools/bench_embed.py                       # CPU: dlib + every port variant, batches 1,16,64,256
     python tools/bench_embed.py --variants eager,onnxruntime --batch-sizes 64
     python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
+    python tools/bench_embed.py --threads-study --rounds 3      # thread policies, idle vs one busy core
+    python tools/bench_embed.py --pipeline ALIGNED_DIR --photos 640 --rounds 3   # embed end to end
+    python tools/bench_embed.py --interleave --variants unfolded,eager,nchw --batch-sizes 64 --rounds 30
 
 Engines (``--variants``):
 
@@ -12,8 +15,8 @@ Engines (``--variants``):
 * ``eager``         — ``to_torch`` frozen form as returned (channels_last weights, batches
                       over ``cpu_chunk`` = 32 run in chunks), ``torch.inference_mode``;
 * ``nchw``          — the same with contiguous NCHW weights (PyTorch's default layout);
-* ``folded``        — each affine folded into its convolution's weights and bias (one less
-                      pass over every activation; arithmetic differs in the last bits);
+* ``unfolded``      — the same, but each convolution followed by its own affine pass (what
+                      ``eager`` did before it folded the affines into the convolutions);
 * ``jit_onednn``    — TorchScript trace → ``torch.jit.freeze`` → ``optimize_for_inference``
                       (oneDNN conv+relu/add fusions, prepacked weights);
 * ``compile``       — ``torch.compile`` (inductor, ``freezing=True``: prepacked oneDNN
@@ -29,9 +32,11 @@ CPU-second = 32 × the clock it really runs at (turbo included; a VM's /proc/cpu
 the nominal clock, printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
 
 Threads: torch's OpenMP (libgomp) spins idle threads by default; on cores shared with other
-jobs that made the port ~4x slower at 2 threads, so the recorded runs set
-``OMP_WAIT_POLICY=PASSIVE`` (what ``dlibbridge embed``/``export`` do unless told otherwise);
-the value in effect is printed.
+jobs that made the port ~4x slower at 2 threads (see ``dlibbridge.port.threads``).  This tool
+imports torch before dlibbridge, so the policy is the environment's; the value in effect is
+printed.  ``--threads-study`` measures, in fresh processes, what a user's script gets from
+each import order / thread setting, with and without a busy-loop process competing for a
+core, interleaved over ``--rounds``.
 
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -60,8 +66,9 @@ sys.path.insert(0, str(REPO))
 
 from dlibbridge import assets  # noqa: E402
 from dlibbridge.port import arch, convert, export  # noqa: E402
+from dlibbridge.port import threads  # noqa: E402
 
-CPU_VARIANTS = ("eager", "nchw", "folded", "jit_onednn", "compile", "onnxruntime")
+CPU_VARIANTS = ("eager", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
 CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
 FLOP_PER_CYCLE_AVX2_FMA = 2 * 8 * 2   # 2 FMA pipes × 8 fp32 lanes × (mul + add)
 
@@ -169,17 +176,90 @@ def time_calls(fn, min_time: float, reps: int, sync=lambda: None, warmup: bool =
     return times, cpu[times.index(min(times))]
 
 
-def fold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
-    """Inference copy with each affine folded into its conv: w·g, bias·g + shift."""
-    m = copy.deepcopy(module)
-    for unit in m.modules():
-        if isinstance(unit, arch.ConvNorm) and isinstance(unit.norm, arch.DlibAffine):
-            with torch.no_grad():
-                g, s = unit.norm.scale, unit.norm.shift
-                unit.conv.weight.mul_(g.view(-1, 1, 1, 1))
-                unit.conv.bias.mul_(g).add_(s)
-            unit.norm = torch.nn.Identity()
-    return m
+def unfold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
+    """The module with every ConvNorm run layer by layer (conv, then a separate affine pass)."""
+    for unit in module.modules():
+        if isinstance(unit, arch.ConvNorm):
+            unit.forward = functools.partial(torch.nn.Sequential.forward, unit)
+    return module
+
+
+# What a user's script does, per --threads-study configuration: import order, then threads.
+THREAD_CONFIGS = {
+    # torch first (libgomp spins), all cores: what every to_torch user got before the guard
+    "spinning, all cores": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL); "
+                           "torch.set_num_threads(CORES)",
+    # torch first, to_torch's guard sizes the pool to the free cores (and warns)
+    "torch first (guarded)": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL)",
+    # dlibbridge first: OMP_WAIT_POLICY=PASSIVE before libgomp starts, all cores
+    "dlibbridge first (passive)": "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
+}
+THREAD_CHILD = """
+import json, os, sys, time, warnings
+warnings.simplefilter("ignore")
+MODEL, CORES = sys.argv[1], len(os.sched_getaffinity(0))
+{setup}
+import numpy as np
+chips = torch.from_numpy(np.load(sys.argv[2]))
+times = []
+with torch.inference_mode():
+    net(chips)
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < float(sys.argv[3]):
+        t = time.perf_counter(); net(chips); times.append(time.perf_counter() - t)
+from dlibbridge.port import threads
+print(json.dumps({{"times": times, "threads": torch.get_num_threads(), "policy": threads.openmp_wait_policy()}}))
+"""
+
+
+def threads_study(chips: np.ndarray, rounds: int, min_time: float) -> int:
+    """Each THREAD_CONFIGS entry in a fresh process (the OpenMP policy is fixed at torch's
+    import), idle and beside one busy-loop process, interleaved; ms/face per call."""
+    import subprocess
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    results: dict = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as d:
+        npy = Path(d) / "chips.npy"
+        np.save(npy, chips)
+        for r in range(rounds):
+            for busy in (False, True):
+                for name, setup in THREAD_CONFIGS.items():
+                    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+                    try:
+                        loads.append(os.getloadavg()[0])
+                        out = subprocess.run([sys.executable, "-c", THREAD_CHILD.format(setup=setup),
+                                              str(assets.face_model_path()), str(npy), str(min_time)],
+                                             env=env, capture_output=True, text=True, check=True)
+                    finally:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    ms = [1000 * t / len(chips) for t in res["times"]]
+                    cell = results.setdefault((name, busy), {"median_ms": [], "best_ms": [], "threads": set(),
+                                                             "policy": res["policy"]})
+                    cell["median_ms"].append(statistics.median(ms))
+                    cell["best_ms"].append(min(ms))
+                    cell["threads"].add(res["threads"])
+                    print(f"round {r + 1} {'busy core' if busy else 'no hog   '} {name:28s}: "
+                          f"{statistics.median(ms):6.2f} ms/face median, {min(ms):6.2f} best, "
+                          f"{res['threads']} threads, policy {res['policy']}", flush=True)
+    print(f"\nbatch {len(chips)}, {rounds} rounds; load average during the study "
+          f"{min(loads):.1f}–{max(loads):.1f} (includes this study's own processes)\n")
+    print("| configuration | competing busy loop | threads | OpenMP policy | ms/face (median of rounds) "
+          "| range over rounds | vs spinning, all cores |")
+    print("|---|---|---:|---|---:|---|---:|")
+    for busy in (False, True):
+        base = statistics.median(results[("spinning, all cores", busy)]["median_ms"])
+        for name in THREAD_CONFIGS:
+            c = results[(name, busy)]
+            med = statistics.median(c["median_ms"])
+            print(f"| {name} | {'yes' if busy else 'no'} | {'/'.join(map(str, sorted(c['threads'])))} | "
+                  f"{c['policy']} | {med:.2f} | {min(c['median_ms']):.2f}–{max(c['median_ms']):.2f} | "
+                  f"{base / med:.2f}× |")
+    return 0
 
 
 class Runner:
@@ -193,8 +273,8 @@ class Runner:
         self.nchw_float = False
         if name == "nchw":
             m = m.to(memory_format=torch.contiguous_format)
-        elif name == "folded":
-            m = fold_affines(m)
+        elif name == "unfolded":
+            m = unfold_affines(m)
         elif name == "fp16":
             m = m.half()
         elif name == "bf16":
@@ -234,6 +314,93 @@ class Runner:
             return self.module(x).float().cpu().numpy()
 
 
+def pipeline_study(aligned: Path, photos: int, batch: int, rounds: int) -> int:
+    """``embed_folder`` end to end (decode + network + write) on the first ``photos`` chips
+    of an aligned folder, decoding in this process vs in worker processes, beside the two
+    stages alone: decode only, network only (chips already in memory); interleaved rounds."""
+    import tempfile
+
+    from dlibbridge.eval import embed
+    from dlibbridge.eval.embedders import ModelSpec, make_embedder
+    files = embed.list_images(aligned)[:photos]
+    if not files:
+        sys.exit(f"no chips under {aligned}")
+    workers = embed.default_workers(len(files), batch)
+    model = str(assets.face_model_path())
+    net = make_embedder(ModelSpec.parse(model, "torch"), device="cpu", batch_size=batch)
+    rates: dict = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "chips"
+        for rel in files:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(aligned / rel)
+        chips = np.stack([embed._read_chip(root / rel) for rel in files])    # warms the page cache
+        net.embed(chips[:batch])
+
+        def decode():
+            for rel in files:
+                embed._read_chip(root / rel)
+
+        def network():
+            for i in range(0, len(chips), batch):
+                net.embed(chips[i:i + batch])
+
+        stages = {"decode only (1 process)": decode, "network only (chips in memory)": network}
+        for w in sorted({0, workers}):
+            stages[f"embed end to end, {w} decode workers"] = functools.partial(
+                embed.embed_folder, model, root, Path(d) / "out.npz", batch_size=batch, progress=False, workers=w)
+        for r in range(rounds):
+            for name, fn in stages.items():
+                loads.append(os.getloadavg()[0])
+                t = time.perf_counter()
+                fn()
+                rate = len(files) / (time.perf_counter() - t)
+                rates.setdefault(name, []).append(rate)
+                print(f"round {r + 1} {name:40s}: {rate:7.1f} photos/s", flush=True)
+    print(f"\n{len(files)} chips of {aligned}, batch {batch}, torch {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}, {rounds} rounds; "
+          f"load average {min(loads):.1f}–{max(loads):.1f}\n")
+    print("| stage | photos/s (median of rounds) | range over rounds |")
+    print("|---|---:|---|")
+    for name, rs in rates.items():
+        print(f"| {name} | {statistics.median(rs):.1f} | {min(rs):.1f}–{max(rs):.1f} |")
+    return 0
+
+
+def interleaved_study(base: arch.FaceResNet, chips: np.ndarray, variants: list[str], rounds: int,
+                      device: torch.device) -> int:
+    """The variants called in turn, ``rounds`` times over: on a machine whose load drifts,
+    the ratio within each round compares engines under the same conditions."""
+    runners = {}
+    for name in variants:
+        runners[name] = Runner(name, base, device, None)
+        x = runners[name].prepare(chips)
+        runners[name](x)
+        runners[name].x = x
+    ms = {name: [] for name in variants}
+    loads = []
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        for name, r in runners.items():
+            t = time.perf_counter()
+            r(r.x)
+            _sync(device)
+            ms[name].append(1000 * (time.perf_counter() - t) / len(chips))
+    first = variants[0]
+    print(f"\nbatch {len(chips)}, {rounds} interleaved rounds, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}; "
+          f"load average {min(loads):.1f}–{max(loads):.1f}\n")
+    print(f"| engine | ms/face (median) | ms/face (best) | speed vs {first}, per round: median (quartiles) |")
+    print("|---|---:|---:|---|")
+    for name in variants:
+        ratios = sorted(a / b for a, b in zip(ms[first], ms[name]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"| {name} | {statistics.median(ms[name]):.2f} | {min(ms[name]):.2f} | "
+              f"{statistics.median(ratios):.3f}× ({q[0]:.3f}–{q[2]:.3f}) |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -246,10 +413,29 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed calls per cell at least (default 3)")
     ap.add_argument("--dlib-max-batch", type=int, default=256, help="largest batch dlib is timed at")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--threads-study", action="store_true",
+                    help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
+    ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--pipeline rounds (default 3)")
+    ap.add_argument("--pipeline", metavar="ALIGNED_DIR", type=Path,
+                    help="only time `embed` end to end on chips of an `align` output (batch: first of --batch-sizes)")
+    ap.add_argument("--photos", type=int, default=640, help="--pipeline: chips used (default 640)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="only alternate calls of --variants at the first of --batch-sizes for --rounds rounds")
     args = ap.parse_args(argv)
+    if args.interleave:
+        threads.set_threads(args.threads)
+        return interleaved_study(convert.to_torch(assets.face_model_path()),
+                                 load_chips(int(args.batch_sizes.split(",")[0])),
+                                 args.variants.split(",") if args.variants else ["eager", "unfolded"],
+                                 args.rounds, torch.device(args.device))
+    if args.pipeline:
+        threads.set_threads(args.threads)
+        return pipeline_study(args.pipeline, args.photos, int(args.batch_sizes.split(",")[0]), args.rounds)
+    if args.threads_study:
+        return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time)
 
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)     # chosen explicitly: to_torch's spinning-pool guard stays out
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # fp32 means IEEE fp32 (parity): compiled graphs do not see the port's own TF32 toggle.

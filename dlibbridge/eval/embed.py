@@ -7,6 +7,11 @@ dlib's pipeline would).  A chip that is not exactly 150×150 or cannot be read i
 its reason and left out — never resized, since a resized chip is a different face to the
 network.
 
+Decoding overlaps the network: worker processes read the next batches while the current
+one is embedded, so a run takes about as long as the slower of the two stages, not their sum
+(docs/benchmarks.md).  The workers are started with ``spawn`` (a fork of a process whose
+OpenMP pool is running can hang) and only decode.
+
 Long runs are resumable: progress goes to ``OUT.partial.npz`` every few batches and a rerun
 with the same model and image list continues from there.  ``OUT.npz`` is written atomically.
 """
@@ -59,6 +64,58 @@ def _read_chip(path: Path) -> np.ndarray:
     return rgb
 
 
+def _read_batch(images_dir: Path, rels: list[str]) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]]]:
+    """Chips of one batch: (paths read, their stacked chips or None, (path, reason) skipped)."""
+    from ..data.images import ImageReadError
+    paths, chips, skipped = [], [], []
+    for rel in rels:
+        try:
+            chips.append(_read_chip(images_dir / rel))
+            paths.append(rel)
+        except (ImageReadError, ValueError) as e:
+            skipped.append((rel, str(e)))
+    return paths, (np.stack(chips) if chips else None), skipped
+
+
+def default_workers(n_files: int, batch_size: int) -> int:
+    """Decode processes: none for a few batches (starting one costs ~1 s), else one per core
+    beyond the first, at most 4 (decoding a chip is ≥5× cheaper than embedding it on CPU)."""
+    if n_files < 8 * batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores - 1))
+
+
+def _batches(images_dir: Path, files: list[str], start: int, batch_size: int, workers: int):
+    """(end index, paths, chips, skipped) per batch from ``start``, in order; with workers,
+    up to two batches per worker are decoded ahead while the caller embeds."""
+    spans = [(i, files[i:i + batch_size]) for i in range(start, len(files), batch_size)]
+    if workers == 0:
+        for i, rels in spans:
+            yield (min(i + batch_size, len(files)),) + _read_batch(images_dir, rels)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        todo = iter(spans)
+        try:
+            for i, rels in todo:
+                pending.append((i, pool.submit(_read_batch, images_dir, rels)))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                i, fut = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(_read_batch, images_dir, nxt[1])))
+                yield (min(i + batch_size, len(files)),) + fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
 def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([sha256_file(model), engine, files]).encode())
@@ -67,15 +124,18 @@ def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
 
 def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLike, *,
                  batch_size: int = 64, device: str = "cpu", engine: str = "torch",
-                 progress: bool = True) -> EmbedResult:
-    """Embed every chip below ``images_dir`` with ``model``; see the module docstring."""
+                 progress: bool = True, workers: int | None = None) -> EmbedResult:
+    """Embed every chip below ``images_dir`` with ``model``; see the module docstring.
+    ``workers``: decode processes (0 = decode in this process; default
+    :func:`default_workers`)."""
     from tqdm import tqdm
 
-    from ..data.images import ImageReadError
     from .embedders import ModelSpec, make_embedder
 
     if batch_size < 1:
         raise EmbedError("batch size must be at least 1")
+    if workers is not None and workers < 0:
+        raise EmbedError("workers must be 0 or more")
     images_dir, out = Path(images_dir), Path(out)
     spec = ModelSpec.parse(model, engine)
     if out.resolve() == spec.path.resolve():
@@ -109,19 +169,14 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        for start in range(done, len(files), batch_size):
-            batch_paths, chips = [], []
-            for rel in files[start:start + batch_size]:
-                try:
-                    chips.append(_read_chip(images_dir / rel))
-                    batch_paths.append(rel)
-                except (ImageReadError, ValueError) as e:
-                    skipped.append((rel, str(e)))
-            if chips:
-                embs.append(embedder.embed(np.stack(chips)))
+        nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
+        for end, batch_paths, chips, batch_skipped in _batches(images_dir, files, done, batch_size, nworkers):
+            skipped.extend(batch_skipped)
+            if chips is not None:
+                embs.append(embedder.embed(chips))
                 kept.extend(batch_paths)
-            done = min(start + batch_size, len(files))
-            bar.update(done - start)
+            bar.update(end - done)
+            done = end
             if time.monotonic() - last_save > SAVE_EVERY_S and done < len(files):
                 checkpoint(done)
                 last_save = time.monotonic()

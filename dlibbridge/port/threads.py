@@ -1,0 +1,129 @@
+"""CPU threads for the torch port on cores shared with other jobs.
+
+torch's CPU kernels run on an OpenMP (libgomp) pool whose idle threads *spin* by default.
+When another process holds one of the cores, every one of the ~150 parallel regions of a
+forward pass ends in a barrier that a spinning thread wastes its time slice on: at batch 64
+on 2 cores shared with other jobs the port ran 4–6× slower than with sleeping idle threads
+(docs/benchmarks.md, ``tools/bench_embed.py --threads-study``).
+
+libgomp reads ``OMP_WAIT_POLICY`` once, when torch is first imported, and offers no call to
+change it later.  So:
+
+* ``import dlibbridge`` before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment
+  already chose a policy (:func:`prefer_passive_openmp`);
+* when torch was imported first with the spinning default, the only remedy left is to run
+  no more threads than there are free cores: :func:`to_torch <dlibbridge.port.convert.to_torch>`
+  calls :func:`guard_spinning_pool`, which does that once and says so in a warning;
+* :func:`set_threads` / :func:`threads` set the count explicitly (sized to the cores this
+  process may use by default).
+
+This module does not import torch at import time: ``dlibbridge/__init__`` runs it first.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import warnings
+
+#: The policy libgomp saw: decided when dlibbridge is imported (torch may be imported later).
+_policy_at_torch_import: str | None = None
+_user_chose_threads = False
+_guard_done = False
+
+
+def prefer_passive_openmp() -> None:
+    """Before torch is imported: idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) unless
+    the environment set a policy.  After torch is imported: only record what libgomp saw."""
+    global _policy_at_torch_import
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _policy_at_torch_import = os.environ.get("OMP_WAIT_POLICY", "")
+
+
+def openmp_wait_policy() -> str:
+    """``"passive"``, ``"active"`` or ``"default"`` (libgomp's spin-then-sleep, the value
+    that collapses on shared cores) — the policy in effect for torch's thread pool."""
+    p = _policy_at_torch_import if _policy_at_torch_import is not None else os.environ.get("OMP_WAIT_POLICY", "")
+    p = p.strip().lower()
+    return p if p in ("passive", "active") else "default"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def free_cores() -> int:
+    """Available cores minus the 1-minute load of everything else, at least 1.  Called
+    before inference starts, the load is (mostly) other processes'."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    n = available_cores()
+    return max(1, min(n, n - math.floor(load + 0.5)))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Run torch's CPU kernels on ``n`` threads (default: :func:`available_cores`; with a
+    spinning OpenMP pool :func:`free_cores`, because spinning threads on busy cores are what
+    collapses).  Returns the previous count."""
+    import torch
+    global _user_chose_threads
+    if n is None:
+        n = free_cores() if _spinning_openmp() else available_cores()
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    _user_chose_threads = True
+    return prev
+
+
+@contextlib.contextmanager
+def threads(n: int | None = None):
+    """``with threads(n): ...`` — :func:`set_threads` for the block, the previous count after."""
+    import torch
+    prev = set_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _spinning_openmp() -> bool:
+    import torch
+    return openmp_wait_policy() != "passive" and "OpenMP" in torch.__config__.parallel_info()
+
+
+def guard_spinning_pool() -> None:
+    """Once per process, when torch was imported before dlibbridge with libgomp's spinning
+    default and nobody chose a thread count (``OMP_NUM_THREADS``, :func:`set_threads`):
+    shrink the pool to :func:`free_cores` and warn with the lasting fixes."""
+    global _guard_done
+    if _guard_done:
+        return
+    _guard_done = True
+    import torch
+    if (_user_chose_threads or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() < 2
+            or not _spinning_openmp()):
+        return
+    before = torch.get_num_threads()
+    n = min(before, free_cores())
+    if n < before:
+        torch.set_num_threads(n)
+    warnings.warn(
+        f"torch was imported before dlibbridge with OpenMP's default spin-waiting, which runs the "
+        f"network several times slower when other jobs share the cores; torch now uses {n} of "
+        f"{before} threads (free cores at load time). Lasting fixes: set OMP_WAIT_POLICY=PASSIVE "
+        f"in the environment or import dlibbridge before torch; or choose with "
+        f"dlibbridge.set_threads(n).", RuntimeWarning, stacklevel=3)
+
+
+__all__ = ["prefer_passive_openmp", "openmp_wait_policy", "available_cores", "free_cores",
+           "set_threads", "threads", "guard_spinning_pool"]
