@@ -222,6 +222,11 @@ class ConvNorm(nn.Sequential):
     def _folded_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         conv, norm = self.conv, self.norm
         tensors = (conv.weight, conv.bias, norm.scale, norm.shift)
+        # Inference tensors (made under torch.inference_mode) carry no version counter, so a
+        # cached fold could not notice an edit: fold them afresh on every call.
+        if any(t.is_inference() for t in tensors):
+            g = norm.scale.to(dtype)
+            return (conv.weight * g.view(-1, 1, 1, 1)).to(dtype), torch.addcmul(norm.shift.to(dtype), conv.bias.to(dtype), g)
         key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in tensors)
         if self._folded is None or self._folded[0] != key:
             g, s = norm.scale.to(dtype), norm.shift.to(dtype)
