@@ -225,15 +225,17 @@ class ConvNorm(nn.Sequential):
         # Inference tensors (made under torch.inference_mode) carry no version counter, so a
         # cached fold could not notice an edit: fold them afresh on every call.
         if any(t.is_inference() for t in tensors):
-            g = norm.scale.to(dtype)
-            return (conv.weight * g.view(-1, 1, 1, 1)).to(dtype), torch.addcmul(norm.shift.to(dtype), conv.bias.to(dtype), g)
+            return self._fold(dtype)
         key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in tensors)
         if self._folded is None or self._folded[0] != key:
-            g, s = norm.scale.to(dtype), norm.shift.to(dtype)
-            w = conv.weight * g.view(-1, 1, 1, 1)     # keeps the weight's memory format
-            b = torch.addcmul(s, conv.bias.to(dtype), g)
-            self._folded = (key, w.to(dtype), b)
+            self._folded = (key, *self._fold(dtype))
         return self._folded[1], self._folded[2]
+
+    def _fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, norm = self.conv, self.norm
+        g, s = norm.scale.to(dtype), norm.shift.to(dtype)
+        w = conv.weight * g.view(-1, 1, 1, 1)     # keeps the weight's memory format
+        return w.to(dtype), torch.addcmul(s, conv.bias.to(dtype), g)
 
 
 def _hooked(unit: nn.Module) -> bool:
