@@ -177,7 +177,11 @@ def test_ddp_two_processes_match_one_process_accumulating(johns_store, tmp_path)
     assert json.loads((ddp / "config.json").read_text())["derived"]["world_size"] == 2
     assert sd["step"] == sa["step"] == 2
     assert sd["step_log"][0]["loss"] > 0
-    np.testing.assert_allclose([r["loss"] for r in sd["step_log"]], [r["loss"] for r in sa["step_log"]], rtol=1e-5)
+    # The two runs sum the same gradients in a different order (gloo all-reduce vs. accumulation), so the
+    # weights after step 1 differ by float32 rounding.  Step 2's loss is a small hinge residue of distances
+    # near 1, so its error is absolute: a few float32 ulps of those distances (1e-6), not relative to it.
+    np.testing.assert_allclose([r["loss"] for r in sd["step_log"]], [r["loss"] for r in sa["step_log"]],
+                               rtol=1e-5, atol=1e-6)
     for k, v in sd["model"].items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             torch.testing.assert_close(v, sa["model"][k], atol=1e-6, rtol=1e-5, msg=k)
