@@ -34,12 +34,25 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the layers of a dlib DNN file")
     p.add_argument("file", nargs="?", help="dlib .dat file (default: the installed dlib face model)")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/inspect-json.md)")
+    p.add_argument("--input-size", type=_height_by_width, metavar="HxW",
+                   help="image size the output shapes are computed for, for networks that take any size "
+                        "(default: the network's fixed size, else 150x150)")
     p.set_defaults(func=_run_inspect)
+
+
+def _height_by_width(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 480x640") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sizes must be positive")
+    return h, w
 
 
 def _run_inspect(args) -> int:
     from .codec import inspect as describe
-    return describe.main(args.file, as_json=args.json)
+    return describe.main(args.file, as_json=args.json, input_size=args.input_size)
 
 
 # ---- align ------------------------------------------------

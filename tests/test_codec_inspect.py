@@ -54,8 +54,8 @@ def test_json_output_is_stable_and_documented(capsys, face_model_path):
     assert cli_main(["inspect", str(face_model_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["schema"] == "dlibbridge.inspect/1"
-    assert set(info) == {"schema", "file", "size", "sha256", "architecture", "total_params", "versions",
-                         "wrappers", "layers", "trailers"}
+    assert set(info) == {"schema", "file", "size", "sha256", "architecture", "total_params", "input_size",
+                         "input_size_fixed", "versions", "wrappers", "layers", "trailers"}
     assert set(info["layers"][1]) == {"index", "path", "wrapper", "record", "summary", "fields", "params",
                                       "output_shape"}
     assert info["versions"]["affine_"] == 29 and info["wrappers"]["TagOrSkip"] == 22
@@ -82,3 +82,20 @@ def test_bad_file_gives_a_clear_error_and_exit_code_2(tmp_path, content, reason)
     r = subprocess.run([sys.executable, "-m", "dlibbridge", "inspect", str(tmp_path / "missing.dat")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "No such file" in r.stderr
+
+
+def test_every_real_file_gets_output_shapes_for_a_stated_input(tmp_path, real_model_files, capsys):
+    """Networks of any input size get shapes for 150x150 unless --input-size says otherwise;
+    a sized network refuses another size in one line."""
+    for name, data in real_model_files.items():
+        p = tmp_path / name.replace("/", "_")
+        p.write_bytes(data)
+        info = describe.describe(p)
+        assert info["input_size"] and all(x["output_shape"] for x in info["layers"]
+                                          if x["wrapper"] not in ("Loss", "Repeat")), name
+    det = tmp_path / "mmod_human_face_detector.dat"
+    assert cli_main(["inspect", str(det), "--input-size", "240x320"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes for:   a 3x240x320 input" in out and re.search(r"layer<1>\s+con_4\s+1x27x37", out)
+    assert cli_main(["inspect", str(tmp_path / "dnn_gender_classifier_v1.dat"), "--input-size", "64x64"]) == 2
+    assert "takes 32x32 images only" in capsys.readouterr().err

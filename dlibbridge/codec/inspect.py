@@ -2,7 +2,7 @@
 
 A listing in the spirit of dlib's ``cout << net`` (dlib's ``layer<i>`` index, the record's
 version string, its hyper-parameters), plus what dlib does not print: parameter counts per
-layer and in total, output shapes where the architecture is recognised, the version strings
+layer and in total, output shapes of every network (for its fixed input size, or a stated one), the version strings
 found, the file's size and sha256.  The JSON form (``--json``) is documented in
 docs/inspect-json.md and versioned by its ``schema`` key.
 """
@@ -20,11 +20,19 @@ import numpy as np
 
 from .. import assets
 from .._io import sha256_file
-from .tree import InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip, load, loads
+from ..errors import DlibbridgeError
+from . import graph
+from .tree import InputLayer, Model, Repeat, TagOnInput, TagOrSkip, load, loads
 
 JSON_SCHEMA = "dlibbridge.inspect/1"
 
+NOMINAL_INPUT = (150, 150)   # shapes of a network that takes any size: a face chip's size, stated in the listing
+
 FACE_RESNET = "dlib face ResNet (dlib_face_recognition_resnet_model_v1 architecture)"
+
+
+class InspectError(DlibbridgeError, ValueError):
+    """An input size the network cannot take."""
 
 
 def count_params(details) -> int:
@@ -61,67 +69,22 @@ def recognise(model: Model) -> str | None:
     return None
 
 
-def _pool_or_conv(shape, d, channels):
-    k, h, w = shape
-    kh = d["nr"] or h
-    kw = d["nc"] or w
-    oh = 1 + (h + 2 * d["padding_y"] - kh) // d["stride_y"]
-    ow = 1 + (w + 2 * d["padding_x"] - kw) // d["stride_x"]
-    return (channels if channels is not None else k, oh, ow)
-
-
-def output_shapes(model: Model, architecture: str | None) -> dict[str, tuple[int, int, int]]:
-    """Per-sample output shape (k, nr, nc) of each layer, keyed by layer path.
-
-    Computed for fixed-size inputs only.  Tags and add_prev refer to tag ids that the file
-    does not store, so networks with them get shapes only when recognised as dlib's face
-    ResNet, whose tag pattern is known (dlib-format.md §5): reading input→output, a lone
-    tag/skip is ``tag1``; two in a row are ``tag2`` then ``skip1``; ``add_prev`` adds tag2
-    in a down block (after a skip), else tag1.
-    """
-    inp = model.input
-    if inp is None or "nr" not in inp or inp.version != "input_rgb_image_sized":
-        return {}
-    layers = model.layers()
-    has_tags = any(isinstance(e.node, TagOrSkip) for e in layers)
-    if any(isinstance(e.node, (Repeat, TagOnInput)) for e in layers):
-        return {}
-    if has_tags and not (architecture or "").startswith(FACE_RESNET):
-        return {}
-    shapes: dict[str, tuple[int, int, int]] = {}
-    cur = (3, inp["nr"], inp["nc"])
-    tag1 = tag2 = None
-    down = False
-    for i, e in enumerate(layers):
-        d = e.details
-        if isinstance(e.node, TagOrSkip):
-            after_tag = i > 0 and isinstance(layers[i - 1].node, TagOrSkip)
-            before_tag = i + 1 < len(layers) and isinstance(layers[i + 1].node, TagOrSkip)
-            if after_tag:  # skip1: continue from the block input
-                cur, down = tag1, True
-            elif before_tag:  # tag2: remember the main path
-                tag2 = cur
-            else:  # tag1: remember the block input
-                tag1 = cur
-            shapes[e.path] = cur
-            continue
-        if isinstance(e.node, Loss) or d is None:
-            continue
-        t = d.layer_type
-        if t == "con":
-            cur = _pool_or_conv(cur, d, d["num_filters"])
-        elif t in ("max_pool", "avg_pool"):
-            cur = _pool_or_conv(cur, d, None)
-        elif t == "fc":
-            cur = (d["num_outputs"], 1, 1)
-        elif t == "add_prev":
-            other = tag2 if down else tag1
-            cur = tuple(max(a, b) for a, b in zip(cur, other))
-            down = False
-        elif t in ("concat", "mult_prev", "multm_prev", "resize_prev_to_tagged"):
-            return {}
-        shapes[e.path] = cur
-    return shapes
+def output_shapes(model: Model, size: tuple[int, int] | None = None) -> tuple[dict[str, tuple[int, int, int]], tuple[int, int] | None]:
+    """Per-sample output shape (k, nr, nc) of each layer, keyed by layer path, and the input
+    (nr, nc) they are for: ``size``, else the size a sized input layer fixes, else
+    :data:`NOMINAL_INPUT`.  The wiring is the generic port's (:mod:`.graph`); a network it
+    cannot wire is listed without shapes ({}, None)."""
+    fixed = graph.input_size(model)
+    if size is not None and fixed is not None and tuple(size) != fixed:
+        raise InspectError(f"this network takes {fixed[0]}x{fixed[1]} images only, not {size[0]}x{size[1]}")
+    size = tuple(size or fixed or NOMINAL_INPUT)
+    try:
+        steps = graph.output_shapes(model, *size)
+    except graph.WiringError as exc:
+        if size != (fixed or NOMINAL_INPUT):
+            raise InspectError(f"no shapes for a {size[0]}x{size[1]} input: {exc}") from None
+        return {}, None
+    return {s.path: shape for s, shape in steps}, size
 
 
 def _scalar_fields(d) -> dict[str, Any]:
@@ -166,8 +129,9 @@ def _summary(d) -> str:
     return " ".join(parts)
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Everything ``inspect`` reports, as the JSON-ready dict of docs/inspect-json.md."""
+def describe(path: str | os.PathLike, input_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Everything ``inspect`` reports, as the JSON-ready dict of docs/inspect-json.md;
+    ``input_size`` (nr, nc) is the image the output shapes are computed for."""
     path = Path(path)
     if path.is_file():
         model, size, sha = load(path), path.stat().st_size, sha256_file(path)
@@ -175,7 +139,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
         model, size, sha = loads(data), len(data), hashlib.sha256(data).hexdigest()
     arch = recognise(model)
-    shapes = output_shapes(model, arch)
+    shapes, shape_input = output_shapes(model, input_size)
     versions: collections.Counter = collections.Counter()
     wrappers: collections.Counter = collections.Counter()
     layers = []
@@ -210,6 +174,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "sha256": sha,
         "architecture": arch,
         "total_params": sum(x["params"] for x in layers),
+        "input_size": list(shape_input) if shape_input else None,
+        "input_size_fixed": graph.input_size(model) is not None,
         "versions": dict(sorted(versions.items())),
         "wrappers": dict(sorted(wrappers.items())),
         "layers": layers,
@@ -227,6 +193,10 @@ def format_listing(info: dict[str, Any]) -> str:
         "versions:     " + ", ".join(f"{k} x{v}" for k, v in info["versions"].items()),
         "wrappers:     " + ", ".join(f"{k} x{v}" for k, v in info["wrappers"].items()),
     ]
+    if info["input_size"]:
+        h, w = info["input_size"]
+        lines.append(f"shapes for:   a 3x{h}x{w} input" + ("" if info["input_size_fixed"] else
+                     "  (the network takes any size; choose with --input-size HxW)"))
     for t in info["trailers"]:
         lines.append(f"trailer:      {t['kind']} ({t['cascades']} cascades, {t['trees']} trees)")
     lines.append("")
@@ -242,9 +212,9 @@ def format_listing(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(file: str | None, as_json: bool = False) -> int:
+def main(file: str | None, as_json: bool = False, input_size: tuple[int, int] | None = None) -> int:
     path = assets.resolve_model(file)
-    info = describe(path)
+    info = describe(path, input_size)
     if as_json:
         json.dump(info, sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")

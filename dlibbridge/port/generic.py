@@ -17,13 +17,10 @@ alone, layer by layer, with dlib's semantics (dlib-format.md §6):
   layer dlib's inference types put there; ``multiply_``: ``x·val``.
 * ``l2normalize_``: ``x / sqrt(Σx² + eps)`` per sample.
 
-**Tags.** The bytes store neither tag ids nor whether a tag-or-skip record is a tag or a skip
-(§5), so wiring follows dlib's idioms, which every shipped file uses: a tag-or-skip directly
-above another one is ``skipN<tagM<…>>`` and jumps to the tag recorded before that pair;
-``add_prev``/``mult_prev`` read the latest tag; ``concat_`` of n tags reads the n latest,
-oldest first (``concat2<tag1, tag2>``).  A network these rules cannot wire raises
-:class:`~dlibbridge.convert.ConversionError`; the face ResNet (both residual idioms) and the
-DenseNet (``concat2`` over repeat groups) are checked against dlib in tests/test_generic.py.
+**Tags.** The bytes store no tag ids; the wiring by dlib's idioms lives in
+:mod:`dlibbridge.codec.graph` (shared with ``inspect``'s shapes).  A network those rules cannot
+wire raises :class:`~dlibbridge.convert.ConversionError`; the face ResNet (both residual idioms)
+and the DenseNet (``concat2`` over repeat groups) are checked against dlib in the tests.
 
 Export (:func:`to_dlib_tree`) starts from the source bytes the module keeps: an unchanged
 record is written back as it was (byte-identical round trip); a changed one gets the module's
@@ -39,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codec import tree as fmt
+from ..codec import graph, tree as fmt
 from .arch import DlibAffine, add_prev
 from ..codec.records import affine_as_bn_variance, fold
-from ..codec.tree import AddLayer, Details, InputLayer, Loss, Model, Repeat, TagOnInput, TagOrSkip
+from ..codec.tree import AddLayer, Details, InputLayer, Model, TagOnInput
 
 INPUT_TYPES = ("input_rgb_image", "input_rgb_image_sized", "input_rgb_image_pyramid",
                "input_rgb_image_pyramid2")
@@ -356,61 +353,27 @@ def _loss_output(model: Model) -> tuple[str, dict]:
 
 
 def build(model: Model) -> DlibNet:
-    """The :class:`DlibNet` for a parsed file (weights loaded, eval mode)."""
+    """The :class:`DlibNet` for a parsed file (weights loaded, eval mode), running the program
+    :func:`dlibbridge.codec.graph.wire` derives from the records."""
     output, meta = _loss_output(model)
+    try:
+        program = graph.wire(model)
+    except graph.WiringError as exc:
+        raise _conversion_error(str(exc)) from None
+    inputs = [e for e in model.layers() if isinstance(e.node, (InputLayer, TagOnInput)) and e.node.input is not None]
+    if not inputs:
+        raise _conversion_error("the network has no input_rgb_image* layer")
+    input_layer = _input_module(inputs[0], inputs[0].node.input)
     layers: dict[str, nn.Module] = {}
     steps: list[Step] = []
-    stack: list[int] = []          # tag slots, oldest first
-    prev_was_tag = False
-    input_layer = None
-    entries = model.layers()
-
-    def add_layers(e, d: Details) -> None:
-        for j, m in enumerate(_layer_modules(e, d)):
-            name = f"{_module_name(e.path)}" + (f"_{j}" if j else "")
+    for s in program:
+        if s.op != "layer":
+            steps.append(Step(s.op, s.path, slots=s.slots))
+            continue
+        for j, m in enumerate(_layer_modules(s.entry, s.details)):
+            name = f"{_module_name(s.path)}" + (f"_{j}" if j else "")
             layers[name] = m
-            steps.append(Step("layer", e.path, name))
-
-    for e in entries:
-        node = e.node
-        is_tag = False
-        if isinstance(node, InputLayer):
-            if node.input is not None:
-                input_layer = _input_module(e, node.input)
-            add_layers(e, node.details)
-        elif isinstance(node, AddLayer):
-            d = node.details
-            if d.version in ("add_prev_", "mult_prev_"):
-                if not stack:
-                    raise _conversion_error(f"{e.path}: {d.version} with no tag before it")
-                steps.append(Step(d.version[:-1], e.path, slots=(stack[-1],)))
-            elif d.version == "concat_":
-                n = d["num_tags"]
-                if len(stack) < n:
-                    raise _conversion_error(f"{e.path}: concat_ of {n} tags with {len(stack)} recorded")
-                steps.append(Step("concat", e.path, slots=tuple(stack[-n:])))
-            else:
-                add_layers(e, d)
-        elif isinstance(node, TagOnInput):
-            if node.input is not None:
-                input_layer = _input_module(e, node.input)
-            stack.append(len(stack))
-            steps.append(Step("tag", e.path, slots=(stack[-1],)))
-            is_tag = True
-        elif isinstance(node, TagOrSkip):
-            if prev_was_tag and len(stack) >= 2 and steps[-1].op == "tag":
-                steps.append(Step("skip", e.path, slots=(stack[-2],)))
-            else:
-                stack.append(len(stack))
-                steps.append(Step("tag", e.path, slots=(stack[-1],)))
-                is_tag = True
-        elif isinstance(node, (Repeat, Loss)):
-            pass   # a repeat's groups are already in the flat list; the loss is the output
-        else:
-            raise _conversion_error(f"{e.path}: {e.kind} records are not supported")
-        prev_was_tag = is_tag
-    if input_layer is None:
-        raise _conversion_error("the network has no input_rgb_image* layer")
+            steps.append(Step("layer", s.path, name))
     net = DlibNet(input_layer, layers, _with_frees(steps), output, meta)
     return net.eval()
 
