@@ -13,9 +13,10 @@ The pipeline, each step as dlib does it (dlib 20.0.1 source, read for reference)
    level is dlib's float bilinear resize of the previous *tile* (the SIMD path: float32
    coordinates accumulated four columns at a time, the scalar tail in double), reproduced
    here bit for bit (:func:`resize_bilinear`).
-3. **The network** (:mod:`dlibbridge.generic`).  Images of different sizes share one batch:
-   each canvas is zero-padded to the largest, and after every layer the part outside the
-   sample's own feature map is zeroed again, so every convolution sees dlib's zero padding.
+3. **The network** (:mod:`dlibbridge.generic`), each conv → affine → relu folded into one
+   convolution, channels-last.  Images of different sizes share one batch: each canvas is
+   zero-padded to the largest, and before every convolution the part outside the sample's own
+   feature map is zeroed again, so every convolution sees dlib's zero padding.
 4. **loss_mmod_ decoding**: every score > ``adjust_threshold`` (0) is a window centred at the
    output point mapped back through the convolutions (``p·stride − pad + k/2`` per layer),
    moved from its tile to image coordinates (``nearest_rect`` of the rounded centre, then
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from . import generic
+from .arch import DlibAffine
 
 MIN_LEVEL_HEIGHT = 5
 
@@ -148,36 +150,46 @@ def _simd_columns(in_n: int, out_n: int):
 
 @functools.lru_cache(maxsize=256)
 def _resize_plan(h: int, w: int, out_h: int, out_w: int):
-    """Index and weight tensors of :func:`resize_bilinear` (CPU; cached per size)."""
+    """Indices and weights of :func:`resize_bilinear` (CPU; cached per size).  The weights are
+    laid out column-major, (output column, output row), like the gathered columns."""
     top, bottom, tb = _rows(h, out_h)
     left, right, frac, tail = _simd_columns(w, out_w)
     tl_ = np.floor(tail).astype(np.int64)
     t = torch.from_numpy
-    return (t(top), t(bottom), t(tb.astype(np.float32)).view(-1, 1), t((1 - tb).astype(np.float32)).view(-1, 1),
-            t(tb).view(-1, 1), t(left), t(right), t(frac).view(1, -1),
-            t(tl_), t(np.minimum(tl_ + 1, w - 1)), t((tail - tl_).astype(np.float32)).view(1, -1))
+    tb32, inv_tb32 = t(tb.astype(np.float32)).view(-1, 1), t((1 - tb).astype(np.float32)).view(-1, 1)
+    lr = t(frac).view(1, -1)
+    inv_lr = 1 - lr
+    simd = [(a * b).T.contiguous() for a, b in ((inv_tb32, inv_lr), (inv_tb32, lr), (tb32, inv_lr), (tb32, lr))]
+    tail_lr = t((tail - tl_).astype(np.float32)).view(-1, 1)
+    return (t(top), t(bottom), t(left), t(right), *simd,
+            t(tl_), t(np.minimum(tl_ + 1, w - 1)), 1 - tail_lr, tail_lr, t(tb).view(1, -1))
+
+
+def _column_major(x: torch.Tensor) -> torch.Tensor:
+    """(…, rows, cols) → (…, cols, rows), contiguous: gathering columns is then a copy of whole
+    rows, ~7x faster on CPU than ``index_select`` over the last dimension."""
+    return x.transpose(-1, -2).contiguous()
 
 
 def resize_bilinear(src: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """dlib's ``resize_image`` of a float image (``tt::resize_bilinear`` on the CPU), bit for
-    bit: ``src`` is (C, h, w) float32."""
+    bit: ``src`` is (C, h, w) float32.  The arithmetic is dlib's, element by element; it runs
+    on column-major copies of the two gathered row sets."""
     h, w = src.shape[-2:]
     dev = src.device
-    plan = [p.to(dev) for p in _resize_plan(h, w, out_h, out_w)]
-    top, bottom, tb32, inv_tb32, tb64, li, ri, lr, tli, tri, tlr = plan
-    rt = src.index_select(-2, top)
-    rb = src.index_select(-2, bottom)
+    (top, bottom, li, ri, tlf, trf, blf, brf, tli, tri, inv_tlr, tlr, tb64) = \
+        [p.to(dev) for p in _resize_plan(h, w, out_h, out_w)]
+    rt = _column_major(src.index_select(-2, top))
+    rb = _column_major(src.index_select(-2, bottom))
     parts = []
     if len(li):
-        inv_lr = 1 - lr
-        tlf, trf, blf, brf = inv_tb32 * inv_lr, inv_tb32 * lr, tb32 * inv_lr, tb32 * lr
-        parts.append(((tlf * rt.index_select(-1, li) + trf * rt.index_select(-1, ri))
-                      + blf * rb.index_select(-1, li)) + brf * rb.index_select(-1, ri))
+        parts.append(((tlf * rt.index_select(-2, li) + trf * rt.index_select(-2, ri))
+                      + blf * rb.index_select(-2, li)) + brf * rb.index_select(-2, ri))
     if len(tli):
-        a = (1 - tlr) * rt.index_select(-1, tli) + tlr * rt.index_select(-1, tri)   # float32, dlib's scalar tail
-        b = (1 - tlr) * rb.index_select(-1, tli) + tlr * rb.index_select(-1, tri)
+        a = inv_tlr * rt.index_select(-2, tli) + tlr * rt.index_select(-2, tri)   # float32, dlib's scalar tail
+        b = inv_tlr * rb.index_select(-2, tli) + tlr * rb.index_select(-2, tri)
         parts.append(((1 - tb64) * a.double() + tb64 * b.double()).to(torch.float32))
-    return torch.cat(parts, -1)
+    return torch.cat(parts, -2).transpose(-1, -2)
 
 
 def pyramid_up(img: np.ndarray) -> np.ndarray:
@@ -187,27 +199,30 @@ def pyramid_up(img: np.ndarray) -> np.ndarray:
     out_h, out_w = int(_lround(np.array((nr - 1 + 0.75) * 2))) + 1, int(_lround(np.array((nc - 1 + 1.25) * 2))) + 1
     src = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(torch.float32)
     top, bottom, tb = _rows(nr, out_h)
-    tb32 = torch.from_numpy(tb.astype(np.float32)).view(-1, 1)
-    inv_tb32 = torch.from_numpy((1 - tb).astype(np.float32)).view(-1, 1)
-    rt, rb = src[:, torch.from_numpy(top), :], src[:, torch.from_numpy(bottom), :]
+    tb32 = torch.from_numpy(tb.astype(np.float32)).view(1, -1)          # column-major weights
+    inv_tb32 = torch.from_numpy((1 - tb).astype(np.float32)).view(1, -1)
+    rt = _column_major(src.index_select(1, torch.from_numpy(top)))
+    rb = _column_major(src.index_select(1, torch.from_numpy(bottom)))
     left, right, frac, tail = _simd_columns(nc, out_w)
     parts = []
     if len(left):
         li, ri = torch.from_numpy(left), torch.from_numpy(right)
-        lr = torch.from_numpy(frac).view(1, -1)
+        lr = torch.from_numpy(frac).view(-1, 1)
         inv_lr = 1 - lr
-        tlf, trf, blf, brf = inv_tb32 * inv_lr, inv_tb32 * lr, tb32 * inv_lr, tb32 * lr
-        parts.append((((tlf * rt[..., li] + trf * rt[..., ri]) + blf * rb[..., li]) + brf * rb[..., ri]).trunc())
+        tlf, trf, blf, brf = inv_lr * inv_tb32, lr * inv_tb32, inv_lr * tb32, lr * tb32
+        parts.append((((tlf * rt.index_select(1, li) + trf * rt.index_select(1, ri)) + blf * rb.index_select(1, li))
+                      + brf * rb.index_select(1, ri)).trunc())
     if len(tail):
         tl_ = np.floor(tail).astype(np.int64)
         tr_ = np.minimum(tl_ + 1, nc - 1)
-        lr = torch.from_numpy(tail - tl_).view(1, -1)              # double in the RGB tail
+        lr = torch.from_numpy(tail - tl_).view(-1, 1)              # double in the RGB tail
         li, ri = torch.from_numpy(tl_), torch.from_numpy(tr_)
-        tb64 = torch.from_numpy(tb).view(-1, 1)
+        tb64 = torch.from_numpy(tb).view(1, -1)
         rt64, rb64 = rt.double(), rb.double()
-        v = (1 - tb64) * ((1 - lr) * rt64[..., li] + lr * rt64[..., ri]) + tb64 * ((1 - lr) * rb64[..., li] + lr * rb64[..., ri])
+        v = ((1 - tb64) * ((1 - lr) * rt64.index_select(1, li) + lr * rt64.index_select(1, ri))
+             + tb64 * ((1 - lr) * rb64.index_select(1, li) + lr * rb64.index_select(1, ri)))
         parts.append(v.trunc().float())
-    return torch.cat(parts, -1).to(torch.uint8).permute(1, 2, 0).numpy()
+    return torch.cat(parts, 1).to(torch.uint8).permute(2, 1, 0).numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,9 +265,10 @@ class CnnFaceDetector:
         self.nms = (meta["overlaps_nms_iou_thresh"], meta["overlaps_nms_percent_covered_thresh"])
         self.device = torch.device(device)
         self.net = net.to(self.device)
-        self.chain = [net.layers[s.module] for s in net.steps if s.op == "layer"]
-        if len(self.chain) != len(net.steps):
+        chain = [net.layers[s.module] for s in net.steps if s.op == "layer"]
+        if len(chain) != len(net.steps):
             raise generic._conversion_error(f"{path}: the MMOD network is expected to be a plain chain")
+        self.chain = _folded_chain(chain)
         # (stride, pad, kernel) of every layer that moves coordinates, output side first
         self.geometry = [(m.stride, m.padding, m.kernel_size) for m in self.chain
                          if isinstance(m, torch.nn.Conv2d)][::-1]
@@ -276,20 +292,21 @@ class CnnFaceDetector:
     def _forward(self, canvases: list[torch.Tensor]) -> list[torch.Tensor]:
         sizes = [tuple(c.shape[1:]) for c in canvases]
         H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        x = torch.zeros(len(canvases), 3, H, W, device=self.device)
+        # channels-last: 1.6x faster convolutions on CPU
+        x = torch.zeros(len(canvases), 3, H, W, device=self.device).contiguous(memory_format=torch.channels_last)
         for i, c in enumerate(canvases):
             x[i, :, :c.shape[1], :c.shape[2]] = c
         same = all(s == sizes[0] for s in sizes)
         for m in self.chain:
-            x = m(x)
             if isinstance(m, torch.nn.Conv2d):
+                if not same:        # what lies outside a sample's own map must be dlib's zero padding
+                    mask = torch.zeros(len(sizes), 1, x.shape[2], x.shape[3], device=self.device)
+                    for i, (h, w) in enumerate(sizes):
+                        mask[i, :, :h, :w] = 1
+                    x = x * mask
                 sizes = [tuple(1 + (s[d] + 2 * m.padding[d] - m.kernel_size[d]) // m.stride[d] for d in (0, 1))
                          for s in sizes]
-            if not same:
-                mask = torch.zeros(len(sizes), 1, x.shape[2], x.shape[3], device=self.device)
-                for i, (h, w) in enumerate(sizes):
-                    mask[i, :, :h, :w] = 1
-                x = x * mask
+            x = m(x)
         return [x[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
 
     # -- decoding --------------------------------------------------------------------------
@@ -355,6 +372,29 @@ class CnnFaceDetector:
                     found.append((l, t, r, b, s))
                 results.append(found)
         return results
+
+
+def _folded_chain(chain: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The detector's conv → affine → relu blocks as one convolution each (the affine's scale
+    folded into the weights, its shift into the bias, in float32) and an in-place relu: a
+    third of the passes over the feature maps.  The folded sums round differently from
+    dlib's conv-then-affine by a few float32 ulps (confidences within 1e-5 of dlib's)."""
+    out: list[torch.nn.Module] = []
+    for m in chain:
+        if isinstance(m, DlibAffine) and out and isinstance(out[-1], torch.nn.Conv2d):
+            conv = out[-1]
+            fused = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                    conv.padding, bias=True).to(conv.weight.device)
+            with torch.no_grad():
+                fused.weight.copy_(conv.weight * m.scale.view(-1, 1, 1, 1))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(m.shift)
+                fused.bias.copy_(bias * m.scale + m.shift)
+            out[-1] = fused.eval()
+        elif isinstance(m, torch.nn.ReLU):
+            out.append(torch.nn.ReLU(inplace=True))
+        else:
+            out.append(m)
+    return out
 
 
 def _nearest_rect(rects, x: float, y: float) -> int:
