@@ -191,8 +191,22 @@ def test_cli_evaluate_on_johns(tmp_path, johns_dir, capsys):
     assert rc == 0
     assert "acc 2-fold" in out and "dlib_face_recognition_resnet_model_v1 [torch]" in out
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["images"] == {"total": 55, "chip": 55, "detected": 0, "fallback": 0, "failed": 0}
+    assert r["images"] == {"total": 45, "chip": 45, "detected": 0, "fallback": 0, "failed": 0, "not_in_pairs": 10}
     assert pr.read_pairs(tmp_path / "p.txt").n_folds == 2
+
+
+def test_cli_evaluate_adapts_the_defaults_to_a_small_set_and_says_so(tmp_path, johns_dir, capsys):
+    """5 people: the default 10 folds become 2, and 3000 pairs what those folds hold."""
+    from dlibbridge.cli import main
+    rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "3000", "-q",
+               "--json", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "note: --folds 10 lowered to 2: 5 identities" in cap.err
+    assert "note: --gen-pairs 3000 lowered to " in cap.err and "acc 2-fold" in cap.out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["pairs"]["n_folds"] == 2 and r["pairs"]["generated"]["n"] == r["pairs"]["n_pairs"] < 3000
+    assert Path(r["pairs"]["file"]).name == f"pairs-{r['pairs']['n_pairs']}-seed0.txt"
 
 
 @pytest.mark.parametrize("model, extra, words", [
@@ -218,3 +232,26 @@ def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, mo
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_pairs_file_aligns_and_embeds_only_the_images_it_names(shared_dir, tmp_path, capsys):
+    """3 people x 3 photos, a pairs file naming 4 of the 9: the alignment and the
+    descriptors cover those 4, and one line says how many were left out."""
+    from dlibbridge.cli import main
+    from dlibbridge.data.align import read_manifest
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 3, 3)
+    a, b, c = sorted(p.name for p in data.iterdir())
+    fa, fb = sorted((data / a).iterdir()), sorted((data / b).iterdir())
+    (tmp_path / "p.txt").write_text(f"2\n{a}\t{fa[0].name}\t{fa[1].name}\n{b}\t{fb[0].name}\t{fb[1].name}\n"
+                                    f"{a}\t{fa[0].name}\t{b}\t{fb[0].name}\n{a}\t{fa[1].name}\t{b}\t{fb[1].name}\n")
+    rc = main(["evaluate", "default", "--data", str(data), "--pairs", str(tmp_path / "p.txt"), "-q",
+               "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("are in no pair") == 1 and "5 of the 9 images" in err, err
+    (manifest,) = (tmp_path / "cache" / "chips").glob("*/manifest.csv")
+    assert sorted(r["source"] for r in read_manifest(manifest)) == sorted(
+        f"{p.parent.name}/{p.name}" for p in (fa[0], fa[1], fb[0], fb[1]))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"]["total"] == 4 and r["images"]["not_in_pairs"] == 5
+    assert r["models"][0]["identification"]["n_probes"] + r["models"][0]["identification"]["n_gallery"] == 4
