@@ -196,7 +196,9 @@ def _run_evaluate(args) -> int:
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
     if args.report:
+        from .eval.report import check_report_dir
         check_output_dir(args.report, "--report")
+        check_report_dir(args.report)
     if args.json:
         check_output_file(args.json, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):

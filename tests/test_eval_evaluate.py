@@ -255,3 +255,35 @@ def test_pairs_file_aligns_and_embeds_only_the_images_it_names(shared_dir, tmp_p
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["images"]["total"] == 4 and r["images"]["not_in_pairs"] == 5
     assert r["models"][0]["identification"]["n_probes"] + r["models"][0]["identification"]["n_gallery"] == 4
+
+
+def test_report_labels_same_named_models_apart_and_keeps_files_it_did_not_write(tmp_path, johns_dir, face_model_path,
+                                                                                   capsys):
+    """Two model.dat in different folders get two rows and two errors folders; a rerun into
+    the report folder replaces only its own files, and a user's file there is refused before
+    any work, untouched."""
+    from dlibbridge.cli import main
+    from dlibbridge.eval.report import MANIFEST
+    for d in ("run", "cam"):
+        (tmp_path / d).mkdir()
+        shutil.copy(face_model_path, tmp_path / d / "model.dat")
+    rep = tmp_path / "rep"
+    argv = ["evaluate", str(tmp_path / "run/model.dat"), str(tmp_path / "cam/model.dat"), "--data", str(johns_dir),
+            "--gen-pairs", "40", "--folds", "2", "-q", "--cache", str(tmp_path / "cache"), "--report", str(rep),
+            "--no-identification"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "run/model.dat [torch]" in out and "cam/model.dat [torch]" in out
+    md = (rep / "report.md").read_text()
+    assert "## Worst mistakes: run/model.dat [torch]" in md and "## Worst mistakes: cam/model.dat [torch]" in md
+    assert (rep / MANIFEST).is_file()
+    assert main(argv) == 0, capsys.readouterr().err         # its own files are replaced
+    capsys.readouterr()
+    mine = rep / "errors" / "run_model.dat_torch" / "false_accept_99.png"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_bytes(b"my own picture")
+    before = {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(mine) in err and "refusing to replace it" in err, err
+    assert {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()} == before

@@ -24,7 +24,8 @@ import numpy as np
 from .._io import sha256_file, write_atomic, write_json
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
 from ..data.images import CHIP_SIZE
-from .embedders import EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, make_embedder
+from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
+                        make_embedder)
 from .pairs import PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
 
 RESULTS_SCHEMA_VERSION = 1
@@ -292,6 +293,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     from .. import __version__
     if not cfg.models:
         raise ValueError("no model to evaluate")
+    models = label_models(cfg.models)
     identities = scan_identities(cfg.data)
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
@@ -301,7 +303,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     if in_folder > len(images):
         print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
               "not aligned or embedded", file=sys.stderr)
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in cfg.models]
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
                                  multi=cfg.multi, fallback=cfg.fallback, jobs=cfg.jobs, progress=cfg.progress)
     embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
@@ -314,7 +316,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     ident = None
     if cfg.identification:
         ident = (np.arange(len(images), dtype=np.int64), np.array([p.parent.name for p in images]))
-    outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(cfg.models, embs)]
+    outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(models, embs)]
 
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
