@@ -76,7 +76,7 @@ def resolve_model(spec: str | os.PathLike | None, what: str = "model") -> Path:
 
 def sample_chips_dir() -> Path:
     """25 aligned 150×150 chips of 5 people shipped inside the package (dlib's public-domain
-    example faces, provenance in models/README.md): enough to calibrate ``unfreeze`` on a
+    example faces, provenance in sample/README.md beside them): enough to calibrate ``unfreeze`` on a
     machine that has no faces of its own yet."""
     return Path(__file__).resolve().parent / "sample" / "johns"
 
