@@ -60,7 +60,7 @@ def _degraded(chips: np.ndarray, degrade, seed: int, salt: int) -> np.ndarray:
 def _fit_identities_per_batch(cfg: FinetuneConfig, store) -> FinetuneConfig:
     """The recipe's 16 identities per batch need 18 people (two held out for validation); a
     small photo set would be refused outright.  Lower -P to what its identities allow, two held
-    out, and say so (the same data always gives the same -P, so a resume agrees)."""
+    out, and say so (config.json records the -P used, so a resume keeps it)."""
     labels = np.asarray(store.labels)
     _, counts = np.unique(labels[labels >= 0], return_counts=True)
     usable = int((counts >= 2).sum())
