@@ -207,10 +207,12 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
             chips[p] = ev.loader(p)[0]
         return chips[p]
 
+    worst = [worst_errors(o, k) for o in ev.outcomes]
+    # chips of the shown pairs, aligned in one run if their descriptors came from the cache
+    ev.loader.prepare(sorted({p for o, (fa, fr) in zip(ev.outcomes, worst) for i in fa + fr for p in o.pair_paths[i]}))
     sections = []   # (model name, [(kind, png rel path, caption)])
-    for o in ev.outcomes:
+    for o, (fa, fr) in zip(ev.outcomes, worst):
         d = f"errors/{slug(o.spec.name)}"
-        fa, fr = worst_errors(o, k)
         items = []
         for kind, idx in (("false_accept", fa), ("false_reject", fr)):
             for n, i in enumerate(idx, 1):
