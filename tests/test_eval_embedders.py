@@ -88,3 +88,21 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, face_model_path, johns_d
     ev.compute_embeddings(sorted(moved.glob("*.jpg"))[:6], [emb], ev.ChipSource(data, None),
                           tmp_path / "cache", progress=False)
     assert CountingEmbedder.faces == 6
+
+
+def test_models_with_the_same_file_name_get_distinct_labels(tmp_path, face_model_path):
+    """run/model.dat and cam/model.dat were both "model [torch]" (one row label, one errors
+    folder): they are told apart by the shortest end of their paths that differs."""
+    for d in ("x/run", "y/cam", "z/cam"):
+        (tmp_path / d).mkdir(parents=True)
+        shutil.copy(face_model_path, tmp_path / d / "model.dat")
+    specs = [emb.ModelSpec.parse(str(tmp_path / d / "model.dat")) for d in ("x/run", "y/cam", "z/cam")]
+    specs.append(emb.ModelSpec.parse(f"dlib:{tmp_path / 'x/run/model.dat'}"))
+    specs.append(emb.ModelSpec.parse("default"))
+    names = [s.name for s in emb.label_models(specs)]
+    assert names == ["x/run/model.dat [torch]", "y/cam/model.dat [torch]", "z/cam/model.dat [torch]",
+                     "model [dlib]", "dlib_face_recognition_resnet_model_v1 [torch]"]
+    two = emb.label_models(specs[:2])
+    assert [s.name for s in two] == ["run/model.dat [torch]", "cam/model.dat [torch]"]
+    with pytest.raises(ValueError, match="given twice"):
+        emb.label_models([specs[0], specs[0]])

@@ -105,8 +105,9 @@ def celeba_eval(shared_dir, tmp_path_factory):
 
 def test_dlib_and_torch_port_give_the_same_numbers_on_celeba_dev(celeba_eval):
     cfg, res = celeba_eval
-    assert res.results["images"]["total"] == 120
-    assert res.results["images"]["detected"] + res.results["images"]["fallback"] == 120
+    img = res.results["images"]
+    assert (img["total"], img["not_in_pairs"]) == (119, 1)           # the pairs name 119 of the 120 photos
+    assert img["detected"] + img["fallback"] == 119
     d, t = res.results["models"]
     assert (d["engine"], t["engine"]) == ("dlib", "torch")
     assert d["n_pairs"] == t["n_pairs"] == 300 and d["skipped_pairs"] == 0
@@ -141,7 +142,7 @@ def test_results_json_schema(celeba_eval):
         assert len(m["folds"]["accuracy"]) == 10
         assert m["accuracy"] == pytest.approx(np.mean(m["folds"]["accuracy"]))
         assert set(m["identification"]) == {"rank1", "n_probes", "n_gallery", "clustering"}
-        assert m["identification"]["n_probes"] == 100
+        assert m["identification"]["n_probes"] == 99         # 119 images in pairs, one gallery image per person
 
 
 def test_report_files(celeba_eval):
@@ -191,8 +192,22 @@ def test_cli_evaluate_on_johns(tmp_path, johns_dir, capsys):
     assert rc == 0
     assert "acc 2-fold" in out and "dlib_face_recognition_resnet_model_v1 [torch]" in out
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["images"] == {"total": 55, "chip": 55, "detected": 0, "fallback": 0, "failed": 0}
+    assert r["images"] == {"total": 45, "chip": 45, "detected": 0, "fallback": 0, "failed": 0, "not_in_pairs": 10}
     assert pr.read_pairs(tmp_path / "p.txt").n_folds == 2
+
+
+def test_cli_evaluate_adapts_the_defaults_to_a_small_set_and_says_so(tmp_path, johns_dir, capsys):
+    """5 people: the default 10 folds become 2, and 3000 pairs what those folds hold."""
+    from dlibbridge.cli import main
+    rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "3000", "-q",
+               "--json", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "note: --folds 10 lowered to 2: 5 identities" in cap.err
+    assert "note: --gen-pairs 3000 lowered to " in cap.err and "acc 2-fold" in cap.out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["pairs"]["n_folds"] == 2 and r["pairs"]["generated"]["n"] == r["pairs"]["n_pairs"] < 3000
+    assert Path(r["pairs"]["file"]).name == f"pairs-{r['pairs']['n_pairs']}-seed0.txt"
 
 
 @pytest.mark.parametrize("model, extra, words", [
@@ -218,3 +233,58 @@ def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, mo
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_pairs_file_aligns_and_embeds_only_the_images_it_names(shared_dir, tmp_path, capsys):
+    """3 people x 3 photos, a pairs file naming 4 of the 9: the alignment and the
+    descriptors cover those 4, and one line says how many were left out."""
+    from dlibbridge.cli import main
+    from dlibbridge.data.align import read_manifest
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 3, 3)
+    a, b, c = sorted(p.name for p in data.iterdir())
+    fa, fb = sorted((data / a).iterdir()), sorted((data / b).iterdir())
+    (tmp_path / "p.txt").write_text(f"2\n{a}\t{fa[0].name}\t{fa[1].name}\n{b}\t{fb[0].name}\t{fb[1].name}\n"
+                                    f"{a}\t{fa[0].name}\t{b}\t{fb[0].name}\n{a}\t{fa[1].name}\t{b}\t{fb[1].name}\n")
+    rc = main(["evaluate", "default", "--data", str(data), "--pairs", str(tmp_path / "p.txt"), "-q",
+               "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("are in no pair") == 1 and "5 of the 9 images" in err, err
+    (manifest,) = (tmp_path / "cache" / "chips").glob("*/manifest.csv")
+    assert sorted(r["source"] for r in read_manifest(manifest)) == sorted(
+        f"{p.parent.name}/{p.name}" for p in (fa[0], fa[1], fb[0], fb[1]))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"]["total"] == 4 and r["images"]["not_in_pairs"] == 5
+    assert r["models"][0]["identification"]["n_probes"] + r["models"][0]["identification"]["n_gallery"] == 4
+
+
+def test_report_labels_same_named_models_apart_and_keeps_files_it_did_not_write(tmp_path, johns_dir, face_model_path,
+                                                                                   capsys):
+    """Two model.dat in different folders get two rows and two errors folders; a rerun into
+    the report folder replaces only its own files, and a user's file there is refused before
+    any work, untouched."""
+    from dlibbridge.cli import main
+    from dlibbridge.eval.report import MANIFEST
+    for d in ("run", "cam"):
+        (tmp_path / d).mkdir()
+        shutil.copy(face_model_path, tmp_path / d / "model.dat")
+    rep = tmp_path / "rep"
+    argv = ["evaluate", str(tmp_path / "run/model.dat"), str(tmp_path / "cam/model.dat"), "--data", str(johns_dir),
+            "--gen-pairs", "40", "--folds", "2", "-q", "--cache", str(tmp_path / "cache"), "--report", str(rep),
+            "--no-identification"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "run/model.dat [torch]" in out and "cam/model.dat [torch]" in out
+    md = (rep / "report.md").read_text()
+    assert "## Worst mistakes: run/model.dat [torch]" in md and "## Worst mistakes: cam/model.dat [torch]" in md
+    assert (rep / MANIFEST).is_file()
+    assert main(argv) == 0, capsys.readouterr().err         # its own files are replaced
+    capsys.readouterr()
+    mine = rep / "errors" / "run_model.dat_torch" / "false_accept_99.png"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_bytes(b"my own picture")
+    before = {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(mine) in err and "refusing to replace it" in err, err
+    assert {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()} == before

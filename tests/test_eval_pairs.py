@@ -127,3 +127,22 @@ def test_too_few_identities_for_the_folds_names_the_option_and_the_most_allowed(
     ids = {f"p{i}": [f"p{i}/a.jpg", f"p{i}/b.jpg"] for i in range(8)}
     with pytest.raises(ValueError, match=r"use --folds 4 \(the most these identities allow\)"):
         generate_pairs(ids, 3000, n_folds=10)
+
+
+def test_a_small_set_gets_fewer_folds_and_pairs_with_a_note_for_each():
+    """8 people x 4 images: 4 folds at most; each fold (2 people) has 2 x 6 matched and
+    16 mismatched pairs, so 3000 pairs become 4 folds x 12 x 2 = 96."""
+    ids = {f"p{i}": [f"{c}.jpg" for c in "abcd"] for i in range(8)}
+    n, k, notes = pr.fit_request(ids, 3000, 10, seed=0)
+    assert (n, k) == (96, 4)
+    assert notes[0].startswith("--folds 10 lowered to 4") and notes[1].startswith("--gen-pairs 3000 lowered to 96")
+    ps = pr.generate_pairs(ids, n, k, seed=0)
+    assert (ps.n_folds, ps.per_fold, len(set(ps.pairs()))) == (4, 12, 96)
+    assert pr.fit_request(ids, 40, 2, seed=0) == (40, 2, [])         # a request the set meets is kept
+
+
+def test_fewer_than_two_folds_possible_names_folds_1():
+    ids = {"a": ["1.jpg", "2.jpg"], "b": ["1.jpg"], "c": ["1.jpg"]}
+    with pytest.raises(ValueError, match="--folds 1"):
+        pr.fit_request(ids, 40, 10)
+    assert pr.fit_request(ids, 2, 1)[:2] == (2, 1)

@@ -112,3 +112,43 @@ def test_a_rerun_replaces_its_own_output(tmp_path, capsys):
     out = tmp_path / "t.dat"
     assert cli.main(["unfreeze", "-o", str(out), "--quiet"]) == 0
     assert cli.main(["unfreeze", "-o", str(out), "--quiet"]) == 0
+
+
+# ---- a write that fails part-way (full disk, read-only file system, no permission) ----------
+
+@pytest.mark.parametrize("err", [28, 30, 13])           # ENOSPC, EROFS, EACCES
+def test_a_write_failing_part_way_names_the_users_path_and_leaves_nothing(err, tmp_path, monkeypatch):
+    from dlibbridge import _io
+    real = os.fsync
+
+    def failing_fsync(fd):
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(_io.WriteError) as e:
+        _io.write_atomic(tmp_path / "out.dat", b"x" * 1000)
+    assert str(e.value) == f"cannot write {tmp_path / 'out.dat'}: {os.strerror(err)}"
+    assert e.value.errno == err
+    with pytest.raises(_io.WriteError, match=f"cannot write {tmp_path / 'v.dat'}: "):
+        _io.replace_verified(tmp_path / "v.dat", b"x", lambda p: None)
+    monkeypatch.setattr(os, "fsync", real)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_into_a_read_only_folder_names_the_users_path(readonly_dir):
+    from dlibbridge import _io
+    with pytest.raises(_io.WriteError) as e:
+        _io.write_atomic(readonly_dir / "out.dat", b"x")
+    assert str(e.value).startswith(f"cannot write {readonly_dir / 'out.dat'}: ") and ".tmp-" not in str(e.value)
+
+
+def test_a_command_whose_write_fails_part_way_says_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """The up-front checks passed, then the disk filled while unfreeze wrote its output."""
+    def failing_fsync(fd):
+        raise OSError(28, os.strerror(28))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    out = tmp_path / "t.dat"
+    assert cli.main(["unfreeze", "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _one_line_naming(err, out)
+    assert err == f"dlibbridge unfreeze: cannot write {out}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == []

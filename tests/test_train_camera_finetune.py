@@ -71,3 +71,15 @@ def test_camera_finetune_refusals(tmp_path, johns_dir, camera_json, capsys):
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r3"), "--select-metric", "camera:tar@far"]) == 2
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
                      "--freeze-until", "none"]) == 2
+
+
+def test_a_small_set_lowers_the_recipes_identities_per_batch(capsys):
+    """8 people cannot fill the recipe's 16 per batch with 2 held out: 6, said; 30 people keep 16."""
+    from types import SimpleNamespace
+    from dlibbridge.train.camera_finetune import _fit_identities_per_batch
+    from dlibbridge.train.config import FinetuneConfig
+    cfg = FinetuneConfig.for_camera("data", "run", "camera.json")
+    small = _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(8), 5)))
+    assert small.identities_per_batch == 6
+    assert "note: -P lowered from 16 to 6" in capsys.readouterr().err
+    assert _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(30), 5))) is cfg

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .._dlib import face_descriptors
+from ..assets import resolve_model
 from .._io import replace_verified
 from .._writable import check_output_file
 from . import tree as fmt
@@ -107,6 +108,7 @@ def _check_chips(calibration: np.ndarray | None, n: int = 4) -> np.ndarray:
 
 
 def _check_paths(src: Path, out: Path) -> None:
+    resolve_model(src)                  # a directory: the message every command gives
     if not src.is_file():
         raise BatchNormError(f"{src}: no such file")
     if out.exists() and os.path.samefile(src, out) or out.resolve() == src.resolve():

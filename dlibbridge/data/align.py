@@ -333,16 +333,21 @@ def default_jobs() -> int:
 def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
           settings: AlignSettings | None = None, *, jobs: int | None = None, redo: bool = False,
           progress: bool = True, on_photo: Callable[[str], None] | None = None,
-          cnn_factory: Callable | None = None) -> dict:
+          cnn_factory: Callable | None = None, only: Iterable[str] | None = None) -> dict:
     """Align every photo under ``raw_dir`` into ``out_dir``; returns the summary (also saved
     as ``summary.json``).  ``jobs`` processes (default: all cores).  ``redo`` ignores what an
     earlier run in ``out_dir`` did.  ``on_photo(rel)`` is called in this process after each
-    photo is recorded (an exception from it stops the run cleanly, resumable)."""
+    photo is recorded (an exception from it stops the run cleanly, resumable).  ``only``: the
+    photos (paths relative to ``raw_dir``) to align, the others left alone and out of the
+    manifest (evaluation aligns what its pairs name, not a whole data set)."""
     started = time.time()
     settings = settings or AlignSettings()
     raw, out = Path(raw_dir), Path(out_dir)
     _check_folders(raw, out)
     sources = list_sources(raw)
+    if only is not None:
+        wanted = set(only)
+        sources = [s for s in sources if s.rel in wanted]
     layout = "identities" if any(s.identity for s in sources) else "flat"
     policy = settings.multi or ("largest" if layout == "identities" else "all")
     resolved = dataclasses.replace(settings, multi=policy)

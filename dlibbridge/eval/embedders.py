@@ -6,6 +6,7 @@ or TorchScript file, optionally ``name=path``); :func:`make_embedder` opens it, 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -170,6 +171,28 @@ class ModelSpec:
             raise ValueError(f"the dlib engine runs dlib .dat files, not {path.name}")
         stem = path.name.rsplit(".", 1)[0]
         return ModelSpec(path, engine, f"{stem} [{engine}]")
+
+
+def label_models(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """Labels that tell the models apart in tables, plots and report folders: a label that
+    two models share (``run/model.dat`` and ``cam/model.dat`` are both "model [torch]") becomes
+    the shortest end of their paths that differs (``run/model.dat [torch]``).  The same file
+    twice on the same engine cannot be told apart and is refused."""
+    out = list(specs)
+    for name in {s.name for s in specs}:
+        group = [i for i, s in enumerate(specs) if s.name == name]
+        if len(group) < 2:
+            continue
+        parts = [specs[i].path.resolve().parts for i in group]
+        for k in range(1, max(map(len, parts)) + 1):
+            tails = ["/".join(p[-k:]) for p in parts]
+            if len(set(tails)) == len(tails):
+                break
+        else:
+            raise ValueError(f"{specs[group[0]].path} is given twice for the {specs[group[0]].engine} engine")
+        for i, tail in zip(group, tails):
+            out[i] = dataclasses.replace(specs[i], name=f"{tail} [{specs[i].engine}]")
+    return out
 
 
 def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: str = "cpu",

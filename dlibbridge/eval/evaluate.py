@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,8 +24,9 @@ import numpy as np
 from .._io import sha256_file, write_atomic, write_json
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
 from ..data.images import CHIP_SIZE
-from .embedders import EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, make_embedder
-from .pairs import PairSet, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
+from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
+                        make_embedder)
+from .pairs import PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -37,8 +39,8 @@ class ChipSource:
     Files that are already 150x150 are taken as chips (an aligned data set such as
     ``dlibbridge align``'s output or dlib's johns).  Anything else goes through the
     alignment pipeline, :func:`dlibbridge.data.align.align` — dlib's detector, 5-point landmarks
-    and ``get_face_chip`` — run once over the whole data folder (all cores, resumable) the
-    first time a chip is needed, its chips kept in ``chips_dir`` for later runs and models.
+    and ``get_face_chip`` — run once over the photos the evaluation needs (all cores,
+    resumable), its chips kept in ``chips_dir`` for later runs and models.
 
     Status strings: ``chip``, ``detected``, ``fallback`` (no face found; the central box
     of ``--fallback center``, meant for pre-cropped sets like LFW) or ``failed:<reason>``.
@@ -80,14 +82,16 @@ class ChipSource:
         except Exception:                  # unreadable: the alignment pipeline reports why
             return False
 
-    def _align_all(self) -> dict[str, tuple[str, str]]:
+    def _align(self, paths: Sequence[Path]) -> dict[str, tuple[str, str]]:
+        """Align ``paths`` (only those: a pairs file may name a fraction of the folder)."""
         from ..data.align import align, read_manifest
         if self.chips_dir is None:
             import tempfile
             self._tmp = tempfile.TemporaryDirectory(prefix="dlibbridge-chips-")
             self.chips_dir = Path(self._tmp.name)
         self.chips_dir.mkdir(parents=True, exist_ok=True)
-        align(self.data_root, self.chips_dir, self.settings, jobs=self.jobs, progress=self.progress)
+        align(self.data_root, self.chips_dir, self.settings, jobs=self.jobs, progress=self.progress,
+              only={Path(p).relative_to(self.data_root).as_posix() for p in paths})
         first: dict[str, dict] = {}       # one chip per photo under the center/largest policies
         for r in read_manifest(self.chips_dir / "manifest.csv"):
             first.setdefault(r["source"], r)
@@ -101,10 +105,12 @@ class ChipSource:
         return {src: outcome(r) for src, r in first.items()}
 
     def prepare(self, paths: Sequence[Path]) -> None:
-        """Run the alignment now if any of ``paths`` needs it (so its progress bar is not
+        """Align those of ``paths`` that need it now, in one run (so its progress bar is not
         nested inside the caller's)."""
-        if self._aligned is None and not all(self._is_chip_sized(Path(p)) for p in paths):
-            self._aligned = self._align_all()
+        todo = [p for p in paths if not self._is_chip_sized(Path(p))
+                and Path(p).relative_to(self.data_root).as_posix() not in (self._aligned or {})]
+        if todo:
+            self._aligned = {**(self._aligned or {}), **self._align(todo)}
 
     def __call__(self, path: Path) -> tuple[np.ndarray | None, str]:
         from ..data.images import ImageReadError, read_image
@@ -114,8 +120,7 @@ class ChipSource:
                 return read_image(path).rgb, "chip"
             except ImageReadError as e:
                 return None, f"failed:{e.reason}"
-        if self._aligned is None:
-            self._aligned = self._align_all()
+        self.prepare([path])
         rel = path.relative_to(self.data_root).as_posix()
         chip_rel, status = self._aligned.get(rel, ("", "failed:not_aligned"))
         if not chip_rel:
@@ -164,8 +169,11 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
         if cfg.pairs is None:
             raise ValueError("give --pairs FILE (LFW pairs.txt format) or --gen-pairs N")
         return read_pairs(cfg.pairs), cfg.pairs
-    ps = generate_pairs(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
-    out = cfg.pairs or results_path(cfg).with_name(f"pairs-{cfg.gen_pairs}-seed{cfg.seed}.txt")
+    n_pairs, n_folds, notes = fit_request(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    ps = generate_pairs(identities, n_pairs, n_folds, cfg.seed)
+    out = cfg.pairs or results_path(cfg).with_name(f"pairs-{n_pairs}-seed{cfg.seed}.txt")
     text = format_pairs(ps)
     if out.exists():
         if out.read_text(encoding="utf-8", errors="replace") != text:
@@ -285,15 +293,17 @@ def run(cfg: EvalConfig) -> Evaluation:
     from .. import __version__
     if not cfg.models:
         raise ValueError("no model to evaluate")
+    models = label_models(cfg.models)
     identities = scan_identities(cfg.data)
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
-    images = {p for ab in pair_paths for p in ab}
-    if cfg.identification:
-        images |= {Path(cfg.data) / n / f for n, files in identities.items() for f in files}
-    images = sorted(images)
+    images = sorted({p for ab in pair_paths for p in ab})   # identification too works on these
     index = {p: i for i, p in enumerate(images)}
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in cfg.models]
+    in_folder = sum(len(files) for files in identities.values())
+    if in_folder > len(images):
+        print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
+              "not aligned or embedded", file=sys.stderr)
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
                                  multi=cfg.multi, fallback=cfg.fallback, jobs=cfg.jobs, progress=cfg.progress)
     embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
@@ -305,10 +315,8 @@ def run(cfg: EvalConfig) -> Evaluation:
     folds = ps.fold_ids()
     ident = None
     if cfg.identification:
-        rows = np.array([index[Path(cfg.data) / n / f] for n, files in identities.items() for f in files], np.int64)
-        labels = np.array([n for n, files in identities.items() for _ in files])
-        ident = (rows, labels)
-    outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(cfg.models, embs)]
+        ident = (np.arange(len(images), dtype=np.int64), np.array([p.parent.name for p in images]))
+    outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(models, embs)]
 
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -317,11 +325,11 @@ def run(cfg: EvalConfig) -> Evaluation:
         "data": str(cfg.data),
         "pairs": {"file": None if pairs_file is None else str(pairs_file), "n_folds": ps.n_folds,
                   "per_fold": ps.per_fold, "n_pairs": len(pair_paths),
-                  "generated": None if cfg.gen_pairs is None else {"n": cfg.gen_pairs, "seed": cfg.seed}},
+                  "generated": None if cfg.gen_pairs is None else {"n": len(pair_paths), "seed": cfg.seed}},
         "options": {"flip": cfg.flip, "jitter": cfg.jitter, "detector": cfg.detector, "upsample": cfg.upsample,
                     "multi": cfg.multi, "fallback": cfg.fallback, "threshold_fixed": DLIB_THRESHOLD,
                     "far_targets": [far_key(f) for f in FAR_TARGETS]},
-        "images": _status_counts(status),
+        "images": {**_status_counts(status), "not_in_pairs": in_folder - len(images)},
         "models": [o.metrics for o in outcomes],
     }
     out = results_path(cfg)

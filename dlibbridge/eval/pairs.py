@@ -231,8 +231,8 @@ def _sample_matched(ids: list[str], identities, n: int, rng) -> list[Pair]:
     people with many photos do not dominate (they would, quadratically, under uniform
     sampling of all pairs)."""
     avail = {i: len(identities[i]) * (len(identities[i]) - 1) // 2 for i in ids if len(identities[i]) >= 2}
-    if sum(avail.values()) < n:
-        raise ValueError(f"only {sum(avail.values())} distinct matched pairs exist in this fold, need {n}")
+    if _matched_available(ids, identities) < n:
+        raise ValueError(f"only {_matched_available(ids, identities)} distinct matched pairs exist in this fold, need {n}")
     used: set = set()
     out = []
     while len(out) < n:
@@ -250,8 +250,7 @@ def _sample_matched(ids: list[str], identities, n: int, rng) -> list[Pair]:
 
 def _sample_mismatched(ids: list[str], identities, n: int, rng) -> list[Pair]:
     """n distinct different-person pairs: two random people, one random image each."""
-    total = sum(len(identities[i]) for i in ids)
-    possible = (total * total - sum(len(identities[i]) ** 2 for i in ids)) // 2
+    possible = _mismatched_available(ids, identities)
     if possible < n:
         raise ValueError(f"only {possible} distinct mismatched pairs exist in this fold, need {n}")
     used: set = set()
@@ -268,15 +267,62 @@ def _sample_mismatched(ids: list[str], identities, n: int, rng) -> list[Pair]:
     return out
 
 
-def generate_pairs(identities: dict[str, list[str]], n_pairs: int, n_folds: int = 10, seed: int = 0) -> PairSet:
-    """Balanced, seeded, fold-structured pairs from identity folders, LFW View 2 style:
-    ``n_pairs / (2 * n_folds)`` matched and as many mismatched pairs per fold, folds
-    identity-disjoint.  Same inputs and seed give the same file."""
+def _matched_available(ids: list[str], identities) -> int:
+    return sum(len(identities[i]) * (len(identities[i]) - 1) // 2 for i in ids)
+
+
+def _mismatched_available(ids: list[str], identities) -> int:
+    total = sum(len(identities[i]) for i in ids)
+    return (total * total - sum(len(identities[i]) ** 2 for i in ids)) // 2
+
+
+def _check_request(n_pairs: int, n_folds: int) -> None:
     if n_folds < 1:
         raise ValueError("n_folds must be >= 1")
     if n_pairs <= 0 or n_pairs % (2 * n_folds):
         raise ValueError(f"--gen-pairs {n_pairs}: must be a positive multiple of {2 * n_folds} "
                          f"(equal matched and mismatched pairs in each of {n_folds} folds)")
+
+
+def fit_request(identities: dict[str, list[str]], n_pairs: int, n_folds: int = 10,
+                seed: int = 0) -> tuple[int, int, list[str]]:
+    """The largest ``(n_pairs, n_folds)`` within the request that these identities can supply,
+    and a line for each thing lowered: a small photo set should get an evaluation it can
+    support (said so), not a refusal of the LFW defaults.  Fewer than the 4 identities (2 with
+    2+ images) two identity-disjoint folds need is refused, naming ``--folds``; ``--folds 1``
+    is then the user's explicit choice.  :func:`generate_pairs` with the result gives the pairs."""
+    _check_request(n_pairs, n_folds)
+    eligible = [n for n, f in identities.items() if len(f) >= 2]
+    notes = []
+    if n_folds >= 2 and (len(identities) < 2 * n_folds or len(eligible) < n_folds):
+        most = min(len(identities) // 2, len(eligible))
+        if most < 2:
+            raise ValueError(
+                f"{len(identities)} identities ({len(eligible)} with >= 2 images) are too few for 2 "
+                "identity-disjoint folds (need >= 4 identities, >= 2 with 2+ images); --folds 1 evaluates on one "
+                "set of pairs, without k-fold accuracy")
+        notes.append(f"--folds {n_folds} lowered to {most}: {len(identities)} identities ({len(eligible)} with "
+                     f">= 2 images) allow at most {most} identity-disjoint folds")
+        n_folds = most
+    folds = _split_identities(identities, n_folds, np.random.default_rng(seed))   # generate_pairs' split
+    capacity = min(min(_matched_available(ids, identities), _mismatched_available(ids, identities)) for ids in folds)
+    per = min(n_pairs // (2 * n_folds), capacity)
+    if per < 1:
+        raise ValueError(f"--gen-pairs {n_pairs}: too few for {n_folds} folds of matched and mismatched pairs "
+                         f"(at least {2 * n_folds})" if capacity else
+                         "these identities give a fold without a matched or a mismatched pair; use fewer --folds")
+    if 2 * n_folds * per != n_pairs:
+        why = (f"the smallest of the {n_folds} folds has {capacity} distinct matched or mismatched pairs"
+               if per == capacity else f"a multiple of {2 * n_folds} (as many matched as mismatched pairs per fold)")
+        notes.append(f"--gen-pairs {n_pairs} lowered to {2 * n_folds * per}: {why}")
+    return 2 * n_folds * per, n_folds, notes
+
+
+def generate_pairs(identities: dict[str, list[str]], n_pairs: int, n_folds: int = 10, seed: int = 0) -> PairSet:
+    """Balanced, seeded, fold-structured pairs from identity folders, LFW View 2 style:
+    ``n_pairs / (2 * n_folds)`` matched and as many mismatched pairs per fold, folds
+    identity-disjoint.  Same inputs and seed give the same file."""
+    _check_request(n_pairs, n_folds)
     for name in identities:
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"identity folder {name!r}: names with whitespace cannot go in a pairs file")

@@ -8,24 +8,91 @@
   distances with dlib's 0.6 and the model's best threshold;
 * ``errors/<model>/false_accept_NN.png`` / ``false_reject_NN.png`` — the worst mistakes
   under the k-fold protocol as side-by-side aligned chips (what the network saw);
-* ``report.md`` and ``report.html`` — the table and all of the above.
+* ``report.md`` and ``report.html`` — the table and all of the above;
+* ``.dlibbridge-report.json`` — every file above with its sha256: a rerun into the same folder
+  deletes or replaces only files listed there with unchanged content (a previous run's mistakes
+  would otherwise be mistaken for this one's), and refuses to touch anything else.
 
 Plots use matplotlib's Agg backend (no display needed); every file is written atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from .evaluate import Evaluation, ModelOutcome, format_table
-from .._io import png_bytes, write_atomic
+from .._io import json_bytes, png_bytes, write_atomic
+from ..errors import DlibbridgeError
 from .metrics import DLIB_THRESHOLD, FAR_TARGETS, far_key, roc_curve
 
 WORST_ERRORS = 6
+MANIFEST = ".dlibbridge-report.json"
+_PAGES = ("roc.png", "distances.png", "report.md", "report.html")
+_ERROR_GLOBS = ("errors/*/false_accept_*.png", "errors/*/false_reject_*.png")
+
+
+class ReportError(DlibbridgeError, ValueError):
+    """A report folder holding files this report would replace that it did not write."""
+
+
+class _Owned:
+    """The report's own files in ``out`` (relative path -> sha256, from its manifest), kept
+    current after every file written, so an interrupted report still knows what it made."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.files: dict[str, str] = {}
+        try:
+            self.files = dict(json.loads((out / MANIFEST).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                              # no manifest (or not ours): nothing here is ours
+
+    def owns(self, rel: str) -> bool:
+        return rel in self.files and (self.out / rel).is_file() and hashlib.sha256(
+            (self.out / rel).read_bytes()).hexdigest() == self.files[rel]
+
+    def foreign(self) -> list[str]:
+        """Existing files at the names a report writes that are not verifiably ours."""
+        names = [n for n in _PAGES if (self.out / n).exists()]
+        names += sorted(p.relative_to(self.out).as_posix() for g in _ERROR_GLOBS for p in self.out.glob(g))
+        return [n for n in names if not self.owns(n)]
+
+    def write(self, rel: str, data: bytes) -> None:
+        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out / rel, data)
+        self.files[rel] = hashlib.sha256(data).hexdigest()
+        self._save()
+
+    def remove_old_errors(self) -> None:
+        for rel in [r for r in self.files if r.startswith("errors/")]:
+            if self.owns(rel):
+                (self.out / rel).unlink()
+            del self.files[rel]
+        self._save()
+
+    def _save(self) -> None:
+        write_atomic(self.out / MANIFEST, json_bytes({"written_by": "dlibbridge evaluate --report",
+                                                      "files": self.files}))
+
+
+def check_report_dir(out_dir: str | Path) -> None:
+    """Refuse, before any work, a report folder where this report would replace or delete
+    files it cannot verify it wrote (a photo called roc.png, an older report's files edited
+    since, or a report without its manifest)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    foreign = _Owned(out).foreign()
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ReportError(f"--report {out}: {out / foreign[0]}{more} exists and was not written by this report "
+                          "(or has changed since); refusing to replace it: move it or choose another --report")
 
 
 def _pyplot():
@@ -35,18 +102,18 @@ def _pyplot():
     return plt
 
 
-def _save_fig(fig, path: Path) -> None:
+def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
-def plot_roc(outcomes: list[ModelOutcome], path: Path) -> None:
+def plot_roc(outcomes: list[ModelOutcome]) -> bytes:
     """All models' ROC on one log-FAR axis.  FAR = 0 cannot sit on a log axis: those
     points are drawn at the left edge, which lies below the finest FAR the pairs resolve."""
     plt = _pyplot()
@@ -67,10 +134,10 @@ def plot_roc(outcomes: list[ModelOutcome], path: Path) -> None:
     ax.set_title("ROC")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    _save_fig(fig, path)
+    return _fig_png(fig)
 
 
-def plot_distances(outcomes: list[ModelOutcome], path: Path) -> None:
+def plot_distances(outcomes: list[ModelOutcome]) -> bytes:
     """Same/different distance histograms per model: how far apart the two populations
     are, and where the thresholds cut."""
     plt = _pyplot()
@@ -88,7 +155,7 @@ def plot_distances(outcomes: list[ModelOutcome], path: Path) -> None:
         ax.set_ylabel("pairs")
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("Euclidean distance between descriptors")
-    _save_fig(fig, path)
+    return _fig_png(fig)
 
 
 def worst_errors(o: ModelOutcome, k: int = WORST_ERRORS) -> tuple[list[int], list[int]]:
@@ -126,9 +193,12 @@ def _describe(p: Path, ev: Evaluation, root: Path) -> str:
 def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> Path:
     """Write the report files into ``out_dir`` and return the path of report.html."""
     out = Path(out_dir)
+    check_report_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_roc(ev.outcomes, out / "roc.png")
-    plot_distances(ev.outcomes, out / "distances.png")
+    owned = _Owned(out)
+    owned.remove_old_errors()          # a previous run's mistakes would be mistaken for this one's
+    owned.write("roc.png", plot_roc(ev.outcomes))
+    owned.write("distances.png", plot_distances(ev.outcomes))
     data_root = Path(ev.results["data"])
     chips: dict[Path, np.ndarray | None] = {}
 
@@ -137,13 +207,12 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
             chips[p] = ev.loader(p)[0]
         return chips[p]
 
+    worst = [worst_errors(o, k) for o in ev.outcomes]
+    # chips of the shown pairs, aligned in one run if their descriptors came from the cache
+    ev.loader.prepare(sorted({p for o, (fa, fr) in zip(ev.outcomes, worst) for i in fa + fr for p in o.pair_paths[i]}))
     sections = []   # (model name, [(kind, png rel path, caption)])
-    for o in ev.outcomes:
-        d = out / "errors" / slug(o.spec.name)
-        d.mkdir(parents=True, exist_ok=True)
-        for old in list(d.glob("false_accept_*.png")) + list(d.glob("false_reject_*.png")):
-            old.unlink()               # a previous run's mistakes would be mistaken for this one's
-        fa, fr = worst_errors(o, k)
+    for o, (fa, fr) in zip(ev.outcomes, worst):
+        d = f"errors/{slug(o.spec.name)}"
         items = []
         for kind, idx in (("false_accept", fa), ("false_reject", fr)):
             for n, i in enumerate(idx, 1):
@@ -151,17 +220,16 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
                 ca, cb = chip(a), chip(b)
                 if ca is None or cb is None:
                     continue
-                f = d / f"{kind}_{n:02d}.png"
-                write_atomic(f, pair_image(ca, cb))
-                items.append((kind, str(f.relative_to(out)),
+                f = f"{d}/{kind}_{n:02d}.png"
+                owned.write(f, pair_image(ca, cb))
+                items.append((kind, f,
                               f"d = {o.dist[i]:.4f} — {_describe(a, ev, data_root)} vs {_describe(b, ev, data_root)}"))
         sections.append((o.spec.name, items))
 
     table = format_table(ev.results)
-    write_atomic(out / "report.md", _markdown(ev, table, sections).encode("utf-8"))
-    html_path = out / "report.html"
-    write_atomic(html_path, _html(ev, table, sections).encode("utf-8"))
-    return html_path
+    owned.write("report.md", _markdown(ev, table, sections).encode("utf-8"))
+    owned.write("report.html", _html(ev, table, sections).encode("utf-8"))
+    return out / "report.html"
 
 
 def _summary_lines(ev: Evaluation) -> list[str]:
@@ -173,7 +241,8 @@ def _summary_lines(ev: Evaluation) -> list[str]:
             f"Pairs: `{p['file']}` — {p['n_pairs']} pairs, {p['n_folds']} fold(s) of {p['per_fold']} matched + "
             f"{p['per_fold']} mismatched{gen}",
             f"Images: {img['total']} ({img['chip']} already chips, {img['detected']} detected and aligned, "
-            f"{img['fallback']} central-box fallback, {img['failed']} failed)",
+            f"{img['fallback']} central-box fallback, {img['failed']} failed)"
+            + (f"; {img['not_in_pairs']} images of the folder in no pair, not processed" if img.get("not_in_pairs") else ""),
             f"Options: flip={r['options']['flip']}, jitter={r['options']['jitter']}, "
             f"detector={r['options']['detector']}, upsample={r['options']['upsample']}",
             f"Created {r['created']} by dlibbridge {r['dlibbridge_version']}; numbers in `{ev.results_file.name}`."]

@@ -25,6 +25,8 @@ The run (all in RUN_DIR, resumable with ``--resume``):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +57,21 @@ def _degraded(chips: np.ndarray, degrade, seed: int, salt: int) -> np.ndarray:
     return np.stack([degrade(np.ascontiguousarray(c), np.random.default_rng((seed, salt, i))) for i, c in enumerate(chips)])
 
 
+def _fit_identities_per_batch(cfg: FinetuneConfig, store) -> FinetuneConfig:
+    """The recipe's 16 identities per batch need 18 people (two held out for validation); a
+    small photo set would be refused outright.  Lower -P to what its identities allow, two held
+    out, and say so (config.json records the -P used, so a resume keeps it)."""
+    labels = np.asarray(store.labels)
+    _, counts = np.unique(labels[labels >= 0], return_counts=True)
+    usable = int((counts >= 2).sum())
+    p = cfg.identities_per_batch
+    if usable >= p + 2 or usable - 2 < 2:
+        return cfg
+    print(f"note: -P lowered from {p} to {usable - 2}: the data has {usable} identities with 2+ images "
+          "and 2 are held out for validation", file=sys.stderr)
+    return dataclasses.replace(cfg, identities_per_batch=usable - 2)
+
+
 class _CameraJob:
     def __init__(self, cfg: FinetuneConfig, resume: bool):
         from ..data import camera as camera_mod
@@ -69,6 +86,7 @@ class _CameraJob:
             raise FinetuneError(f"--camera: {e}") from None
         self.degrade = self.profile.degradations()
         self.store = open_data(cfg.data, self.run_dir, cfg.progress)
+        self.cfg = cfg = _fit_identities_per_batch(cfg, self.store)
         self.split = split_identities(self.store, cfg, 1)
         labels = np.asarray(self.store.labels)
         self.train_labels = np.array([self.split.train_classes[int(l)] for l in labels[self.split.train_rows]])

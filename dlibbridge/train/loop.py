@@ -76,9 +76,7 @@ def load_base_model(spec: str | None) -> nn.Module:
     or trainable bn_con) or a torch checkpoint (``model.pt``).  None = dlib's own model."""
     from .. import assets
     from ..port.checkpoint import load_model
-    path = assets.resolve_model(spec)
-    if path.is_dir():
-        raise FinetuneError(f"--base {path} is a directory, not a model file")
+    path = assets.resolve_model(spec, "--base")
     if not path.is_file():
         raise FinetuneError(f"--base {path} does not exist")
     return load_model(path, trainable=True)
