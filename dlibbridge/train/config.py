@@ -138,7 +138,10 @@ class FinetuneConfig:
         domain, _, metric = self.select_metric.rpartition(":")
         return (domain or ("camera" if self.camera else None)), metric
 
-    def resolved(self, has_head: bool, cuda: bool) -> "FinetuneConfig":
+    def resolved(self, has_head: bool, cuda: bool, total_steps: int | None = None) -> "FinetuneConfig":
+        """A copy with every ``None`` default filled in from the run's facts (a classifier
+        head, CUDA, the number of steps: the warmup stays unset without it), validated: the
+        one place a config is completed."""
         c = dataclasses.replace(self)
         if c.lr is None:
             # Measured on dlib's model (batch-norm frozen = no scale invariance, so the net is
@@ -158,6 +161,9 @@ class FinetuneConfig:
             # On CPU the ~1 ms of augmentation per image is noise next to a ~100 ms training
             # forward/backward per image; on a GPU it is the bottleneck, so it gets processes.
             c.workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
+        if c.warmup_steps is None and total_steps is not None:
+            c.warmup_steps = min(500, int(0.05 * total_steps))
+        c.validate()
         return c
 
     def validate(self) -> None:
