@@ -507,7 +507,14 @@ def load_checkpoint(job: Job, saved: dict) -> dict:
     if any(saved["config"].get(k) != v for k, v in now.items() if k not in RESUME_OVERRIDABLE):
         raise FinetuneError("checkpoint.pt was written with a different config than config.json")
     for k in _MODULE_STATES:
-        getattr(job, k).load_state_dict(saved[k])
+        if k in saved:
+            getattr(job, k).load_state_dict(saved[k])
+    if "scheduler" not in saved:
+        # Written before the schedule was a LambdaLR (it saved the optimiser's lr only): the
+        # schedule is a function of the step, so put it at the saved one.
+        job.scheduler.last_epoch = saved["step"]
+        for g, base in zip(job.optimizer.param_groups, job.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(saved["step"], job.total_steps, job.cfg)
     return {k: saved[k] for k in new_state()}
 
 
