@@ -87,12 +87,9 @@ def linked_store(chips_dir: Path, people: dict[str, list[str]], work: Path, name
     return pack(links, store, progress=False)
 
 
-@torch.no_grad()
-def embed(model, chips: np.ndarray, device: str, batch: int = 64) -> np.ndarray:
-    model.eval().to(device)
-    out = [model(torch.from_numpy(np.array(chips[i:i + batch])).to(device)).float().cpu().numpy()
-           for i in range(0, len(chips), batch)]
-    return np.concatenate(out)
+def embed(model, chips: np.ndarray, device: str) -> np.ndarray:
+    from dlibbridge.port.infer import embed_chips
+    return embed_chips(model.to(device), chips, device)
 
 
 def metrics(emb: np.ndarray, labels: np.ndarray, names: list[str], pairset, row_of: dict) -> dict:

@@ -56,24 +56,22 @@ def _norm_entries(model: Model, kind: str):
 def unfreeze(model: Model) -> Conversion:
     """Rewrite every affine record of ``model`` (in place) as its trainable bn record, §6.7's
     exact form.  :func:`dlibbridge.port.calibrate.unfreeze` also re-seeds the statistics."""
-    converted = []
-    for e in _norm_entries(model, "affine"):
-        e.node.details = affine_to_bn(e.details, e.path)
-        converted.append(e.path)
-    if not converted:
-        raise BatchNormError("no affine_ records to unfreeze (already trainable?)")
-    return Conversion(model, converted)
+    return _rewrite_norms(model, "affine", affine_to_bn, "no affine_ records to unfreeze (already trainable?)")
 
 
 def freeze(model: Model) -> Conversion:
     """Rewrite every ``bn_con2``/``bn_fc2`` record of ``model`` (in place) as ``affine_``,
     exactly as dlib converts them when an affine-typed network loads a bn file."""
+    return _rewrite_norms(model, "bn", bn_to_affine, "no bn_con2/bn_fc2 records to freeze (already deployed?)")
+
+
+def _rewrite_norms(model: Model, kind: str, convert, nothing: str) -> Conversion:
     converted = []
-    for e in _norm_entries(model, "bn"):
-        e.node.details = bn_to_affine(e.details, e.path)
+    for e in _norm_entries(model, kind):
+        e.node.details = convert(e.details, e.path)
         converted.append(e.path)
     if not converted:
-        raise BatchNormError("no bn_con2/bn_fc2 records to freeze (already deployed?)")
+        raise BatchNormError(nothing)
     return Conversion(model, converted)
 
 

@@ -52,6 +52,7 @@ from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
+from ..options import option
 
 __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
@@ -102,12 +103,18 @@ RETRY_REASONS = frozenset({"unreadable", "processing_failed"})
 class AlignSettings:
     """Everything that changes the chips.  A resumed run must use the same settings."""
 
-    detector: str = "hog"
-    upsample: int = 1
-    multi: str | None = None       # None: 'largest' for identity folders, 'all' for a flat one
-    fallback: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decoder: str = "dlib"
+    detector: str = option("hog", "dlib's HOG detector (default) or its CNN mmod_human_face_detector, run by "
+                           "dlibbridge's torch port (the same rectangles as dlib's, batched, faster)", choices=DETECTORS)
+    upsample: int = option(1, "upsample the image N times before detecting (default 1, as dlib's examples)", metavar="N")
+    multi: str | None = option(None, "several faces in a photo: keep the largest, the most central, all, or skip the "
+                               "photo (default: largest with identity folders, all in a flat folder)",
+                               choices=MULTI_POLICIES)
+    fallback: str | None = option(None, "no face found: take a central box (for pre-cropped sets such as LFW)",
+                                  choices=FALLBACKS)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "decompression-bomb guard: refuse images with more pixels",
+                             metavar="N")
+    decoder: str = option("dlib", "JPEG decoder (default dlib's, for chips identical to dlib's pipeline)",
+                          choices=DECODERS)
 
     def __post_init__(self):
         if self.detector not in DETECTORS:

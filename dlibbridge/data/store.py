@@ -327,6 +327,11 @@ class ChipDataset:
     are reproducible and resumable.  Call :meth:`set_epoch` before iterating each epoch (with
     the default non-persistent DataLoader workers, which copy the dataset per epoch).
 
+    An item may also be an ``(i, key)`` pair: its generator is then seeded by (``seed``,
+    ``*key``) instead.  Fine-tuning passes (epoch, batch, position in the *global* batch), so a
+    sample's augmentation is the same whatever the number of processes sharing the batch.
+    ``targets`` replaces the labels returned (one per item: e.g. training class numbers).
+
     ``__getitems__`` makes a ``DataLoader`` fetch a whole batch with one gather from the
     memory map instead of one read per item.  Pass ``collate_fn=ChipDataset.collate``: the
     default collate works too, but its ``torch.stack`` runs on torch's intra-op threads, which
@@ -335,12 +340,15 @@ class ChipDataset:
 
     def __init__(self, store: ChipStore | str | os.PathLike, indices: Iterable[int] | None = None,
                  transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, targets: Sequence[int] | np.ndarray | None = None):
         self.store = store if isinstance(store, ChipStore) else ChipStore(store)
         self.indices = (np.arange(len(self.store)) if indices is None
                         else np.asarray(list(indices), dtype=np.int64))
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.store)):
             raise IndexError(f"indices outside the store's {len(self.store)} chips")
+        if targets is not None and len(targets) != len(self.indices):
+            raise ValueError(f"{len(targets)} targets for {len(self.indices)} items")
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -351,7 +359,7 @@ class ChipDataset:
     @property
     def labels(self) -> np.ndarray:
         """Labels of this dataset's items, in item order (what :class:`PKBatchSampler` needs)."""
-        return self.store.labels[self.indices]
+        return self.store.labels[self.indices] if self.targets is None else self.targets
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -362,12 +370,17 @@ class ChipDataset:
     def __getitems__(self, items: Sequence[int]) -> list:
         import torch
 
-        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        keyed = len(items) > 0 and isinstance(items[0], tuple)
+        positions = np.asarray([it[0] for it in items] if keyed else items, dtype=np.int64)
+        rows = self.indices[positions]
         chips, labels = self.store.batch(rows)
+        if self.targets is not None:
+            labels = self.targets[positions]
+        keys = [it[1] for it in items] if keyed else [(self.epoch, row) for row in rows.tolist()]
         out = []
-        for row, chip, label in zip(rows.tolist(), chips, labels.tolist()):
+        for key, chip, label in zip(keys, chips, labels.tolist()):
             if self.transform is not None:
-                chip = self.transform(np.array(chip), np.random.default_rng([self.seed, self.epoch, row]))
+                chip = self.transform(np.array(chip), np.random.default_rng([self.seed, *key]))
             out.append((torch.from_numpy(np.ascontiguousarray(chip.transpose(2, 0, 1))), label))
         return out
 

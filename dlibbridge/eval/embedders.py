@@ -18,8 +18,8 @@ import numpy as np
 from .._io import sha256_file, write_npz
 from ..assets import resolve_model
 from ..data.images import CHIP_SIZE
+from ..port.infer import EMBED_DIM, in_batches, torch_forward
 
-EMBED_DIM = 128               # dlib's descriptor; fine-tuned exports keep it (heads are training-only)
 
 
 class Embedder:
@@ -91,11 +91,8 @@ class _NetEmbedder(Embedder):
         raise NotImplementedError
 
     def _forward(self, chips: np.ndarray) -> np.ndarray:
-        out = []
-        for s in range(0, len(chips), self.batch_size):
-            x = np.ascontiguousarray(chips[s:s + self.batch_size].transpose(0, 3, 1, 2), dtype=np.float32)
-            out.append(np.asarray(self._forward_batch(x), np.float32))
-        return np.concatenate(out)
+        return in_batches(lambda b: self._forward_batch(np.ascontiguousarray(b.transpose(0, 3, 1, 2), np.float32)),
+                          chips, self.batch_size)
 
     def _embed(self, chips):
         if self.jitter <= 1:               # dlib: num_jitters 0 and 1 both mean "no jitter"
@@ -114,14 +111,12 @@ class TorchEmbedder(_NetEmbedder):
     def __init__(self, path, module, flip=False, jitter=0, device: str = "cpu", batch_size: int = 64):
         super().__init__(path, flip, jitter, batch_size)
         import torch
-        self._torch = torch
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
+        self._run = torch_forward(self.module, self.device)
 
     def _forward_batch(self, x):
-        torch = self._torch
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+        return self._run(x)
 
 
 class OnnxEmbedder(_NetEmbedder):

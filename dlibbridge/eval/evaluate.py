@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .._io import sha256_file, write_atomic, write_json
+from ..options import option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
 from ..data.images import CHIP_SIZE
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
@@ -139,26 +140,38 @@ class ChipSource:
 @dataclass
 class EvalConfig:
     """Everything ``dlibbridge evaluate`` takes; defaults are the protocol's."""
-    models: list[ModelSpec]
-    data: Path
-    pairs: Path | None = None
-    gen_pairs: int | None = None
-    n_folds: int = 10
-    seed: int = 0
-    report: Path | None = None
-    json_path: Path | None = None
-    flip: bool = False
-    jitter: int = 0
-    identification: bool = True
+    models: list[ModelSpec] = option(
+        positional=True, nargs="+", metavar="MODEL",
+        help="dlib .dat, dlibbridge torch checkpoint, TorchScript or ONNX file; 'default' = the installed dlib "
+             "model; prefix dlib: or torch: to pick the engine for one model")
+    data: Path = option(help="identity folders: DIR/<person>/<image>", required=True, type=Path, metavar="DIR")
+    pairs: Path | None = option(None, "LFW pairs.txt to evaluate on (with --gen-pairs: where to save the generated "
+                                "pairs)", type=Path, metavar="PAIRS")
+    gen_pairs: int | None = option(None, "generate N balanced pairs in identity-disjoint folds from DIR (seeded, "
+                                   "saved for reuse)", type=int, metavar="N")
+    n_folds: int = option(10, "folds for --gen-pairs", flags=("--folds",), metavar="K")
+    seed: int = option(0, "seed for --gen-pairs and the gallery split")
+    report: Path | None = option(None, "write report.html/report.md, plots and worst errors here", type=Path,
+                                 metavar="OUT_DIR")
+    json_path: Path | None = option(None, "results.json path (default: OUT_DIR/results.json or ./results.json)",
+                                    flags=("--json",), type=Path, metavar="PATH")
+    flip: bool = option(False, "average each descriptor with its mirror image's", action="store_true")
+    jitter: int = option(0, "average N of dlib's random jitters per face (dlib's 99.38%% LFW figure used 100)",
+                         metavar="N", show_default=False)
+    identification: bool = option(True, "skip rank-1 and clustering", flags=("--no-identification",),
+                                  action="store_false")
     cache_dir: Path | None = field(default_factory=default_cache_dir)
-    detector: str = "hog"
-    upsample: int = 1
-    multi: str = "center"
-    fallback: str | None = "center"
-    jobs: int | None = None
-    device: str = "cpu"
-    batch_size: int = 64
-    progress: bool = True
+    detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
+    upsample: int = option(1, "detector upsampling", metavar="N")
+    multi: str = option("center", "several faces in a photo: the most central (default; LFW's subject is centred) "
+                        "or largest", choices=("center", "largest"))
+    fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
+                                  "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
+    jobs: int | None = option(None, "alignment processes (default: all cores)", flags=("--jobs", "-j"), type=int,
+                              metavar="N")
+    device: str = option("cpu", "torch device, e.g. cuda")
+    batch_size: int = option(64, "faces per forward pass", metavar="N")
+    progress: bool = option(True, "no progress bars", flags=("--quiet", "-q"), action="store_false")
 
 
 def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[PairSet, Path | None]:

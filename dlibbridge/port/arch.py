@@ -69,9 +69,10 @@ class DlibInput(nn.Module):
     and so does this: a resized chip would silently give a different descriptor.
     """
 
-    def __init__(self, size: tuple[int, int] = (150, 150), mean: Sequence[float] = DLIB_RGB_MEAN):
+    def __init__(self, size: tuple[int, int] | None = (150, 150), mean: Sequence[float] = DLIB_RGB_MEAN):
         super().__init__()
-        self.size = (int(size[0]), int(size[1]))
+        # None: dlib's input_rgb_image, which takes any size (the generic port's detectors).
+        self.size = None if size is None else (int(size[0]), int(size[1]))
         # float32, like dlib's avg_red/avg_green/avg_blue fields.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -94,7 +95,7 @@ class DlibInput(nn.Module):
             x = x.permute(0, 3, 1, 2)
         if x.shape[1] != 3:
             raise ValueError(f"expected 3 RGB channels, got shape {tuple(x.shape)}")
-        if (x.shape[2], x.shape[3]) != self.size:
+        if self.size is not None and (x.shape[2], x.shape[3]) != self.size:
             raise ValueError(f"dlib's input_rgb_image_sized needs {self.size[0]}x{self.size[1]} chips, "
                              f"got {x.shape[2]}x{x.shape[3]} (align with dlib.get_face_chip; never resize)")
         return x

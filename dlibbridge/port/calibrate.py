@@ -28,6 +28,7 @@ from ..codec.rewrite import unfreeze as unfreeze_records
 from ..codec.tree import Model
 from ..data.images import CHIP_SHAPE
 from .arch import DlibBatchNorm2d
+from .infer import in_batches, torch_forward
 from .convert import affine_layers, to_torch
 
 
@@ -81,14 +82,6 @@ def _norm_modules(module):
     return module, out
 
 
-def _batches(chips: np.ndarray, batch_size: int, device, bar=None):
-    for i in range(0, len(chips), batch_size):
-        x = np.ascontiguousarray(chips[i:i + batch_size])
-        yield torch.from_numpy(x).to(device)
-        if bar is not None:
-            bar.update(len(x))
-
-
 @contextlib.contextmanager
 def _batch_statistics(norms: Sequence[DlibBatchNorm2d]):
     """Run ``norms`` as dlib runs a batch of more than one sample (batch statistics) and
@@ -107,12 +100,11 @@ def _batch_statistics(norms: Sequence[DlibBatchNorm2d]):
             m.num_batches_tracked.copy_(n)
 
 
-@torch.inference_mode()
 def _descriptors(module, chips: np.ndarray, batch_size: int, device, bar, train_norms: Sequence = ()) -> np.ndarray:
     """Descriptors (float64) of ``chips`` in batches of ``batch_size``; ``train_norms`` use
     batch statistics, every other norm its running statistics."""
     with _batch_statistics(train_norms):
-        return np.concatenate([module(x).double().cpu().numpy() for x in _batches(chips, batch_size, device, bar)])
+        return in_batches(torch_forward(module, device), chips, batch_size, bar=bar).astype(np.float64)
 
 
 @torch.inference_mode()
@@ -133,8 +125,7 @@ def _input_statistics(module, norms: Sequence[DlibBatchNorm2d], chips: np.ndarra
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(norms)]
     try:
-        for x in _batches(chips, batch_size, device, bar):
-            module(x)
+        in_batches(torch_forward(module, device), chips, batch_size, bar=bar)
     finally:
         for h in handles:
             h.remove()

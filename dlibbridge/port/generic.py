@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import graph, tree as fmt
-from .arch import DlibAffine, add_prev
+from .arch import DlibAffine, DlibInput, add_prev
 from ..codec.records import affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Model, TagOnInput
 
@@ -57,28 +57,6 @@ def _conversion_error(msg: str) -> Exception:
 
 # ---------------------------------------------------------------------------------------
 # Layers without a counterpart in torch.nn
-
-
-class RgbInput(nn.Module):
-    """uint8 (or 0–255 float) RGB images → ``(x − avg_c)/256``; ``size`` set for
-    ``input_rgb_image_sized`` (which refuses any other size, as dlib does)."""
-
-    def __init__(self, mean, size: tuple[int, int] | None = None):
-        super().__init__()
-        self.size = size
-        self.register_buffer("mean", torch.tensor(np.asarray(mean, np.float32)).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if x.dim() != 4:
-            raise ValueError(f"expected RGB images shaped (N,H,W,3) or (N,3,H,W), got {tuple(x.shape)}")
-        if x.shape[1] != 3 and x.shape[3] == 3:
-            x = x.permute(0, 3, 1, 2)
-        if self.size is not None and tuple(x.shape[2:]) != self.size:
-            raise ValueError(f"input_rgb_image_sized needs {self.size[0]}x{self.size[1]} images, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
-        return (x.to(torch.float32) - self.mean) / 256.0
 
 
 class ElementAffine(nn.Module):
@@ -179,7 +157,7 @@ class DlibNet(nn.Module):
     loss layer reads: (N, K) rows for loss_metric/multiclass_log, the (N, K, H, W) map for
     loss_mmod."""
 
-    def __init__(self, input_layer: RgbInput, layers: dict[str, nn.Module], steps: list[Step],
+    def __init__(self, input_layer: DlibInput, layers: dict[str, nn.Module], steps: list[Step],
                  output: str, meta: dict):
         super().__init__()
         self.input = input_layer
@@ -332,12 +310,12 @@ def _layer_modules(e, d: Details) -> list[nn.Module]:
     raise _conversion_error(f"{e.path}: layer {d.version!r} is not supported by the generic converter")
 
 
-def _input_module(e, d: Details) -> RgbInput:
+def _input_module(e, d: Details) -> DlibInput:
     if d.version not in INPUT_TYPES:
         raise _conversion_error(f"{e.path}: input layer {d.version!r} is not supported")
     mean = (d["avg_red"], d["avg_green"], d["avg_blue"])
     size = (d["nr"], d["nc"]) if d.version == "input_rgb_image_sized" else None
-    return RgbInput(mean, size)
+    return DlibInput(size, mean)
 
 
 def _loss_output(model: Model) -> tuple[str, dict]:

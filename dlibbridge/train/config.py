@@ -5,14 +5,15 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..data.augment import parse_degradations
-from .losses import LOSSES
 from ..errors import DlibbridgeError
+from ..options import option
 
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
+#: The losses of :func:`.losses.make_loss` (torch-free here, so the command line can list them).
+LOSSES = ("metric", "arcface", "cosface", "triplet")
 PAIR_LOSSES = ("metric", "triplet")
 FREEZE_LEVELS = ("none", "stem", "level4", "level3", "level2", "level1", "level0")
 SELECT_METRICS = ("tar@far", "auc", "accuracy")
@@ -29,6 +30,15 @@ CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimize
 RESUME_OVERRIDABLE = ("workers", "progress")
 
 
+# The sections of ``dlibbridge finetune --help``.
+_BATCHES = "loss and batches"
+_OPTIMISATION = "optimisation"
+_GUARDS = "guards against forgetting"
+_CAMERA = "target camera (docs/finetune.md: cross-quality fine-tuning)"
+_DATA = "data"
+_RUN = "run"
+
+
 class FinetuneError(DlibbridgeError, ValueError):
     """A fine-tuning job that cannot run as configured; the message says what to change."""
 
@@ -37,56 +47,86 @@ class FinetuneError(DlibbridgeError, ValueError):
 @dataclass
 class FinetuneConfig:
     """Everything a run depends on.  ``None`` fields are resolved (by :meth:`resolved`) from
-    the others, and the resolved config is what ``config.json`` records."""
-    data: str
-    out: str
-    base: str | None = None                  # None: the installed dlib face model
-    loss: str = "metric"
-    margin: float | None = None              # per-loss default (losses.make_loss)
-    scale: float = 64.0                      # arcface/cosface s
-    epochs: int = 10
-    max_steps: int | None = None
-    identities_per_batch: int = 5            # P (dlib's example: 5; dlib's own training: 35)
-    images_per_identity: int = 5             # K (dlib's example: 5; dlib's own training: 15)
-    batches_per_epoch: int | None = None     # default: every training image about once
-    accumulate: int = 1                      # micro-batches per optimiser step (whole identities)
-    optimizer: str = "sgd"
-    lr: float | None = None                  # sgd 1e-4; adamw 1e-6 (1e-5 with a head)
-    momentum: float = 0.9
-    weight_decay: float | None = None        # sgd 1e-4 (dlib's example), adamw 1e-2
-    schedule: str = "cosine"                 # cosine | step | constant
-    warmup_steps: int | None = None          # default: 5 % of the steps, at most 500
-    step_every: int | None = None            # step schedule: decay every N steps (default total/3)
-    step_gamma: float = 0.1
+    the others, and the resolved config is what ``config.json`` records.  The fields made with
+    :func:`~dlibbridge.options.option` are the options of ``dlibbridge finetune``."""
+    data: str = option(positional=True, nargs="?", metavar="DATA")
+    out: str = option(help="run folder to create (required unless --resume)", metavar="RUN_DIR")
+    base: str | None = option(None, "dlib .dat (deployed or trainable) or a dlibbridge model.pt (default: dlib's model)",
+                              metavar="MODEL")
+    loss: str = option("metric", "metric = dlib's loss_metric (default); arcface/cosface: normalised head, s=64; "
+                       "triplet: semi-hard mining", choices=LOSSES, group=_BATCHES)
+    margin: float | None = option(None, "loss margin (default: metric 0.04, arcface 0.5, cosface 0.35, triplet 0.2)",
+                                  type=float, group=_BATCHES)
+    scale: float = option(64.0, "arcface/cosface scale s", group=_BATCHES)
+    epochs: int = option(10, group=_OPTIMISATION)
+    max_steps: int | None = option(None, "stop after N optimiser steps", type=int, metavar="N", group=_OPTIMISATION)
+    # P and K: dlib's example uses 5 x 5; dlib's own training used 35 x 15.
+    identities_per_batch: int = option(5, flags=("--identities-per-batch", "-P"), metavar="P", group=_BATCHES)
+    images_per_identity: int = option(5, flags=("--images-per-identity", "-K"), metavar="K", group=_BATCHES)
+    batches_per_epoch: int | None = option(None, "default: about every training image once per epoch",
+                                           type=int, metavar="N", group=_BATCHES)
+    accumulate: int = option(1, "split each batch into N micro-batches of whole identities (less memory)",
+                             metavar="N", show_default=False, group=_BATCHES)
+    optimizer: str = option("sgd", choices=("sgd", "adamw"), group=_OPTIMISATION)
+    lr: float | None = option(None, "default: sgd 1e-4; adamw 1e-6 (1e-5 with arcface/cosface)", type=float,
+                              group=_OPTIMISATION)
+    momentum: float = option(0.9, "sgd momentum", group=_OPTIMISATION)
+    weight_decay: float | None = option(None, "default: sgd 1e-4, adamw 1e-2", type=float, group=_OPTIMISATION)
+    schedule: str = option("cosine", choices=("cosine", "step", "constant"), group=_OPTIMISATION)
+    warmup_steps: int | None = option(None, "default 5%% of the steps (at most 500)", type=int, group=_OPTIMISATION)
+    step_every: int | None = option(None, "step schedule period (default total/3)", type=int, metavar="N",
+                                    group=_OPTIMISATION)
+    step_gamma: float = option(0.1, "step schedule factor", group=_OPTIMISATION)
     min_lr_ratio: float = 0.01               # cosine floor, as a fraction of lr
-    freeze_until: str = "none"
-    pretrained_lr_scale: float | None = None  # default 0.1 with a new head, else 1.0
-    distill: float = 0.0                     # same-input distillation weight (teacher on the student's input)
-    bn: str = "frozen"                       # frozen | train
+    freeze_until: str = option("none", "freeze the stem and the levels up to LEVEL (input side first)",
+                               choices=FREEZE_LEVELS, show_default=False, group=_GUARDS)
+    pretrained_lr_scale: float | None = option(
+        None, "lr factor for the pretrained network (default 0.1 with a new head, else 1)", type=float, group=_GUARDS)
+    distill: float = option(
+        0.0, "add W * mean ||e - e_base||^2 pulling embeddings to the base model's embedding of the same "
+        "(augmented) input (default 0; 1 with --camera)", flags=("--same-input-distill", "--distill"),
+        metavar="W", group=_GUARDS)
+    bn: str = option("frozen", "batch-norm statistics: frozen (default; step 0 = the deployed model) or trained "
+                     "(calibrated on training data first)", choices=("frozen", "train"), group=_GUARDS)
     calibration_batches: int = 20            # for --bn train
-    augment: bool = True
-    degrade: str = ""
-    val_identities: float = 0.1              # fraction (< 1) or count (>= 1) of identities
-    val_every: int = 1                       # epochs between validations
+    augment: bool = option(True, "no jitter (dlib-example crop/rotation/flip/colour)", flags=("--no-augment",),
+                           action="store_false", group=_DATA)
+    degrade: str = option("", "random degradations, e.g. gray=0.3,blur=0.2,lowres=0.3,jpeg=0.3", metavar="SPEC",
+                          group=_DATA)
+    val_identities: float = option(0.1, "held-out identities: fraction (<1) or count (default 0.1; 0 = no validation)",
+                                   metavar="F", group=_DATA)
+    val_every: int = option(1, "validate every E epochs", metavar="E", group=_DATA)
     val_max_images: int = 2000
-    select_metric: str = "tar@far"
+    select_metric: str = option(
+        "tar@far", "best-checkpoint metric: tar@far (default, FAR=1e-3), auc or accuracy; with --camera prefixed "
+        "by the domain, camera: (default) or clean:, within --clean-limit", metavar="[DOMAIN:]METRIC", group=_DATA)
     select_far: float = 1e-3
-    patience: int | None = None              # validations without improvement before stopping
-    export: str = "best"                     # best | last
-    checkpoint_every: int = 200
-    device: str = "auto"
-    amp: str = "auto"                        # auto | off | bf16 | fp16
+    patience: int | None = option(None, "stop after N validations without improvement", type=int, metavar="N",
+                                  group=_DATA)
+    export: str = option("best", "which weights to export", choices=("best", "last"), group=_DATA)
+    checkpoint_every: int = option(200, "steps between checkpoints", metavar="N", group=_RUN)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (default)", group=_RUN)
+    amp: str = option("auto", "mixed precision (default: bf16 on CUDA, off on CPU)",
+                      choices=("auto", "off", "bf16", "fp16"), group=_OPTIMISATION)
     channels_last: bool | None = None        # default: on for CUDA
-    workers: int | None = None               # data processes (default: CUDA 8, CPU 0)
-    seed: int = 0
-    onnx: bool = False
-    progress: bool = True
-    camera: str | None = None                # camera.json: run the cross-quality recipe for that camera
-    target_photos: str | None = None         # unlabeled target-camera chips: batch-norm adaptation
-    xq_weight: float = 1.0                   # cross-quality term (camera runs)
-    relational_weight: float = 1.0           # relational guard (camera runs)
-    camera_versions: int = 4                 # degraded versions cached per training chip
-    clean_limit: float = 0.01                # camera runs: most clean TAR@FAR a selected step may lose
+    workers: int | None = option(None, "data loading processes (default: 8 on CUDA, 0 on CPU)", type=int, group=_RUN)
+    seed: int = option(0, group=_RUN)
+    onnx: bool = option(False, "also write model.onnx", action="store_true", group=_RUN)
+    progress: bool = option(True, "no progress bar", flags=("--quiet", "-q"), action="store_false", group=_RUN)
+    camera: str | None = option(
+        None, "fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation with the "
+        "measured recipe as the defaults; validation in the clean and camera domains", metavar="CAMERA_JSON",
+        group=_CAMERA)
+    target_photos: str | None = option(
+        None, "unlabeled aligned chips from the target camera: adapt batch-norm to them first", metavar="DIR",
+        group=_CAMERA)
+    xq_weight: float = option(1.0, "cross-quality term: student(degraded) to teacher(clean)", metavar="W",
+                              group=_CAMERA)
+    relational_weight: float = option(1.0, "relational guard: the teacher's pairwise distances of the clean batch",
+                                      metavar="W", group=_CAMERA)
+    camera_versions: int = option(4, "degraded versions cached per training chip", metavar="N", group=_CAMERA)
+    clean_limit: float = option(0.01, "a selected step loses at most F of the base's clean TAR@FAR (default 0.01 = "
+                                "1 point)", metavar="F", group=_CAMERA)
 
     @classmethod
     def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
@@ -98,7 +138,10 @@ class FinetuneConfig:
         domain, _, metric = self.select_metric.rpartition(":")
         return (domain or ("camera" if self.camera else None)), metric
 
-    def resolved(self, has_head: bool, cuda: bool) -> "FinetuneConfig":
+    def resolved(self, has_head: bool, cuda: bool, total_steps: int | None = None) -> "FinetuneConfig":
+        """A copy with every ``None`` default filled in from the run's facts (a classifier
+        head, CUDA, the number of steps: the warmup stays unset without it), validated: the
+        one place a config is completed."""
         c = dataclasses.replace(self)
         if c.lr is None:
             # Measured on dlib's model (batch-norm frozen = no scale invariance, so the net is
@@ -118,6 +161,9 @@ class FinetuneConfig:
             # On CPU the ~1 ms of augmentation per image is noise next to a ~100 ms training
             # forward/backward per image; on a GPU it is the bottleneck, so it gets processes.
             c.workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if cuda else 0
+        if c.warmup_steps is None and total_steps is not None:
+            c.warmup_steps = min(500, int(0.05 * total_steps))
+        c.validate()
         return c
 
     def validate(self) -> None:
@@ -166,6 +212,7 @@ class FinetuneConfig:
             bad("--distill must be >= 0")
         if self.val_identities < 0:
             bad("--val-identities must be >= 0")
+        from ..data.augment import parse_degradations
         try:
             parse_degradations(self.degrade)
         except ValueError as e:                   # says which item and why

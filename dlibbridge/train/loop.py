@@ -52,6 +52,7 @@ from torch import nn
 from ..data.augment import Augment, Jitter, parse_degradations
 from ..port.checkpoint import save_torch
 from ..port.convert import dlib_check
+from ..port.infer import embed_chips
 from .._io import sha256_file
 from ..assets import resolve_model
 from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
@@ -62,7 +63,7 @@ from .rundir import write_logs, write_run_json
 from .._io import write_torch
 
 if TYPE_CHECKING:
-    from ..data.store import ChipStore
+    from ..data.store import ChipDataset, ChipStore, PKBatchSampler
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "load_resume_config", "load_base_model",
            "split_identities", "lr_factor", "FREEZE_LEVELS"]
@@ -129,7 +130,7 @@ def param_groups(model: nn.Module, loss_fn: nn.Module, cfg: FinetuneConfig) -> l
         no_decay = [p for p in trainable if p.ndim <= 1]
         for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
             if ps:
-                groups.append({"params": ps, "lr": cfg.lr * scale, "base_lr": cfg.lr * scale, "weight_decay": wd})
+                groups.append({"params": ps, "lr": cfg.lr * scale, "weight_decay": wd})
     if not groups:
         raise FinetuneError("nothing to train: every parameter is frozen (--freeze-until too deep?)")
     return groups
@@ -142,7 +143,8 @@ def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optim
 
 
 def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
-    """Multiplier of each group's base lr at optimiser step ``step`` (0-based)."""
+    """Multiplier of each group's base lr at optimiser step ``step`` (0-based): the
+    ``LambdaLR`` schedule of a run, whose state goes into the checkpoint."""
     warm = cfg.warmup_steps
     if warm and step < warm:
         return (step + 1) / warm
@@ -196,20 +198,19 @@ def open_data(data: str, run_dir: Path, progress: bool) -> "ChipStore":
 def _looks_aligned(folder: Path, probe: int = 8) -> bool:
     """True when the first images below ``folder`` are 150×150 chips (an aligned folder)."""
     import cv2
+    from ..data.images import CHIP_SIZE, walk_files
     seen = 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith(".") or name == "manifest.csv":
-                continue
-            img = cv2.imread(os.path.join(dirpath, name), cv2.IMREAD_UNCHANGED)
-            if img is None:
-                continue
-            if img.shape[:2] != (150, 150):
-                return False
-            seen += 1
-            if seen >= probe:
-                return True
+    for rel in walk_files(folder):
+        if rel.rsplit("/", 1)[-1] == "manifest.csv":
+            continue
+        img = cv2.imread(str(folder / rel), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            continue
+        if img.shape[:2] != (CHIP_SIZE, CHIP_SIZE):
+            return False
+        seen += 1
+        if seen >= probe:
+            return True
     if seen == 0:
         raise FinetuneError(f"no readable images under {folder}")
     return True
@@ -276,65 +277,9 @@ def split_identities(store, cfg: FinetuneConfig, world: int) -> Split:
                  [names[i] for i in single], [names[i] for i in val_ids])
 
 
-class BatchSource(torch.utils.data.Dataset):
-    """Item j = this process's share of batch j of one epoch: (uint8 chips (B,150,150,3),
-    int64 class labels).  The batch list comes from ``PKBatchSampler``; a sample's augmentation
-    is seeded by (seed, epoch, batch, position in the *global* batch), so it is the same
-    whatever the number of processes or workers, and after a resume."""
-
-    def __init__(self, store_path: str, batches: list[list[int]], rows: np.ndarray, classes: np.ndarray,
-                 share: slice, augment: Augment | None, seed: int, epoch: int):
-        self.store_path = store_path
-        self.batches, self.rows, self.classes = batches, rows, classes
-        self.share, self.augment, self.seed, self.epoch = share, augment, seed, epoch
-        self._store = None
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_store"] = None        # reopened (memory-mapped) in each worker, never pickled
-        return d
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, j: int):
-        if self._store is None:
-            from ..data.store import ChipStore
-            self._store = ChipStore(self.store_path)
-        items = np.asarray(self.batches[j], dtype=np.int64)
-        positions = np.arange(len(items))[self.share]
-        rows = self.rows[items[self.share]]
-        order = np.argsort(rows, kind="stable")        # gather from the memory map in file order
-        chips = np.empty((len(rows), 150, 150, 3), np.uint8)
-        chips[order] = self._store.chips[rows[order]]
-        if self.augment is not None:
-            for i, pos in enumerate(positions):
-                chips[i] = self.augment(chips[i], np.random.default_rng([self.seed, self.epoch, j, int(pos)]))
-        labels = torch.from_numpy(self.classes[items[self.share]].astype(np.int64))
-        return torch.from_numpy(chips), labels
-
-
 # ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def embed_rows(model: nn.Module, store, rows: np.ndarray, device: torch.device, batch: int = 64,
-               amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Descriptors of store rows with the model in eval mode (running statistics)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for s in range(0, len(rows), batch):
-            chips = np.asarray(store.chips[np.asarray(rows[s:s + batch])])
-            x = torch.from_numpy(chips).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out.append(model(x).float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 128), np.float32)
-
 
 def verification_summary(emb: np.ndarray, labels: np.ndarray, far: float) -> dict:
     """All-pairs verification metrics (evaluation module) on held-out identities."""
@@ -435,378 +380,405 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist = init_distributed(device_kind)
     try:
-        return _Job(cfg, resume, dist, base).run()
+        return _run(setup(cfg, resume, dist, base))
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-class _Job:
-    def __init__(self, cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module):
-        self.dist = dist
-        self.device = _pick_device(cfg.device, dist)
-        self.resume = resume
-        self.run_dir = _prepare_run_dir(cfg, resume, dist)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+# ------------------------------------------------------------------------------------------
+# The job: setup -> fit -> validate -> export, over a plain state dict
+# ------------------------------------------------------------------------------------------
 
-        # Data (rank 0 packs/aligns; the others wait and open the result).
-        if dist.main:
-            self.store = open_data(cfg.data, self.run_dir, cfg.progress)
-        dist.barrier()
-        if not dist.main:
-            self.store = open_data(cfg.data, self.run_dir, False)
-        self.split = split_identities(self.store, cfg, dist.world)
-        n_classes = len(self.split.train_classes)
+@dataclass
+class Job:
+    """What a run is made of, fixed once :func:`setup` has built it.  Everything that changes
+    while training (step counters, logs, best score) is the plain dict of :func:`new_state`;
+    a checkpoint is that dict plus the model, loss, optimiser, scheduler and scaler states."""
+    cfg: FinetuneConfig               # resolved: what config.json records
+    dist: Dist
+    device: torch.device
+    run_dir: Path
+    resume: bool
+    store: "ChipStore"
+    split: Split
+    model: nn.Module
+    loss_fn: nn.Module
+    module: nn.Module                 # TrainModule, DDP-wrapped under torchrun
+    teacher: nn.Module | None         # the frozen base, for --distill
+    frozen: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    sampler: "PKBatchSampler"
+    dataset: "ChipDataset"            # the training rows, augmented, labelled by training class
+    steps_per_epoch: int
+    total_steps: int
+    share: slice                      # this rank's part of each global batch
+    micro: int                        # images per accumulation micro-batch
+    amp_dtype: torch.dtype | None
+    base_sha: str
 
-        self.loss_fn = make_loss(cfg.loss, n_classes, margin=cfg.margin, scale=cfg.scale)
-        has_head = any(True for _ in self.loss_fn.parameters())
-        self.cfg = cfg.resolved(has_head, self.device.type == "cuda")
-        c = self.cfg
-        self.amp_dtype = _amp_dtype(c.amp)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True     # fixed 150x150 input: pick the fastest kernels
-        if self.amp_dtype is not None and self.device.type != "cuda":
-            raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {self.device}")
 
-        self.model = base
-        self.base_sha = sha256_file(resolve_model(c.base))
-        self.teacher = None
-        if c.distill > 0:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.device)
-        self.frozen = freeze_until(self.model, c.freeze_until)
+def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module) -> Job:
+    """Open the data, split it, resolve the config and build model, loss, optimiser and
+    schedule (rank 0 packs or aligns the data; the others wait and open the result)."""
+    from ..data.store import ChipDataset, PKBatchSampler
+    device = _pick_device(cfg.device, dist)
+    run_dir = _prepare_run_dir(cfg, resume, dist)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    if dist.main:
+        store = open_data(cfg.data, run_dir, cfg.progress)
+    dist.barrier()
+    if not dist.main:
+        store = open_data(cfg.data, run_dir, False)
+    split = split_identities(store, cfg, dist.world)
+    loss_fn = make_loss(cfg.loss, len(split.train_classes), margin=cfg.margin, scale=cfg.scale)
 
-        # Batches
-        from ..data.store import PKBatchSampler
-        rows = self.split.train_rows
-        store_labels = np.asarray(self.store.labels)
-        self.classes = np.array([self.split.train_classes[int(l)] for l in store_labels[rows]], np.int64)
-        self.sampler = PKBatchSampler(store_labels[rows], c.identities_per_batch, c.images_per_identity,
-                                      batches=c.batches_per_epoch, seed=c.seed)
-        self.steps_per_epoch = len(self.sampler)
-        total = c.epochs * self.steps_per_epoch
-        self.total_steps = min(total, c.max_steps) if c.max_steps else total
-        if c.warmup_steps is None:
-            c.warmup_steps = min(500, int(0.05 * self.total_steps))
-        share_ids = c.identities_per_batch // dist.world
-        k = c.images_per_identity
-        self.share = slice(dist.rank * share_ids * k, (dist.rank + 1) * share_ids * k)
-        self.micro = share_ids // c.accumulate * k
-        self.augment = (Augment(Jitter() if c.augment else None, parse_degradations(c.degrade))
-                        if (c.augment or c.degrade) else None)
+    rows = split.train_rows
+    store_labels = np.asarray(store.labels)
+    classes = np.array([split.train_classes[int(l)] for l in store_labels[rows]], np.int64)
+    sampler = PKBatchSampler(store_labels[rows], cfg.identities_per_batch, cfg.images_per_identity,
+                             batches=cfg.batches_per_epoch, seed=cfg.seed)
+    steps_per_epoch = len(sampler)
+    total = cfg.epochs * steps_per_epoch
+    total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+    c = cfg.resolved(has_head=any(True for _ in loss_fn.parameters()), cuda=device.type == "cuda",
+                     total_steps=total_steps)
 
-        # Model to device, optimiser
-        self.model.to(self.device)
-        self.loss_fn.to(self.device)
-        if c.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(param_groups(self.model, self.loss_fn, c), c)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
-        self.module = TrainModule(self.model, self.loss_fn)
-        if dist.world > 1:
-            self.module = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    amp_dtype = _amp_dtype(c.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # fixed 150x150 input: pick the fastest kernels
+    if amp_dtype is not None and device.type != "cuda":
+        raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {device}")
+    teacher = copy.deepcopy(base).eval().requires_grad_(False).to(device) if c.distill > 0 else None
+    frozen = freeze_until(base, c.freeze_until)
+    share_ids = c.identities_per_batch // dist.world
+    k = c.images_per_identity
+    augment = (Augment(Jitter() if c.augment else None, parse_degradations(c.degrade))
+               if (c.augment or c.degrade) else None)
 
-        # State
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.best: dict | None = None
-        self.stale_validations = 0
-        self.step_log: list[dict] = []
-        self.val_log: list[dict] = []
-        self.elapsed = 0.0
-        self.initialised = False        # baseline validation (and BN calibration) done
-        self.calibration: dict | None = None
+    base.to(device)
+    loss_fn.to(device)
+    if c.channels_last:
+        base.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(param_groups(base, loss_fn, c), c)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, c))
+    module = TrainModule(base, loss_fn)
+    if dist.world > 1:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    return Job(cfg=c, dist=dist, device=device, run_dir=run_dir, resume=resume, store=store, split=split,
+               model=base, loss_fn=loss_fn, module=module, teacher=teacher, frozen=frozen, optimizer=optimizer,
+               scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=c.amp == "fp16"),
+               sampler=sampler, dataset=ChipDataset(store, rows, augment, seed=c.seed, targets=classes),
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               share=slice(dist.rank * share_ids * k, (dist.rank + 1) * share_ids * k),
+               micro=share_ids // c.accumulate * k, amp_dtype=amp_dtype,
+               base_sha=sha256_file(resolve_model(c.base)))
 
-    # -- state ---------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "model": self.model.state_dict(), "loss_fn": self.loss_fn.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "stale_validations": self.stale_validations,
-                "step_log": self.step_log, "val_log": self.val_log, "elapsed": self.elapsed,
-                "initialised": self.initialised, "calibration": self.calibration, "config": self.cfg.to_json()}
+def new_state() -> dict:
+    """The changing part of a run at step 0."""
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "stale_validations": 0,
+            "step_log": [], "val_log": [], "elapsed": 0.0,
+            "initialised": False,        # baseline validation (and BN calibration) done
+            "calibration": None}
 
-    def load_state(self, st: dict) -> None:
-        if st["config"] != self.cfg.to_json() and not self._only_overridable_differ(st["config"]):
-            raise FinetuneError("checkpoint.pt was written with a different config than config.json")
-        self.model.load_state_dict(st["model"])
-        self.loss_fn.load_state_dict(st["loss_fn"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scaler.load_state_dict(st["scaler"])
-        for k in ("step", "epoch", "batch_in_epoch", "best", "stale_validations", "step_log",
-                  "val_log", "elapsed", "initialised", "calibration"):
-            setattr(self, k, st[k])
 
-    def _only_overridable_differ(self, saved: dict) -> bool:
-        now = self.cfg.to_json()
-        return all(saved.get(k) == v for k, v in now.items() if k not in RESUME_OVERRIDABLE)
+_MODULE_STATES = ("model", "loss_fn", "optimizer", "scheduler", "scaler")
 
-    def checkpoint(self) -> None:
-        if self.dist.main:
-            write_torch(self.run_dir / CHECKPOINT_FILE, self.state())
-            write_logs(self.run_dir, self.step_log, self.val_log)
-        self.dist.barrier()
 
-    # -- pieces --------------------------------------------------------------------------
+def checkpoint(job: Job, state: dict) -> None:
+    if job.dist.main:
+        write_torch(job.run_dir / CHECKPOINT_FILE,
+                    {**state, **{k: getattr(job, k).state_dict() for k in _MODULE_STATES},
+                     "config": job.cfg.to_json()})
+        write_logs(job.run_dir, state["step_log"], state["val_log"])
+    job.dist.barrier()
 
-    def write_config(self) -> None:
-        if not self.dist.main:
-            return
-        c = self.cfg
-        labels = np.asarray(self.store.labels)
-        write_run_json(self.run_dir / CONFIG_FILE, {
-            "config": c.to_json(),
-            "data": {"store": str(self.store.path), "images": int(len(labels)),
-                     "identities": len(self.store.identities),
-                     "train_identities": len(self.split.train_classes),
-                     "train_images": int(len(self.split.train_rows)),
-                     "val_identities": self.split.val_identities,
-                     "val_images": int(len(self.split.val_rows)),
-                     "dropped_single_image_identities": self.split.dropped_single},
-            "derived": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                        "warmup_steps": c.warmup_steps, "world_size": self.dist.world,
-                        "images_per_step": c.identities_per_batch * c.images_per_identity,
-                        "frozen": self.frozen, "base_sha256": self.base_sha,
-                        "augment": None if self.augment is None else self.augment.describe()},
-            "environment": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
-                            "device": str(self.device), "threads": torch.get_num_threads()},
-        })
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        self.sampler.set_epoch(epoch)
-        return list(iter(self.sampler))
+def load_checkpoint(job: Job, saved: dict) -> dict:
+    """Restore the module states into ``job``; returns the state dict."""
+    now = job.cfg.to_json()
+    if any(saved["config"].get(k) != v for k, v in now.items() if k not in RESUME_OVERRIDABLE):
+        raise FinetuneError("checkpoint.pt was written with a different config than config.json")
+    for k in _MODULE_STATES:
+        if k in saved:
+            getattr(job, k).load_state_dict(saved[k])
+    if "scheduler" not in saved:
+        # Written before the schedule was a LambdaLR (it saved the optimiser's lr only): the
+        # schedule is a function of the step, so put it at the saved one.
+        job.scheduler.last_epoch = saved["step"]
+        for g, base in zip(job.optimizer.param_groups, job.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(saved["step"], job.total_steps, job.cfg)
+    return {k: saved[k] for k in new_state()}
 
-    def loader(self, epoch: int, start: int):
-        src = BatchSource(str(self.store.path), self.epoch_batches(epoch), self.split.train_rows, self.classes,
-                          self.share, self.augment, self.cfg.seed, epoch)
-        idx = list(range(start, len(src)))
-        workers = self.cfg.workers if len(idx) > 1 else 0
-        return torch.utils.data.DataLoader(
-            src, batch_size=None, sampler=idx, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers else None)
 
-    def calibrate_bn(self) -> None:
-        """--bn train starts from statistics measured on training data (un-augmented)."""
-        from ..port.calibrate import calibrate
-        rows = self.split.train_rows
-        rng = np.random.default_rng([self.cfg.seed, 104729])
-        batch = self.cfg.identities_per_batch * self.cfg.images_per_identity
-        n = min(len(rows), self.cfg.calibration_batches * batch)
-        pick = np.sort(rng.choice(rows, size=n, replace=False))
-        # The report (training- vs inference-mode descriptors) is measured on one batch of the
-        # run's size: the deviation a training step will actually see, at bounded cost.
-        report = calibrate(self.model, np.asarray(self.store.chips[pick]), batch_size=min(batch, n),
-                           report_max=batch, seed=self.cfg.seed, device=self.device)
-        self.calibration = dataclasses.asdict(report)
-        if self.dist.main and self.cfg.progress:
-            print("dlibbridge finetune: " + "; ".join(report.lines()), file=sys.stderr)
+def write_config(job: Job) -> None:
+    if not job.dist.main:
+        return
+    c, split = job.cfg, job.split
+    write_run_json(job.run_dir / CONFIG_FILE, {
+        "config": c.to_json(),
+        "data": {"store": str(job.store.path), "images": int(len(job.store.labels)),
+                 "identities": len(job.store.identities),
+                 "train_identities": len(split.train_classes),
+                 "train_images": int(len(split.train_rows)),
+                 "val_identities": split.val_identities,
+                 "val_images": int(len(split.val_rows)),
+                 "dropped_single_image_identities": split.dropped_single},
+        "derived": {"steps_per_epoch": job.steps_per_epoch, "total_steps": job.total_steps,
+                    "warmup_steps": c.warmup_steps, "world_size": job.dist.world,
+                    "images_per_step": c.identities_per_batch * c.images_per_identity,
+                    "frozen": job.frozen, "base_sha256": job.base_sha,
+                    "augment": None if job.dataset.transform is None else job.dataset.transform.describe()},
+        "environment": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+                        "device": str(job.device), "threads": torch.get_num_threads()},
+    })
 
-    def init_head(self, per_class: int = 4) -> None:
-        """Classifier heads (arcface/cosface) start at each training identity's mean base
-        embedding over up to ``per_class`` un-augmented images (see
-        ``NormalizedClassifier.init_from_centres``).  Every rank computes the same centres."""
-        head = getattr(self.loss_fn, "head", None)
-        if head is None:
-            return
-        rows = self.split.train_rows
-        rng = np.random.default_rng([self.cfg.seed, 1299709])
-        pick, owner = [], []
-        for cls in range(len(self.split.train_classes)):
-            mine = rows[self.classes == cls]
-            chosen = np.sort(rng.choice(mine, size=min(per_class, len(mine)), replace=False))
-            pick.extend(chosen.tolist())
-            owner.extend([cls] * len(chosen))
-        emb = embed_rows(self.model, self.store, np.asarray(pick), self.device, amp_dtype=self.amp_dtype)
-        emb = F.normalize(torch.from_numpy(emb), dim=1)
-        centres = torch.zeros(head.weight.shape).index_add_(0, torch.tensor(owner), emb)
-        head.init_from_centres(centres.to(head.weight.device))
 
-    def validate(self) -> dict | None:
-        if len(self.split.val_rows) == 0:
-            return None
-        rec = None
-        if self.dist.main:
-            rows = self.split.val_rows
-            if len(rows) > self.cfg.val_max_images:
-                rng = np.random.default_rng([self.cfg.seed, 15485863])
-                rows = np.sort(rng.choice(rows, self.cfg.val_max_images, replace=False))
-            emb = embed_rows(self.model, self.store, rows, self.device, amp_dtype=self.amp_dtype)
-            rec = {"step": self.step, "epoch": self.epoch,
-                   **verification_summary(emb, np.asarray(self.store.labels)[rows], self.cfg.select_far)}
-        return self.dist.broadcast_obj(rec)
+def loader(job: Job, epoch: int, start: int):
+    """Batches ``start``.. of ``epoch``: this rank's share of each global batch, every image
+    keyed by (epoch, batch, position in the global batch) for its augmentation."""
+    from ..data.store import ChipDataset
+    job.sampler.set_epoch(epoch)
+    batches = [[(item, (epoch, j, pos)) for pos, item in enumerate(batch)][job.share]
+               for j, batch in enumerate(job.sampler)][start:]
+    workers = job.cfg.workers if len(batches) > 1 else 0
+    return torch.utils.data.DataLoader(
+        job.dataset, batch_sampler=batches, collate_fn=ChipDataset.collate, num_workers=workers,
+        pin_memory=job.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
 
-    def after_validation(self, rec: dict) -> bool:
-        """Record, keep the best, and say whether to stop early."""
-        self.val_log.append(rec)
-        score = rec[self.cfg.select_metric]
-        if self.best is None or score > self.best["score"]:
-            self.best = {"score": score, "step": self.step, "metric": self.cfg.select_metric, "validation": rec}
-            self.stale_validations = 0
-            if self.dist.main:
-                save_torch(self.model, self.run_dir / BEST_FILE)
-        else:
-            self.stale_validations += 1
-        return self.cfg.patience is not None and self.stale_validations >= self.cfg.patience
 
-    def train_step(self, chips: torch.Tensor, labels: torch.Tensor, lr_mult: float) -> dict:
-        c = self.cfg
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_mult
-        chips = chips.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        task_total, distill_total = 0.0, 0.0
-        n_micro = c.accumulate
-        for m in range(n_micro):
-            x = chips[m * self.micro:(m + 1) * self.micro]
-            y = labels[m * self.micro:(m + 1) * self.micro]
-            last = m == n_micro - 1
-            sync = self.module.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                task, emb = self.module(x, y, self.amp_dtype)
-                loss = task
-                if self.teacher is not None:
-                    with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                         enabled=self.amp_dtype is not None):
-                        target = self.teacher(x).float()
-                    dl = ((emb - target) ** 2).sum(1).mean()
-                    loss = loss + c.distill * dl
-                    distill_total += float(dl.detach())
-                self.scaler.scale(loss / n_micro).backward()
-            task_total += float(task.detach())
-        if not math.isfinite(task_total):
-            raise FinetuneError(f"loss became {task_total} at step {self.step}; lower --lr "
-                                "(the last checkpoint is intact, fix the config and start a new run)")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        task_mean = self.dist.mean(task_total / n_micro)
-        distill_mean = self.dist.mean(distill_total / n_micro) if self.teacher is not None else None
-        return {"task_loss": task_mean, "distill_loss": distill_mean,
-                "loss": task_mean + (c.distill * distill_mean if distill_mean is not None else 0.0)}
+def calibrate_bn(job: Job, state: dict) -> None:
+    """--bn train starts from statistics measured on training data (un-augmented)."""
+    from ..port.calibrate import calibrate
+    c, rows = job.cfg, job.split.train_rows
+    rng = np.random.default_rng([c.seed, 104729])
+    batch = c.identities_per_batch * c.images_per_identity
+    n = min(len(rows), c.calibration_batches * batch)
+    pick = np.sort(rng.choice(rows, size=n, replace=False))
+    # The report (training- vs inference-mode descriptors) is measured on one batch of the
+    # run's size: the deviation a training step will actually see, at bounded cost.
+    report = calibrate(job.model, np.asarray(job.store.chips[pick]), batch_size=min(batch, n),
+                       report_max=batch, seed=c.seed, device=job.device)
+    state["calibration"] = dataclasses.asdict(report)
+    if job.dist.main and c.progress:
+        print("dlibbridge finetune: " + "; ".join(report.lines()), file=sys.stderr)
 
-    # -- main loop -----------------------------------------------------------------------
 
-    def run(self) -> dict:
-        c, dist = self.cfg, self.dist
-        ckpt_path = self.run_dir / CHECKPOINT_FILE
-        if self.resume and ckpt_path.is_file():
-            self.load_state(torch.load(ckpt_path, map_location=self.device, weights_only=True))
-        elif self.resume and dist.main:
-            print(f"dlibbridge finetune: {self.run_dir} has no checkpoint yet; starting it from step 0",
-                  file=sys.stderr)
-        if not self.initialised:
-            self.write_config()
-            if c.bn == "train":
-                self.calibrate_bn()
-            self.init_head()
-            rec = self.validate()          # the base model's numbers, for comparison
-            if rec is not None:
-                self.after_validation(rec)
-            self.initialised = True
-            self.checkpoint()
+def init_head(job: Job, per_class: int = 4) -> None:
+    """Classifier heads (arcface/cosface) start at each training identity's mean base
+    embedding over up to ``per_class`` un-augmented images (see
+    ``NormalizedClassifier.init_from_centres``).  Every rank computes the same centres."""
+    head = getattr(job.loss_fn, "head", None)
+    if head is None:
+        return
+    rows = job.split.train_rows
+    rng = np.random.default_rng([job.cfg.seed, 1299709])
+    pick, owner = [], []
+    for cls in range(len(job.split.train_classes)):
+        mine = rows[job.dataset.targets == cls]
+        chosen = np.sort(rng.choice(mine, size=min(per_class, len(mine)), replace=False))
+        pick.extend(chosen.tolist())
+        owner.extend([cls] * len(chosen))
+    emb = embed_chips(job.model, job.store.chips, job.device, rows=np.asarray(pick), amp_dtype=job.amp_dtype)
+    emb = F.normalize(torch.from_numpy(emb), dim=1)
+    centres = torch.zeros(head.weight.shape).index_add_(0, torch.tensor(owner), emb)
+    head.init_from_centres(centres.to(head.weight.device))
 
-        with _GracefulStop() as stop_request:
-            self.train_loop(stop_request)
-        # Final validation (unless the last step closed an epoch that was just validated).
-        if not self.val_log or self.val_log[-1]["step"] != self.step:
-            rec = self.validate()
-            if rec is not None:
-                self.after_validation(rec)
-        self.checkpoint()
-        summary = self.export() if dist.main else {}
-        dist.barrier()
-        return summary
 
-    def train_loop(self, stop_request: "_GracefulStop") -> None:
-        c, dist = self.cfg, self.dist
-        bar = None
-        if dist.main and c.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                       file=sys.stderr, desc="finetune")
-        images_per_step = c.identities_per_batch * c.images_per_identity
-        stop = self.step >= self.total_steps
-        try:
-            while not stop:
-                set_train_mode(self.model, c.bn == "train", self.frozen)
-                t_last = time.perf_counter()
-                for chips, labels in self.loader(self.epoch, self.batch_in_epoch):
-                    rec = self.train_step(chips, labels, lr_factor(self.step, self.total_steps, c))
-                    now = time.perf_counter()
-                    dt, t_last = now - t_last, now
-                    self.elapsed += dt
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    rec.update(step=self.step, epoch=self.epoch,
-                               lr=c.lr * lr_factor(self.step - 1, self.total_steps, c),
-                               images_per_s=images_per_step / dt if dt > 0 else None,
-                               elapsed_s=round(self.elapsed, 3))
-                    self.step_log.append(rec)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
-                                        epoch=self.epoch)
-                    if self.step >= self.total_steps:
+def validate(job: Job, state: dict) -> dict | None:
+    """Verification metrics on the held-out identities (rank 0 measures, every rank gets them)."""
+    if len(job.split.val_rows) == 0:
+        return None
+    rec = None
+    if job.dist.main:
+        c, rows = job.cfg, job.split.val_rows
+        if len(rows) > c.val_max_images:
+            rng = np.random.default_rng([c.seed, 15485863])
+            rows = np.sort(rng.choice(rows, c.val_max_images, replace=False))
+        emb = embed_chips(job.model, job.store.chips, job.device, rows=rows, amp_dtype=job.amp_dtype)
+        rec = {"step": state["step"], "epoch": state["epoch"],
+               **verification_summary(emb, np.asarray(job.store.labels)[rows], c.select_far)}
+    return job.dist.broadcast_obj(rec)
+
+
+def record_validation(job: Job, state: dict, rec: dict) -> bool:
+    """Record, keep the best, and say whether to stop early."""
+    c = job.cfg
+    state["val_log"].append(rec)
+    score = rec[c.select_metric]
+    if state["best"] is None or score > state["best"]["score"]:
+        state["best"] = {"score": score, "step": state["step"], "metric": c.select_metric, "validation": rec}
+        state["stale_validations"] = 0
+        if job.dist.main:
+            save_torch(job.model, job.run_dir / BEST_FILE)
+    else:
+        state["stale_validations"] += 1
+    return c.patience is not None and state["stale_validations"] >= c.patience
+
+
+def train_step(job: Job, state: dict, chips: torch.Tensor, labels: torch.Tensor) -> dict:
+    """One optimiser step over a global batch (this rank's share, in ``accumulate`` micro-batches)."""
+    c = job.cfg
+    chips = chips.to(job.device, non_blocking=True)
+    labels = labels.to(job.device, non_blocking=True)
+    task_total, distill_total = 0.0, 0.0
+    n_micro = c.accumulate
+    for m in range(n_micro):
+        x = chips[m * job.micro:(m + 1) * job.micro]
+        y = labels[m * job.micro:(m + 1) * job.micro]
+        last = m == n_micro - 1
+        sync = job.module.no_sync() if (job.dist.world > 1 and not last) else contextlib.nullcontext()
+        with sync:
+            task, emb = job.module(x, y, job.amp_dtype)
+            loss = task
+            if job.teacher is not None:
+                with torch.no_grad(), torch.autocast(job.device.type, dtype=job.amp_dtype or torch.float32,
+                                                     enabled=job.amp_dtype is not None):
+                    target = job.teacher(x).float()
+                dl = ((emb - target) ** 2).sum(1).mean()
+                loss = loss + c.distill * dl
+                distill_total += float(dl.detach())
+            job.scaler.scale(loss / n_micro).backward()
+        task_total += float(task.detach())
+    if not math.isfinite(task_total):
+        raise FinetuneError(f"loss became {task_total} at step {state['step']}; lower --lr "
+                            "(the last checkpoint is intact, fix the config and start a new run)")
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scheduler.step()
+    task_mean = job.dist.mean(task_total / n_micro)
+    distill_mean = job.dist.mean(distill_total / n_micro) if job.teacher is not None else None
+    return {"task_loss": task_mean, "distill_loss": distill_mean,
+            "loss": task_mean + (c.distill * distill_mean if distill_mean is not None else 0.0)}
+
+
+def _run(job: Job) -> dict:
+    """The whole job: resume or start (baseline validation), fit, final validation, export."""
+    ckpt_path = job.run_dir / CHECKPOINT_FILE
+    state = new_state()
+    if job.resume and ckpt_path.is_file():
+        state = load_checkpoint(job, torch.load(ckpt_path, map_location=job.device, weights_only=True))
+    elif job.resume and job.dist.main:
+        print(f"dlibbridge finetune: {job.run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
+    if not state["initialised"]:
+        write_config(job)
+        if job.cfg.bn == "train":
+            calibrate_bn(job, state)
+        init_head(job)
+        rec = validate(job, state)          # the base model's numbers, for comparison
+        if rec is not None:
+            record_validation(job, state, rec)
+        state["initialised"] = True
+        checkpoint(job, state)
+
+    with _GracefulStop() as stop_request:
+        fit(job, state, stop_request)
+    # Final validation (unless the last step closed an epoch that was just validated).
+    if not state["val_log"] or state["val_log"][-1]["step"] != state["step"]:
+        rec = validate(job, state)
+        if rec is not None:
+            record_validation(job, state, rec)
+    checkpoint(job, state)
+    summary = export(job, state) if job.dist.main else {}
+    job.dist.barrier()
+    return summary
+
+
+def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
+    """Train from ``state`` to the last step: checkpoints every N steps and at epoch ends,
+    validation every E epochs, early stopping; a stop request checkpoints and interrupts."""
+    c, dist = job.cfg, job.dist
+    bar = None
+    if dist.main and c.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=job.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
+                   file=sys.stderr, desc="finetune")
+    images_per_step = c.identities_per_batch * c.images_per_identity
+    stop = state["step"] >= job.total_steps
+    try:
+        while not stop:
+            set_train_mode(job.model, c.bn == "train", job.frozen)
+            t_last = time.perf_counter()
+            for chips, labels in loader(job, state["epoch"], state["batch_in_epoch"]):
+                lr = c.lr * lr_factor(state["step"], job.total_steps, c)
+                rec = train_step(job, state, chips, labels)
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                state["elapsed"] += dt
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                rec.update(step=state["step"], epoch=state["epoch"], lr=lr,
+                           images_per_s=images_per_step / dt if dt > 0 else None,
+                           elapsed_s=round(state["elapsed"], 3))
+                state["step_log"].append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}",
+                                    epoch=state["epoch"])
+                if state["step"] >= job.total_steps:
+                    stop = True
+                    break
+                if dist.any(stop_request.requested):
+                    checkpoint(job, state)
+                    raise KeyboardInterrupt
+                if state["step"] % c.checkpoint_every == 0 and state["batch_in_epoch"] < job.steps_per_epoch:
+                    checkpoint(job, state)
+            if state["batch_in_epoch"] >= job.steps_per_epoch:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                if state["epoch"] % c.val_every == 0 and not stop:
+                    rec = validate(job, state)
+                    if rec is not None and record_validation(job, state, rec):
+                        if dist.main:
+                            print(f"dlibbridge finetune: early stop: {c.patience} validation(s) "
+                                  f"without improvement of {c.select_metric}", file=sys.stderr)
                         stop = True
-                        break
-                    if dist.any(stop_request.requested):
-                        self.checkpoint()
-                        raise KeyboardInterrupt
-                    if self.step % c.checkpoint_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
-                        self.checkpoint()
-                if self.batch_in_epoch >= self.steps_per_epoch:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    if self.epoch % c.val_every == 0 and not stop:
-                        rec = self.validate()
-                        if rec is not None and self.after_validation(rec):
-                            if dist.main:
-                                print(f"dlibbridge finetune: early stop: {c.patience} validation(s) "
-                                      f"without improvement of {c.select_metric}", file=sys.stderr)
-                            stop = True
-                    self.checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
+                checkpoint(job, state)
+    finally:
+        if bar is not None:
+            bar.close()
 
-    # -- outputs -------------------------------------------------------------------------
 
-    def export(self) -> dict:
-        from ..port.export import export_onnx
-        from ..port.checkpoint import load_torch
-        from ..port.convert import to_dlib
-        c = self.cfg
-        model = self.model
-        exported_step = self.step
-        if c.export == "best" and self.best is not None and self.best["step"] != self.step:
-            model = load_torch(self.run_dir / BEST_FILE)
-            exported_step = self.best["step"]
-        model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-        out = self.run_dir
-        to_dlib(model, out / "model.dat", trainable=False)
-        to_dlib(model, out / "model_trainable.dat", trainable=True)
-        save_torch(model, out / "model.pt")
-        files = ["model.dat", "model_trainable.dat", "model.pt"]
-        onnx_diff = None
-        if c.onnx:
-            # export_onnx writes the deployed form (batch-norm folded exactly as model.dat holds it).
-            onnx_diff = export_onnx(model, out / "model.onnx")
-            files.append("model.onnx")
-        check = dlib_export_check(model, out / "model.dat", self.store,
-                                  self.split.val_rows if len(self.split.val_rows) else self.split.train_rows)
-        images = self.step * c.identities_per_batch * c.images_per_identity
-        summary = {"exported_step": exported_step, "final_step": self.step, "total_steps": self.total_steps,
-                   "epochs_completed": self.epoch, "best": self.best, "files": files,
-                   "export_check": check, "onnx_max_abs_diff": onnx_diff, "bn_calibration": self.calibration,
-                   "train_elapsed_s": round(self.elapsed, 3),
-                   "train_images_per_s": images / self.elapsed if self.elapsed > 0 else None,
-                   "baseline": self.val_log[0] if self.val_log and self.val_log[0]["step"] == 0 else None}
-        write_run_json(out / "summary.json", summary)
-        return summary
+def export(job: Job, state: dict) -> dict:
+    """model.dat, model_trainable.dat, model.pt (and model.onnx) of the best or last weights,
+    checked in dlib; returns the summary written to summary.json."""
+    from ..port.export import export_onnx
+    from ..port.checkpoint import load_torch
+    from ..port.convert import to_dlib
+    c, best, step = job.cfg, state["best"], state["step"]
+    model, exported_step = job.model, step
+    if c.export == "best" and best is not None and best["step"] != step:
+        model = load_torch(job.run_dir / BEST_FILE)
+        exported_step = best["step"]
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    out = job.run_dir
+    to_dlib(model, out / "model.dat", trainable=False)
+    to_dlib(model, out / "model_trainable.dat", trainable=True)
+    save_torch(model, out / "model.pt")
+    files = ["model.dat", "model_trainable.dat", "model.pt"]
+    onnx_diff = None
+    if c.onnx:
+        # export_onnx writes the deployed form (batch-norm folded exactly as model.dat holds it).
+        onnx_diff = export_onnx(model, out / "model.onnx")
+        files.append("model.onnx")
+    check = dlib_export_check(model, out / "model.dat", job.store,
+                              job.split.val_rows if len(job.split.val_rows) else job.split.train_rows)
+    images = step * c.identities_per_batch * c.images_per_identity
+    val_log, elapsed = state["val_log"], state["elapsed"]
+    summary = {"exported_step": exported_step, "final_step": step, "total_steps": job.total_steps,
+               "epochs_completed": state["epoch"], "best": best, "files": files,
+               "export_check": check, "onnx_max_abs_diff": onnx_diff, "bn_calibration": state["calibration"],
+               "train_elapsed_s": round(elapsed, 3),
+               "train_images_per_s": images / elapsed if elapsed > 0 else None,
+               "baseline": val_log[0] if val_log and val_log[0]["step"] == 0 else None}
+    write_run_json(out / "summary.json", summary)
+    return summary
 
 
 def dlib_export_check(model: nn.Module, dat_path: Path, store, rows: np.ndarray, n: int = 3) -> dict:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..errors import DlibbridgeError
+from .config import LOSSES
 
 __all__ = [
     "BatchCompositionError", "check_pairs", "metric_loss_and_gradient", "MetricLoss",
@@ -293,7 +294,6 @@ class TripletLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------
 
-LOSSES = ("metric", "arcface", "cosface", "triplet")
 
 
 def make_loss(name: str, num_classes: int | None = None, *, dim: int = 128,
