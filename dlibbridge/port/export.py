@@ -8,6 +8,7 @@ The .dat export and its parity check in dlib itself are :mod:`dlibbridge.port.co
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -31,20 +32,34 @@ def _generic_inputs(net: DlibNet, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, h, w), generator=g).to(torch.float32)
 
 
+def _onnx_bytes(m: nn.Module, example: torch.Tensor, input_name: str, output_name: str, dims: dict) -> bytes:
+    """The ``torch.export``-based ONNX exporter (``dynamo=True``, torch's supported one; the
+    TorchScript-based exporter is deprecated), dimensions ``dims`` of the input dynamic.  Its
+    notices (optional torchvision ops, pytree deprecations) are not the user's concern."""
+    import logging
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(m, (example,), dynamo=True, input_names=[input_name],
+                                        output_names=[output_name], dynamic_shapes=(dims,), verbose=False)
+    finally:
+        log.setLevel(level)
+    return program.model_proto.SerializeToString()
+
+
 def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
     import copy
 
     import onnxruntime as ort
 
     m = copy.deepcopy(net).to("cpu").eval()
-    axes = {0: "batch"} if net.input.size else {0: "batch", 2: "height", 3: "width"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (_generic_inputs(m, 2, 1),), buf, dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["output"],
-                          dynamic_axes={"images": axes, "output": {0: "batch"}})
-    data = buf.getvalue()
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if not net.input.size:
+        dims.update({2: torch.export.Dim("height", min=32), 3: torch.export.Dim("width", min=32)})
+    data = _onnx_bytes(m, _generic_inputs(m, 2, 1), "images", "output", dims)
     x = _generic_inputs(m, 3, 0)
     got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     with torch.inference_mode():
@@ -57,18 +72,18 @@ def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
 
 
 def check_onnx_installed(option: str = "--onnx") -> None:
-    """ONNX export needs the optional ``onnx`` extra (onnx, onnxruntime); say so before any
-    work instead of failing deep inside torch's exporter."""
+    """ONNX export needs the optional ``onnx`` extra (onnx, onnxscript for torch's exporter,
+    onnxruntime for the check); say so before any work instead of failing deep inside torch."""
     import importlib
     missing = []
-    for name in ("onnx", "onnxruntime"):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
         try:
             importlib.import_module(name)
         except ImportError:
             missing.append(name)
     if missing:
         raise ExportCheckError(f"{option} needs the package{'s' if len(missing) > 1 else ''} "
-                               f"{' and '.join(missing)}: pip install 'dlibbridge[onnx]'")
+                               f"{', '.join(missing)}: pip install 'dlibbridge[onnx]'")
 
 
 def _checked_write(kind: str, data: bytes, run: Callable, m: nn.Module, path, atol: float) -> float:
@@ -84,9 +99,8 @@ def _checked_write(kind: str, data: bytes, run: Callable, m: nn.Module, path, at
 
 
 def export_onnx(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) -> float:
-    """ONNX graph (opset 17), input ``chips``, output ``descriptors``, checked with
-    onnxruntime; returns max |Δ| vs the torch module.  The TorchScript-based exporter
-    (``dynamo=False``): the dynamo exporter needs the onnxscript package, not a dependency."""
+    """ONNX graph, input ``chips``, output ``descriptors``, checked with onnxruntime;
+    returns max |Δ| vs the torch module."""
     if isinstance(getattr(module, "_orig_mod", module), DlibNet):
         # any other dlib network: input ``images`` (N,3,H,W) RGB 0–255, output the tensor
         # dlib's loss reads; the returned difference is relative to max(1, max |output|)
@@ -94,13 +108,8 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) 
     import onnxruntime as ort
 
     m = _export_copy(module)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the legacy exporter's deprecation/tracer notices
-        torch.onnx.export(m, (check_chips(2, 1, tuple(m.config["input_size"])),), buf, dynamo=False,
-                          opset_version=17, input_names=["chips"], output_names=["descriptors"],
-                          dynamic_axes={"chips": {0: "batch"}, "descriptors": {0: "batch"}})
-    data = buf.getvalue()
+    data = _onnx_bytes(m, check_chips(2, 1, tuple(m.config["input_size"])), "chips", "descriptors",
+                       {0: torch.export.Dim("batch", min=1)})
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return _checked_write("ONNX", data, lambda x: sess.run(None, {"chips": x.numpy()})[0], m, path, atol)
 
