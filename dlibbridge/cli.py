@@ -285,6 +285,9 @@ def _add_finetune(sub) -> None:
                    help="cross-quality term: student(degraded) to teacher(clean) (default 1)")
     g.add_argument("--relational-weight", type=float, default=S, metavar="W",
                    help="relational guard: the teacher's pairwise distances of the clean batch (default 1)")
+    g.add_argument("--train-until", default=S, choices=("level4", "level3", "level2", "level1", "level0"),
+                   help="last trained level of a camera run; the levels above it and the fc stay the base's "
+                        "(default: the recipe's, docs/finetune.md)")
     g.add_argument("--camera-versions", type=int, default=S, metavar="N",
                    help="degraded versions cached per training chip (default 4)")
     g.add_argument("--clean-limit", type=float, default=S, metavar="F",

@@ -200,9 +200,10 @@ def run(args) -> None:
     t0 = time.perf_counter()
     times = {}
     cam = CAMERAS[args.camera]
-    if args.sampler == "estimated":
+    if args.sampler in ("estimated", "photos"):
         from dlibbridge.data import camera
-        sampler = camera.load_camera(WORK / f"camera-{args.camera}.json").degradations()
+        suffix = "-photos" if args.sampler == "photos" else ""
+        sampler = camera.load_camera(WORK / f"camera-{args.camera}{suffix}.json").degradations()
     elif args.spread > 0:
         sampler = camera_range_fn(cam, args.spread)
     else:
@@ -222,6 +223,7 @@ def run(args) -> None:
                           identities=args.P, per_identity=args.K, lr=args.lr, w_identity=args.w_id,
                           w_xq=args.w_xq, w_relational=args.w_rel, w_same=args.w_same, seed=args.seed,
                           clean_in_identity=not args.no_clean, w_bank=args.w_bank, bank_tau=args.bank_tau,
+                          train_until=args.train_until, w_xrel=args.w_xrel, w_bankrel=args.w_bankrel,
                           xq_distance=args.xq_distance)
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
@@ -371,7 +373,7 @@ def product(args) -> None:
                 cv2.imwrite(str(folder / f"{i:05d}.png"),
                             cv2.cvtColor(f(tr_c[i], np.random.default_rng((7, int(i)))), cv2.COLOR_RGB2BGR))
         extra["target_photos"] = str(folder)
-    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}.json"),
+    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}{'-photos' if args.profile == 'photos' else ''}.json"),
                                     seed=args.seed, progress=True, **extra)
     t = time.perf_counter()
     summary = finetune(cfg, resume=(run_dir / "config.json").is_file())
@@ -454,6 +456,8 @@ def main() -> int:
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-photos", action="store_true", help="also adapt to 300 unlabeled target chips")
+    p.add_argument("--profile", default="chips", choices=["chips", "photos"],
+                   help="the camera profile `estimate` measured on degraded chips or on the camera's photos")
     p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("estimate")
@@ -464,11 +468,12 @@ def main() -> int:
     p.add_argument("name")
     p.add_argument("--method", default="xq", choices=["xq", "degrade", "adabn", "xq+adabn"])
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
-    p.add_argument("--sampler", default="range", choices=["range", "estimated"],
+    p.add_argument("--sampler", default="range", choices=["range", "estimated", "photos"],
                    help="training degradations: the true camera with each parameter ±spread, or "
-                        "sampled from the profile `estimate` measured on unlabeled chips")
+                        "sampled from the profile `estimate` measured on unlabeled chips / photos")
     p.add_argument("--spread", type=float, default=0.25)
     p.add_argument("--train-from", default="level1")
+    p.add_argument("--train-until", default=None, help="last trained stage (default: all above, and the fc)")
     p.add_argument("--versions", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-P", type=int, default=16)
@@ -481,6 +486,8 @@ def main() -> int:
     p.add_argument("--no-clean", action="store_true")
     p.add_argument("--w-bank", type=float, default=0.0)
     p.add_argument("--bank-tau", type=float, default=0.05)
+    p.add_argument("--w-xrel", type=float, default=0.0)
+    p.add_argument("--w-bankrel", type=float, default=0.0)
     p.add_argument("--xq-distance", default="squared", choices=["squared", "cosine"])
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--adabn-upto", default=None)

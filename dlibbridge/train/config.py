@@ -86,6 +86,7 @@ class FinetuneConfig:
     xq_weight: float = 1.0                   # cross-quality term (camera runs)
     relational_weight: float = 1.0           # relational guard (camera runs)
     camera_versions: int = 4                 # degraded versions cached per training chip
+    train_until: str | None = None           # camera runs: last trained level; the levels above and the fc stay the base's
     clean_limit: float = 0.01                # camera runs: most clean TAR@FAR a selected step may lose
 
     @classmethod
@@ -143,11 +144,18 @@ class FinetuneConfig:
             bad(f"--select-metric {self.select_metric!r}: the domain is one of {', '.join(SELECT_DOMAINS)}")
         if self.target_photos and not self.camera:
             bad("--target-photos adapts a camera run: give --camera camera.json too")
+        if self.train_until and not self.camera:
+            bad("--train-until applies to camera runs: give --camera camera.json too")
         if self.camera:
             if self.freeze_until == "none":
                 bad("--camera trains on cached features of frozen lower levels: --freeze-until must name a level")
             if self.freeze_until == "level0":
                 bad("--freeze-until level0 leaves only the fc to train; a camera run needs level0 trainable at least")
+            if self.train_until is not None and (
+                    self.train_until not in FREEZE_LEVELS[2:]
+                    or FREEZE_LEVELS.index(self.train_until) <= FREEZE_LEVELS.index(self.freeze_until)):
+                bad(f"--train-until {self.train_until!r}: a level above --freeze-until {self.freeze_until} "
+                    f"(one of {', '.join(FREEZE_LEVELS[FREEZE_LEVELS.index(self.freeze_until) + 1:])})")
             if self.camera_versions < 1 or self.xq_weight < 0 or self.relational_weight < 0 or self.clean_limit < 0:
                 bad("--camera-versions must be >= 1; --xq-weight, --relational-weight and --clean-limit >= 0")
         if self.export not in ("best", "last"):

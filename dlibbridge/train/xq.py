@@ -80,6 +80,8 @@ def embed_chips(model: FaceResNet, chips: np.ndarray, batch: int = 64) -> np.nda
 class XQConfig:
     """Settings of a cross-quality run (every field has the default the benchmark chose)."""
     train_from: str = "level1"       # first trained stage; the ones below are frozen and cached
+    train_until: str | None = None   # last trained stage (None: every stage from train_from, and the fc);
+                                     # the stages above it stay the base's (gradients pass through them)
     versions: int = 4                # degraded versions cached per training chip
     steps: int = 600
     identities: int = 16             # P identities × K chips per step
@@ -92,6 +94,8 @@ class XQConfig:
     w_relational: float = 1.0
     w_same: float = 0.0
     w_bank: float = 0.0              # cross-quality retrieval among every training chip's teacher descriptor
+    w_xrel: float = 0.0              # degraded batch's distance matrix vs the teacher's clean one
+    w_bankrel: float = 0.0           # degraded face's distances to every bank descriptor vs its clean teacher's
     bank_tau: float = 0.05           # its temperature, in squared descriptor distance
     xq_distance: str = "squared"     # cross-quality distance: squared | cosine
     clean_in_identity: bool = True   # the clean versions also go through the identity loss
@@ -168,10 +172,17 @@ def xq_losses(s_deg: torch.Tensor, s_clean: torch.Tensor, t_clean: torch.Tensor,
         xq = (s_deg - t_clean).pow(2).sum(1).mean()
     rel = (_pdist(s_clean) - _pdist(t_clean)).pow(2).mean()
     same = (s_clean - t_clean).pow(2).sum(1).mean()
-    ret = bank_loss(s_deg, *bank, labels, cfg.bank_tau) if bank is not None and cfg.w_bank > 0 else torch.zeros(())
+    zero = torch.zeros(())
+    ret = bank_loss(s_deg, *bank, labels, cfg.bank_tau) if bank is not None and cfg.w_bank > 0 else zero
+    xrel = (_pdist(s_deg) - _pdist(t_clean)).pow(2).mean() if cfg.w_xrel > 0 else zero
+    bankrel = zero
+    if bank is not None and cfg.w_bankrel > 0:
+        b = bank[0].to(s_deg.dtype)
+        bankrel = (torch.cdist(s_deg, b) - torch.cdist(t_clean, b)).pow(2).mean()
     total = (cfg.w_identity * ident + cfg.w_xq * xq + cfg.w_relational * rel + cfg.w_same * same
-             + cfg.w_bank * ret)
-    return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same, "bank": ret}
+             + cfg.w_bank * ret + cfg.w_xrel * xrel + cfg.w_bankrel * bankrel)
+    return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same, "bank": ret,
+            "xrel": xrel, "bankrel": bankrel}
 
 
 class XQTrainer:
@@ -185,7 +196,8 @@ class XQTrainer:
         self.cfg, self.cache = cfg, cache
         self.student = copy.deepcopy(base)
         names = stages(self.student)
-        trained = names[names.index(cfg.train_from):] + ["fc"]
+        trained = (names[names.index(cfg.train_from):] + ["fc"] if cfg.train_until is None
+                   else names[names.index(cfg.train_from):names.index(cfg.train_until) + 1])
         for p in self.student.parameters():
             p.requires_grad_(False)
         params = [p for n in trained for p in getattr(self.student, n).parameters()]
@@ -252,7 +264,7 @@ def train_xq(base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig, *
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         if log and row["step"] % 50 == 0:
-            log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same", "bank"))
+            log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same", "bank", "xrel", "bankrel"))
                 + f" step {row['step']} {row['seconds']:.0f} s")
     for p in tr.student.parameters():
         p.requires_grad_(False)
