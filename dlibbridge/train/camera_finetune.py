@@ -77,7 +77,7 @@ class _CameraJob:
         self.train_from = _train_from(cfg, self.base)
         self.xcfg = xq.XQConfig(
             train_from=self.train_from, train_until=cfg.train_until, versions=cfg.camera_versions, steps=cfg.max_steps or CAMERA_RECIPE["max_steps"],
-            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or 1e-5,
+            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or CAMERA_RECIPE["lr"],
             weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay,
             warmup=20 if cfg.warmup_steps is None else cfg.warmup_steps, w_xq=cfg.xq_weight,
             w_relational=cfg.relational_weight, w_same=cfg.distill, seed=cfg.seed)
