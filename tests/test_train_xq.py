@@ -137,3 +137,18 @@ def test_cache_and_training_step_shapes(deployed, johns_chips):
     # lower stages untouched, the trained stage moved
     assert torch.equal(student.level1[0].branch1.conv.weight, deployed.level1[0].branch1.conv.weight)
     assert not torch.equal(student.level0[0].branch1.conv.weight, deployed.level0[0].branch1.conv.weight)
+
+
+def test_train_until_keeps_the_levels_above(deployed, johns_chips):
+    """``train_until``: only the named block learns; the levels above it and the fc stay the
+    base's although the loss is taken on the descriptors they compute."""
+    chips = johns_chips[2][:20]
+    labels = np.unique(np.asarray(johns_chips[1][:20]), return_inverse=True)[1]
+    cfg = xq.XQConfig(train_from="level1", train_until="level1", versions=2, steps=2, identities=2,
+                      per_identity=2, warmup=1, lr=1e-3)
+    cache = xq.build_cache(deployed, chips, lambda c, r: c // 2 + 10, cfg)
+    student, _ = xq.train_xq(deployed, cache, labels, cfg)
+    assert not torch.equal(student.level1[0].branch1.conv.weight, deployed.level1[0].branch1.conv.weight)
+    for name in ("level0", "fc"):
+        for a, b in zip(getattr(student, name).parameters(), getattr(deployed, name).parameters()):
+            assert torch.equal(a, b), name

@@ -16,6 +16,14 @@ has the formulas with a worked example):
 * **same-input** — ``mean_i ‖s(clean_i) − t(clean_i)‖²`` (what ``--distill`` was before: the
   teacher on the student's own, clean input).
 
+Three more terms, off by default (weight 0), were measured as alternatives to the squared
+cross-quality term and lost or tied on the benchmark (docs/benchmarks.md), so ``finetune
+--camera`` does not expose them; ``tools/bench_camera_finetune.py run`` does: **bank** —
+retrieval of each degraded face's own clean teacher descriptor among every other person's
+(:func:`bank_loss`); **xrel** — the degraded batch's distance matrix against the teacher's clean
+one; **bankrel** — a degraded face's distances to every bank descriptor against its clean
+teacher's.  ``xq_distance="cosine"`` swaps the squared distance for 1 − cos.
+
 CPU practicality: the lower levels are frozen, so their output for each (chip, degraded
 version) never changes; :func:`build_cache` runs them once per version and keeps the features,
 and training runs only the upper levels (``train_from`` and above) on the cached tensors —
