@@ -283,6 +283,8 @@ def _add_finetune(sub) -> None:
                    help="unlabeled aligned chips from the target camera: adapt batch-norm to them first")
     g.add_argument("--xq-weight", type=float, default=S, metavar="W",
                    help="cross-quality term: student(degraded) to teacher(clean) (default 1)")
+    g.add_argument("--xq-distance", default=S, choices=("squared", "cosine"),
+                   help="cross-quality distance: cosine (1 - cos; the --camera default) or squared")
     g.add_argument("--relational-weight", type=float, default=S, metavar="W",
                    help="relational guard: the teacher's pairwise distances of the clean batch (default 1)")
     g.add_argument("--train-until", default=S, choices=("level4", "level3", "level2", "level1", "level0"),

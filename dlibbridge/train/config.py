@@ -28,7 +28,8 @@ SELECT_DOMAINS = ("camera", "clean")
 #: rests on ~21 impostor pairs and its clean guard refused good steps.
 CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 1e-4,
                  "weight_decay": 1e-4, "freeze_until": "level3", "train_until": "level2", "distill": 1.0,
-                 "max_steps": 300, "warmup_steps": 20, "select_metric": "camera:tar@far", "select_far": 1e-2,
+                 "xq_distance": "cosine", "max_steps": 300, "warmup_steps": 20, "select_metric": "camera:tar@far",
+                 "select_far": 1e-2,
                  "checkpoint_every": 100}
 # Config fields that may differ on --resume without changing what is computed.
 RESUME_OVERRIDABLE = ("workers", "progress")
@@ -89,6 +90,7 @@ class FinetuneConfig:
     camera: str | None = None                # camera.json: run the cross-quality recipe for that camera
     target_photos: str | None = None         # unlabeled target-camera chips: batch-norm adaptation
     xq_weight: float = 1.0                   # cross-quality term (camera runs)
+    xq_distance: str = "squared"             # its distance: squared | cosine (1 - cos)
     relational_weight: float = 1.0           # relational guard (camera runs)
     camera_versions: int = 4                 # degraded versions cached per training chip
     train_until: str | None = None           # camera runs: last trained level; the levels above and the fc stay the base's
@@ -161,6 +163,8 @@ class FinetuneConfig:
                     or FREEZE_LEVELS.index(self.train_until) <= FREEZE_LEVELS.index(self.freeze_until)):
                 bad(f"--train-until {self.train_until!r}: a level above --freeze-until {self.freeze_until} "
                     f"(one of {', '.join(FREEZE_LEVELS[FREEZE_LEVELS.index(self.freeze_until) + 1:])})")
+            if self.xq_distance not in ("squared", "cosine"):
+                bad(f"--xq-distance {self.xq_distance!r}: choose squared or cosine")
             if self.camera_versions < 1 or self.xq_weight < 0 or self.relational_weight < 0 or self.clean_limit < 0:
                 bad("--camera-versions must be >= 1; --xq-weight, --relational-weight and --clean-limit >= 0")
         if self.export not in ("best", "last"):
