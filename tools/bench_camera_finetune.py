@@ -404,6 +404,25 @@ def eval_base(args) -> None:
         print(k, {a: round(b, 4) for a, b in v.items()})
 
 
+def fit(args) -> None:
+    """How well runs fit the people they trained on: TAR@FAR=1e-3, clean and camera ``--camera``,
+    on ``--ids`` training identities (at most 12 chips each), their chips degraded with another
+    seed than training used.  Set beside the test figures, it separates fitting from carrying
+    over to new people."""
+    torch.set_num_threads(args.threads)
+    tr_c, tr_l, _, _ = load_data()
+    ids = np.random.default_rng(0).permutation(np.unique(tr_l))[: args.ids]
+    rows = np.concatenate([np.flatnonzero(tr_l == i)[:12] for i in ids])
+    chips, labels = tr_c[rows], tr_l[rows]
+    doms = {"clean": chips, args.camera: degraded_set(chips, args.camera, seed=777)}
+    for name in args.names:
+        model = base_model()
+        if name != "base":
+            model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+        res = evaluate(model, doms, labels)
+        print(name, {k: round(v["tar_at_far_1e-3"] * 100, 2) for k, v in res.items()}, flush=True)
+
+
 COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
            ("accuracy_10fold", "10-fold", 100), ("accuracy_at_best", "acc@best", 100), ("best_threshold", "thr", 1))
 
@@ -460,6 +479,11 @@ def main() -> int:
                    help="the camera profile `estimate` measured on degraded chips or on the camera's photos")
     p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("fit")
+    p.add_argument("names", nargs="+", help="run names (`run`), or base")
+    p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
+    p.add_argument("--ids", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("estimate")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--source", default="chips", choices=["chips", "photos"])
@@ -496,7 +520,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
+    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
     return 0
 
 
