@@ -50,8 +50,8 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     thr = json.loads((run / "threshold.json").read_text())
     assert 0 < thr["threshold"] < 2 and thr["domain"] == "camera"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["freeze_until"] == "level2" and cfg["config"]["optimizer"] == "adamw"
-    assert cfg["recipe"]["train_from"] == "level1"
+    assert cfg["config"]["freeze_until"] == "level3" and cfg["config"]["optimizer"] == "adamw"
+    assert cfg["recipe"]["train_from"] == "level2" and cfg["recipe"]["train_until"] == "level2"
     for f in ("model.dat", "model.pt", "curves.png", "log.csv", "feature_cache.pt"):
         assert (run / f).is_file(), f
     # a finished run resumes to the same export

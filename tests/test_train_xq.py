@@ -49,6 +49,37 @@ def test_worked_example_of_docs():
     assert float(t["relational"]) == pytest.approx((np.hypot(0.6, 0.1) - 0.6) ** 2, rel=1e-5)
 
 
+def test_bank_term_matches_numpy_reference():
+    """Retrieval of each degraded face's own clean teacher descriptor among the other people's
+    (the person's other chips neither target nor negative)."""
+    g = np.random.default_rng(5)
+    bank = g.normal(0, 0.3, (12, 16))
+    bank_labels = np.repeat(np.arange(6), 2)
+    own = np.array([0, 3, 7, 10])
+    labels = bank_labels[own]
+    s = bank[own] + g.normal(0, 0.2, (4, 16))
+    tau = 0.07
+    ref = []
+    for i in range(4):
+        keep = (bank_labels != labels[i]) | (np.arange(12) == own[i])
+        logits = -((s[i] - bank) ** 2).sum(1) / tau
+        ref.append(np.log(np.exp(logits[keep]).sum()) - logits[own[i]])
+    got = xq.bank_loss(torch.from_numpy(s), torch.from_numpy(bank), torch.from_numpy(bank_labels),
+                       torch.from_numpy(own), torch.from_numpy(labels), tau)
+    assert float(got) == pytest.approx(float(np.mean(ref)), rel=1e-6)
+    cfg = xq.XQConfig(w_identity=0.0, w_xq=0.0, w_relational=0.0, w_bank=2.0, bank_tau=tau)
+    t = xq.xq_losses(torch.from_numpy(s), torch.from_numpy(s), torch.from_numpy(bank[own]), torch.from_numpy(labels),
+                     cfg, lambda e, l: torch.zeros(()),
+                     bank=(torch.from_numpy(bank), torch.from_numpy(bank_labels), torch.from_numpy(own)))
+    assert float(t["total"]) == pytest.approx(2.0 * float(np.mean(ref)), rel=1e-6)
+
+
+def test_cosine_cross_quality_ignores_scale():
+    tc = torch.tensor([[0.3, 0.4], [0.0, 1.0]])
+    t = xq.xq_losses(2 * tc, tc, tc, torch.tensor([0, 1]), xq.XQConfig(xq_distance="cosine"), lambda e, l: torch.zeros(()))
+    assert float(t["xq"]) == pytest.approx(0.0, abs=1e-7)
+
+
 def test_relational_term_ignores_a_rigid_motion():
     g = np.random.default_rng(3)
     tc = torch.from_numpy(g.normal(0, 0.1, (6, 128)).astype(np.float32))
@@ -106,3 +137,18 @@ def test_cache_and_training_step_shapes(deployed, johns_chips):
     # lower stages untouched, the trained stage moved
     assert torch.equal(student.level1[0].branch1.conv.weight, deployed.level1[0].branch1.conv.weight)
     assert not torch.equal(student.level0[0].branch1.conv.weight, deployed.level0[0].branch1.conv.weight)
+
+
+def test_train_until_keeps_the_levels_above(deployed, johns_chips):
+    """``train_until``: only the named block learns; the levels above it and the fc stay the
+    base's although the loss is taken on the descriptors they compute."""
+    chips = johns_chips[2][:20]
+    labels = np.unique(np.asarray(johns_chips[1][:20]), return_inverse=True)[1]
+    cfg = xq.XQConfig(train_from="level1", train_until="level1", versions=2, steps=2, identities=2,
+                      per_identity=2, warmup=1, lr=1e-3)
+    cache = xq.build_cache(deployed, chips, lambda c, r: c // 2 + 10, cfg)
+    student, _ = xq.train_xq(deployed, cache, labels, cfg)
+    assert not torch.equal(student.level1[0].branch1.conv.weight, deployed.level1[0].branch1.conv.weight)
+    for name in ("level0", "fc"):
+        for a, b in zip(getattr(student, name).parameters(), getattr(deployed, name).parameters()):
+            assert torch.equal(a, b), name

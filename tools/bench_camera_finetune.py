@@ -200,9 +200,10 @@ def run(args) -> None:
     t0 = time.perf_counter()
     times = {}
     cam = CAMERAS[args.camera]
-    if args.sampler == "estimated":
+    if args.sampler in ("estimated", "photos"):
         from dlibbridge.data import camera
-        sampler = camera.load_camera(WORK / f"camera-{args.camera}.json").degradations()
+        suffix = "-photos" if args.sampler == "photos" else ""
+        sampler = camera.load_camera(WORK / f"camera-{args.camera}{suffix}.json").degradations()
     elif args.spread > 0:
         sampler = camera_range_fn(cam, args.spread)
     else:
@@ -221,7 +222,9 @@ def run(args) -> None:
         cfg = xq.XQConfig(train_from=args.train_from, versions=args.versions, steps=args.steps,
                           identities=args.P, per_identity=args.K, lr=args.lr, w_identity=args.w_id,
                           w_xq=args.w_xq, w_relational=args.w_rel, w_same=args.w_same, seed=args.seed,
-                          clean_in_identity=not args.no_clean)
+                          clean_in_identity=not args.no_clean, w_bank=args.w_bank, bank_tau=args.bank_tau,
+                          train_until=args.train_until, w_xrel=args.w_xrel, w_bankrel=args.w_bankrel,
+                          xq_distance=args.xq_distance)
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
@@ -250,28 +253,80 @@ def run(args) -> None:
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
 
 
+def camera_photo_fn(p: dict):
+    """photo, chip-region width (px), rng → the photo as camera ``p`` would have taken it: the
+    same chain as :func:`camera_fn`, done on the whole photo at the scale where the chip region
+    spans ``side`` pixels (``side`` None: 150, the chip's own scale), written as a JPEG file at
+    the camera's quality.  This is what a user has: the camera's own files."""
+    def apply(photo: np.ndarray, region: float, rng: np.random.Generator) -> bytes:
+        scale = (p["side"] or 150) / region
+        h, w = photo.shape[:2]
+        img = cv2.resize(photo, (max(8, round(w * scale)), max(8, round(h * scale))),
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        if p["gray"]:
+            img = augment.to_grayscale(img)
+        img = augment.blur(img, p["blur"] * (p["side"] or 150) / 150)
+        img = add_noise(img, p["noise"], rng)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, p["jpeg"] or 95])
+        return buf.tobytes()
+    return apply
+
+
+def _chip_regions(rows: list[dict]) -> list[float]:
+    """Width of get_face_chip_details' region for each manifest row (its box and 5 landmarks)."""
+    import dlib
+    out = []
+    for r in rows:
+        pts = [int(v) for v in r["landmarks"].split()]
+        shape = dlib.full_object_detection(
+            dlib.rectangle(int(r["left"]), int(r["top"]), int(r["right"]), int(r["bottom"])),
+            [dlib.point(pts[i], pts[i + 1]) for i in range(0, len(pts), 2)])
+        out.append(dlib.get_face_chip_details(shape, 150, 0.25).rect.width())
+    return out
+
+
 def estimate(args) -> None:
     """The camera profile the runs may train with: ``dlibbridge camera``'s estimator on
-    ``--n`` chips of the *training* identities taken by each camera (unlabeled; the test
-    identities are never used), stored losslessly as PNG like an aligner's output."""
+    ``--n`` pictures of the *training* identities taken by each camera (unlabeled; the test
+    identities are never used).  ``--source chips``: aligned chips degraded by the camera,
+    stored losslessly as PNG like an aligner's output (``camera-X.json``); ``--source photos``:
+    the original photos as the camera would have written them, JPEG files
+    (``camera-X-photos.json``)."""
     from dlibbridge.data import camera
     tr_c, _, _, _ = load_data()
     rng = np.random.default_rng(args.seed)
     pick = rng.permutation(len(tr_c))[: args.n]
+    if args.source == "photos":
+        split = json.loads((WORK / "split.json").read_text())
+        chips_dir = Path(split["chips_dir"])
+        with open(chips_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("status") == "ok" and r["identity"] in set(split["train_ids"])]
+        rows = [rows[i] for i in rng.permutation(len(rows))[: args.n]]
+        regions = _chip_regions(rows)
+        photos_root = Path(split.get("photos_dir", REPO.parent / "shared" / "data" / "celeba-dev"))
     for cam in CAMERAS:
-        folder = WORK / f"camera-{cam}-chips"
-        folder.mkdir(exist_ok=True)
-        f = camera_fn(CAMERAS[cam])
-        for i in pick:
-            out = f(tr_c[i], np.random.default_rng((args.seed, 99, int(i))))
-            cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
         t = time.perf_counter()
+        if args.source == "photos":
+            folder = WORK / f"camera-{cam}-photos"
+            folder.mkdir(exist_ok=True)
+            f = camera_photo_fn(CAMERAS[cam])
+            for k, (r, region) in enumerate(zip(rows, regions)):
+                data = f(load_png(photos_root / r["source"]), region, np.random.default_rng((args.seed, 98, k)))
+                (folder / f"{k:05d}.jpg").write_bytes(data)
+            path = WORK / f"camera-{cam}-photos.json"
+        else:
+            folder = WORK / f"camera-{cam}-chips"
+            folder.mkdir(exist_ok=True)
+            f = camera_fn(CAMERAS[cam])
+            for i in pick:
+                out = f(tr_c[i], np.random.default_rng((args.seed, 99, int(i))))
+                cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+            path = WORK / f"camera-{cam}.json"
         profile = camera.measure_folder(folder)
-        path = WORK / f"camera-{cam}.json"
         path.unlink(missing_ok=True)
-        (WORK / f"camera-{cam}.png").unlink(missing_ok=True)
+        path.with_suffix(".png").unlink(missing_ok=True)
         camera.write_camera(profile, path)
-        print(f"camera {cam} (true {CAMERAS[cam]}), estimated in {time.perf_counter() - t:.0f} s:")
+        print(f"camera {cam} (true {CAMERAS[cam]}), {args.source}, estimated in {time.perf_counter() - t:.0f} s:")
         print(profile.summary())
 
 
@@ -318,7 +373,7 @@ def product(args) -> None:
                 cv2.imwrite(str(folder / f"{i:05d}.png"),
                             cv2.cvtColor(f(tr_c[i], np.random.default_rng((7, int(i)))), cv2.COLOR_RGB2BGR))
         extra["target_photos"] = str(folder)
-    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}.json"),
+    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}{'-photos' if args.profile == 'photos' else ''}.json"),
                                     seed=args.seed, progress=True, **extra)
     t = time.perf_counter()
     summary = finetune(cfg, resume=(run_dir / "config.json").is_file())
@@ -347,6 +402,25 @@ def eval_base(args) -> None:
     (WORK / "runs" / "base" / "result.json").write_text(json.dumps(res, indent=1))
     for k, v in res["metrics"].items():
         print(k, {a: round(b, 4) for a, b in v.items()})
+
+
+def fit(args) -> None:
+    """How well runs fit the people they trained on: TAR@FAR=1e-3, clean and camera ``--camera``,
+    on ``--ids`` training identities (at most 12 chips each), their chips degraded with another
+    seed than training used.  Set beside the test figures, it separates fitting from carrying
+    over to new people."""
+    torch.set_num_threads(args.threads)
+    tr_c, tr_l, _, _ = load_data()
+    ids = np.random.default_rng(0).permutation(np.unique(tr_l))[: args.ids]
+    rows = np.concatenate([np.flatnonzero(tr_l == i)[:12] for i in ids])
+    chips, labels = tr_c[rows], tr_l[rows]
+    doms = {"clean": chips, args.camera: degraded_set(chips, args.camera, seed=777)}
+    for name in args.names:
+        model = base_model()
+        if name != "base":
+            model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+        res = evaluate(model, doms, labels)
+        print(name, {k: round(v["tar_at_far_1e-3"] * 100, 2) for k, v in res.items()}, flush=True)
 
 
 COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
@@ -401,20 +475,29 @@ def main() -> int:
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-photos", action="store_true", help="also adapt to 300 unlabeled target chips")
+    p.add_argument("--profile", default="chips", choices=["chips", "photos"],
+                   help="the camera profile `estimate` measured on degraded chips or on the camera's photos")
     p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
+    p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("fit")
+    p.add_argument("names", nargs="+", help="run names (`run`), or base")
+    p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
+    p.add_argument("--ids", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("estimate")
     p.add_argument("--n", type=int, default=300)
+    p.add_argument("--source", default="chips", choices=["chips", "photos"])
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("run")
     p.add_argument("name")
     p.add_argument("--method", default="xq", choices=["xq", "degrade", "adabn", "xq+adabn"])
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
-    p.add_argument("--sampler", default="range", choices=["range", "estimated"],
+    p.add_argument("--sampler", default="range", choices=["range", "estimated", "photos"],
                    help="training degradations: the true camera with each parameter ±spread, or "
-                        "sampled from the profile `estimate` measured on unlabeled chips")
+                        "sampled from the profile `estimate` measured on unlabeled chips / photos")
     p.add_argument("--spread", type=float, default=0.25)
     p.add_argument("--train-from", default="level1")
+    p.add_argument("--train-until", default=None, help="last trained stage (default: all above, and the fc)")
     p.add_argument("--versions", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-P", type=int, default=16)
@@ -425,6 +508,11 @@ def main() -> int:
     p.add_argument("--w-rel", type=float, default=1.0)
     p.add_argument("--w-same", type=float, default=0.0)
     p.add_argument("--no-clean", action="store_true")
+    p.add_argument("--w-bank", type=float, default=0.0)
+    p.add_argument("--bank-tau", type=float, default=0.05)
+    p.add_argument("--w-xrel", type=float, default=0.0)
+    p.add_argument("--w-bankrel", type=float, default=0.0)
+    p.add_argument("--xq-distance", default="squared", choices=["squared", "cosine"])
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--adabn-upto", default=None)
     p.add_argument("--target-n", type=int, default=300)
@@ -432,7 +520,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "table": table}[args.cmd](args)
+    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
     return 0
 
 

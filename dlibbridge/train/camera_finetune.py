@@ -94,10 +94,10 @@ class _CameraJob:
         self.base = load_model(self.base_path, trainable=False)
         self.train_from = _train_from(cfg, self.base)
         self.xcfg = xq.XQConfig(
-            train_from=self.train_from, versions=cfg.camera_versions, steps=cfg.max_steps or CAMERA_RECIPE["max_steps"],
-            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or 1e-5,
+            train_from=self.train_from, train_until=cfg.train_until, versions=cfg.camera_versions, steps=cfg.max_steps or CAMERA_RECIPE["max_steps"],
+            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or CAMERA_RECIPE["lr"],
             weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay,
-            warmup=20 if cfg.warmup_steps is None else cfg.warmup_steps, w_xq=cfg.xq_weight,
+            warmup=20 if cfg.warmup_steps is None else cfg.warmup_steps, w_xq=cfg.xq_weight, xq_distance=cfg.xq_distance,
             w_relational=cfg.relational_weight, w_same=cfg.distill, seed=cfg.seed)
         self.timings: dict[str, float] = {}
 

@@ -16,6 +16,14 @@ has the formulas with a worked example):
 * **same-input** — ``mean_i ‖s(clean_i) − t(clean_i)‖²`` (what ``--distill`` was before: the
   teacher on the student's own, clean input).
 
+Three more terms, off by default (weight 0), were measured as alternatives to the squared
+cross-quality term and lost or tied on the benchmark (docs/benchmarks.md), so ``finetune
+--camera`` does not expose them; ``tools/bench_camera_finetune.py run`` does: **bank** —
+retrieval of each degraded face's own clean teacher descriptor among every other person's
+(:func:`bank_loss`); **xrel** — the degraded batch's distance matrix against the teacher's clean
+one; **bankrel** — a degraded face's distances to every bank descriptor against its clean
+teacher's.  ``xq_distance="cosine"`` swaps the squared distance for 1 − cos.
+
 CPU practicality: the lower levels are frozen, so their output for each (chip, degraded
 version) never changes; :func:`build_cache` runs them once per version and keeps the features,
 and training runs only the upper levels (``train_from`` and above) on the cached tensors —
@@ -42,7 +50,7 @@ from ..port.arch import DlibAffine, FaceResNet
 from .losses import MetricLoss
 
 __all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",
-           "XQTrainer", "train_xq", "adapt_batchnorm", "embed_chips"]
+           "bank_loss", "XQTrainer", "train_xq", "adapt_batchnorm", "embed_chips"]
 
 
 def stages(model: FaceResNet) -> list[str]:
@@ -80,6 +88,8 @@ def embed_chips(model: FaceResNet, chips: np.ndarray, batch: int = 64) -> np.nda
 class XQConfig:
     """Settings of a cross-quality run (every field has the default the benchmark chose)."""
     train_from: str = "level1"       # first trained stage; the ones below are frozen and cached
+    train_until: str | None = None   # last trained stage (None: every stage from train_from, and the fc);
+                                     # the stages above it stay the base's (gradients pass through them)
     versions: int = 4                # degraded versions cached per training chip
     steps: int = 600
     identities: int = 16             # P identities × K chips per step
@@ -91,6 +101,11 @@ class XQConfig:
     w_xq: float = 1.0
     w_relational: float = 1.0
     w_same: float = 0.0
+    w_bank: float = 0.0              # cross-quality retrieval among every training chip's teacher descriptor
+    w_xrel: float = 0.0              # degraded batch's distance matrix vs the teacher's clean one
+    w_bankrel: float = 0.0           # degraded face's distances to every bank descriptor vs its clean teacher's
+    bank_tau: float = 0.05           # its temperature, in squared descriptor distance
+    xq_distance: str = "squared"     # cross-quality distance: squared | cosine
     clean_in_identity: bool = True   # the clean versions also go through the identity loss
     seed: int = 0
 
@@ -135,18 +150,47 @@ def _pdist(e: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(d2[iu[0], iu[1]] + 1e-12)
 
 
+def bank_loss(s_deg: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, own: torch.Tensor,
+              labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-quality retrieval: each degraded descriptor must find its own chip's clean teacher
+    descriptor (row ``own`` of ``bank``) among those of every *other person's* training chips,
+    ``−log softmax_j(−‖s(dᵢ) − t_j‖² / τ)`` at j = own (the person's other chips are left out:
+    neither target nor negative).  Unlike the squared cross-quality term, which a network that
+    cannot recover identity satisfies by pulling degraded faces toward the mean of their
+    plausible clean ones (impostors collapse together), this term is smallest when a degraded
+    face is nearer its clean self than any impostor's clean face."""
+    d2 = torch.cdist(s_deg, bank.to(s_deg.dtype)).pow(2)
+    other_self = (bank_labels[None, :] == labels[:, None])
+    other_self[torch.arange(len(own)), own] = False
+    logits = (-d2 / tau).masked_fill(other_self, float("-inf"))
+    return nn.functional.cross_entropy(logits, own)
+
+
 def xq_losses(s_deg: torch.Tensor, s_clean: torch.Tensor, t_clean: torch.Tensor, labels: torch.Tensor,
-              cfg: XQConfig, metric: nn.Module) -> dict[str, torch.Tensor]:
-    """The four loss terms (unweighted) of one batch; ``total`` is their weighted sum."""
+              cfg: XQConfig, metric: nn.Module, bank: tuple | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms (unweighted) of one batch; ``total`` is their weighted sum.  ``bank`` is
+    (descriptors, their labels, each row's own index) for the retrieval term."""
     if cfg.clean_in_identity:
         ident = metric(torch.cat([s_deg, s_clean]), torch.cat([labels, labels]))
     else:
         ident = metric(s_deg, labels)
-    xq = (s_deg - t_clean).pow(2).sum(1).mean()
+    if cfg.xq_distance == "cosine":
+        xq = (1 - nn.functional.cosine_similarity(s_deg, t_clean, dim=1)).mean()
+    else:
+        xq = (s_deg - t_clean).pow(2).sum(1).mean()
     rel = (_pdist(s_clean) - _pdist(t_clean)).pow(2).mean()
     same = (s_clean - t_clean).pow(2).sum(1).mean()
-    total = cfg.w_identity * ident + cfg.w_xq * xq + cfg.w_relational * rel + cfg.w_same * same
-    return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same}
+    zero = torch.zeros(())
+    ret = bank_loss(s_deg, *bank, labels, cfg.bank_tau) if bank is not None and cfg.w_bank > 0 else zero
+    xrel = (_pdist(s_deg) - _pdist(t_clean)).pow(2).mean() if cfg.w_xrel > 0 else zero
+    bankrel = zero
+    if bank is not None and cfg.w_bankrel > 0:
+        b = bank[0].to(s_deg.dtype)
+        bankrel = (torch.cdist(s_deg, b) - torch.cdist(t_clean, b)).pow(2).mean()
+    total = (cfg.w_identity * ident + cfg.w_xq * xq + cfg.w_relational * rel + cfg.w_same * same
+             + cfg.w_bank * ret + cfg.w_xrel * xrel + cfg.w_bankrel * bankrel)
+    return {"total": total, "identity": ident, "xq": xq, "relational": rel, "same": same, "bank": ret,
+            "xrel": xrel, "bankrel": bankrel}
 
 
 class XQTrainer:
@@ -160,7 +204,8 @@ class XQTrainer:
         self.cfg, self.cache = cfg, cache
         self.student = copy.deepcopy(base)
         names = stages(self.student)
-        trained = names[names.index(cfg.train_from):] + ["fc"]
+        trained = (names[names.index(cfg.train_from):] + ["fc"] if cfg.train_until is None
+                   else names[names.index(cfg.train_from):names.index(cfg.train_until) + 1])
         for p in self.student.parameters():
             p.requires_grad_(False)
         params = [p for n in trained for p in getattr(self.student, n).parameters()]
@@ -175,6 +220,9 @@ class XQTrainer:
         self.ids = np.array(sorted(self.groups))
         if len(self.ids) < cfg.identities:
             raise ValueError(f"{cfg.identities} identities per batch but only {len(self.ids)} have two or more chips")
+        n_chips, n_views = cache["teacher"].shape[:2]
+        self.bank = (cache["teacher"].reshape(n_chips * n_views, -1).float(),
+                     self.labels.repeat_interleave(n_views))
         self.n = 0
 
     def lr_at(self, step: int) -> float:
@@ -195,7 +243,9 @@ class XQTrainer:
         self.student.train()
         s = run_suffix(self.student, torch.cat([self.cache["degraded"][idx, ver], self.cache["clean"][idx, flip]]),
                        c.train_from)
-        terms = xq_losses(s[:len(idx)], s[len(idx):], self.cache["teacher"][idx, flip], self.labels[idx], c, self.metric)
+        own = torch.as_tensor(idx * self.cache["teacher"].shape[1] + flip)
+        terms = xq_losses(s[:len(idx)], s[len(idx):], self.cache["teacher"][idx, flip], self.labels[idx], c, self.metric,
+                          bank=(*self.bank, own))
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()
@@ -222,7 +272,7 @@ def train_xq(base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig, *
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         if log and row["step"] % 50 == 0:
-            log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same"))
+            log(" ".join(f"{k} {row[k]:.4f}" for k in ("total", "identity", "xq", "relational", "same", "bank", "xrel", "bankrel"))
                 + f" step {row['step']} {row['seconds']:.0f} s")
     for p in tr.student.parameters():
         p.requires_grad_(False)
