@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlibbridge.port.infer import embed_chips
 from dlibbridge.train import xq
 from dlibbridge.train.losses import MetricLoss
 
@@ -108,10 +109,10 @@ def test_prefix_then_suffix_is_the_model(deployed, johns_chips, train_from):
 def test_adapt_batchnorm_identity_cases_and_target_statistics(deployed, johns_chips):
     chips = johns_chips[2][:12]
     other = np.ascontiguousarray(chips[:, :, ::-1] // 2)        # a darker, mirrored "camera"
-    e = xq.embed_chips(deployed, chips)
+    e = embed_chips(deployed, chips)
     # alpha 0, or a target domain equal to the source: the model is unchanged
-    assert np.abs(xq.embed_chips(xq.adapt_batchnorm(deployed, chips, other, alpha=0.0), chips) - e).max() < 1e-5
-    assert np.abs(xq.embed_chips(xq.adapt_batchnorm(deployed, chips, chips), chips) - e).max() < 1e-5
+    assert np.abs(embed_chips(xq.adapt_batchnorm(deployed, chips, other, alpha=0.0), chips) - e).max() < 1e-5
+    assert np.abs(embed_chips(xq.adapt_batchnorm(deployed, chips, chips), chips) - e).max() < 1e-5
     # fully adapted: the first affine's output on the target has the source's statistics
     adapted = xq.adapt_batchnorm(deployed, chips, other)
     outs = {}

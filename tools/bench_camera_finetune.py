@@ -175,7 +175,7 @@ def metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0, pairs: int = 300
 
 
 def evaluate(model, doms: dict, labels: np.ndarray) -> dict:
-    from dlibbridge.train.xq import embed_chips
+    from dlibbridge.port.infer import embed_chips
     return {k: metrics(embed_chips(model, v), labels) for k, v in doms.items()}
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -50,7 +51,7 @@ from ..port.arch import DlibAffine, FaceResNet
 from .losses import MetricLoss
 
 __all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",
-           "bank_loss", "XQTrainer", "train_xq", "adapt_batchnorm", "embed_chips"]
+           "bank_loss", "XQTrainer", "train_xq", "adapt_batchnorm"]
 
 
 def stages(model: FaceResNet) -> list[str]:
@@ -75,13 +76,6 @@ def run_suffix(model: FaceResNet, feats: torch.Tensor, train_from: str) -> torch
     for name in names[names.index(train_from):]:
         x = getattr(model, name)(x)
     return model.fc(torch.flatten(x.mean((2, 3)), 1))
-
-
-@torch.no_grad()
-def embed_chips(model: FaceResNet, chips: np.ndarray, batch: int = 64) -> np.ndarray:
-    model.eval()
-    return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(chips[i:i + batch]))).numpy()
-                           for i in range(0, len(chips), batch)])
 
 
 @dataclass
@@ -213,6 +207,7 @@ class XQTrainer:
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                                       {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.metric = MetricLoss()
         self.labels = torch.as_tensor(np.asarray(labels))
         lab = np.asarray(labels)
@@ -225,9 +220,10 @@ class XQTrainer:
                      self.labels.repeat_interleave(n_views))
         self.n = 0
 
-    def lr_at(self, step: int) -> float:
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup`` steps, then a cosine to 0 at ``steps``."""
         c = self.cfg
-        return c.lr * min(1.0, (step + 1) / max(1, c.warmup)) * 0.5 * (1 + math.cos(math.pi * step / c.steps))
+        return min(1.0, (step + 1) / max(1, c.warmup)) * 0.5 * (1 + math.cos(math.pi * step / c.steps))
 
     def step(self) -> dict:
         c = self.cfg
@@ -237,9 +233,7 @@ class XQTrainer:
                               for l in rng.choice(self.ids, size=c.identities, replace=False)])
         ver = rng.integers(0, self.cache["degraded"].shape[1], size=len(idx))
         flip = ver % 2                                   # the clean view mirrored like the degraded one
-        lr = self.lr_at(self.n)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        lr = self.schedule.get_last_lr()[0]
         self.student.train()
         s = run_suffix(self.student, torch.cat([self.cache["degraded"][idx, ver], self.cache["clean"][idx, flip]]),
                        c.train_from)
@@ -249,17 +243,26 @@ class XQTrainer:
         self.opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.opt.step()
+        self.schedule.step()
         self.student.eval()
         self.n += 1
         return {"step": self.n, "lr": lr, **{k: float(t.detach()) for k, t in terms.items()}}
 
     def state_dict(self) -> dict:
-        return {"step": self.n, "student": self.student.state_dict(), "opt": self.opt.state_dict()}
+        return {"step": self.n, "student": self.student.state_dict(), "opt": self.opt.state_dict(),
+                "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, st: dict) -> None:
         self.n = int(st["step"])
         self.student.load_state_dict(st["student"])
         self.opt.load_state_dict(st["opt"])
+        if "schedule" in st:
+            self.schedule.load_state_dict(st["schedule"])
+        else:                 # saved before the schedule was: continue it at the saved step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # "scheduler stepped before the optimizer": by design
+                self.schedule.last_epoch = self.n - 1
+                self.schedule.step()
 
 
 def train_xq(base: FaceResNet, cache: dict, labels: np.ndarray, cfg: XQConfig, *,
