@@ -83,3 +83,64 @@ def test_a_small_set_lowers_the_recipes_identities_per_batch(capsys):
     assert small.identities_per_batch == 6
     assert "note: -P lowered from 16 to 6" in capsys.readouterr().err
     assert _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(30), 5))) is cfg
+
+
+def _chip_folder(root, johns_dir, people, chips):
+    """DIR/<person>/<chip> with the johns chips ``chips`` (a slice) of each of ``people``."""
+    import shutil
+    for person in people:
+        (root / person).mkdir(parents=True)
+        for f in sorted((johns_dir / person).glob("*.jpg"))[chips]:
+            shutil.copyfile(f, root / person / f.name)
+    return root
+
+
+def test_target_val_is_a_validation_and_selection_domain(tmp_path, johns_dir, camera_json):
+    """Labeled target chips scored at every validation, selected on by default.  The johns set has
+    only 5 people, so the target chips here are other chips of 2 of DATA's people (a real
+    --target-val holds people DATA does not have); the test checks the plumbing, not a gain."""
+    people = sorted(p.name for p in johns_dir.iterdir() if p.is_dir())
+    data = _chip_folder(tmp_path / "data", johns_dir, people, slice(0, 7))
+    target = _chip_folder(tmp_path / "target", johns_dir, people[:2], slice(7, None))
+    run = tmp_path / "run"
+    args = ["finetune", str(data), "--out", str(run), "--camera", str(camera_json), "--target-val", str(target),
+            "-P", "2", "-K", "2", "--max-steps", "4", "--checkpoint-every", "2", "--camera-versions", "2",
+            "--val-identities", "2", "--quiet"]
+    assert cli.main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["domains"]) == {"clean", "camera", "target"}
+    base = summary["domains"]["target"]["base"]
+    n = sum(len(list((target / p).iterdir())) for p in people[:2])
+    assert base["pairs_same"] + base["pairs_different"] == n * (n - 1) // 2
+    assert summary["best"]["metric"] == "target.tar@far"
+    assert summary["recommended_threshold"]["domain"] == "target"
+    clean = summary["domains"]["clean"]
+    assert clean["exported"]["tar@far"] >= clean["base"]["tar@far"] - 0.01 - 1e-12
+    with open(run / "val.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert {"target.tar@far", "target.accuracy_at_0.6", "target.accuracy", "target.best_threshold"} <= set(rows[0])
+    # the exported step has the best target TAR@FAR among the eligible validations
+    eligible = [r for r in rows if float(r["clean.tar@far"]) >= float(rows[0]["clean.tar@far"]) - 0.01 - 1e-12]
+    assert summary["best"]["score"] == pytest.approx(max(float(r["target.tar@far"]) for r in eligible))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["select_metric"] == "target:tar@far"
+    assert cfg["target_val"] == {"folder": str(target), "chips": n, "identities": 2}
+
+
+def test_target_val_refusals(tmp_path, johns_dir, camera_json, capsys):
+    people = sorted(p.name for p in johns_dir.iterdir() if p.is_dir())
+    one = _chip_folder(tmp_path / "one", johns_dir, people[:1], slice(0, 4))
+    thin = _chip_folder(tmp_path / "thin", johns_dir, people[:3], slice(0, 1))
+    for i, bad in enumerate((tmp_path / "missing", one, thin)):
+        run = tmp_path / f"r{i}"
+        assert cli.main(["finetune", str(johns_dir), "--out", str(run), "--camera", str(camera_json),
+                         "--target-val", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--target-val" in err and len(err.splitlines()) == 1, err
+        assert not run.exists()
+    assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r3"), "--target-val", str(one)]) == 2
+    assert "--camera" in capsys.readouterr().err
+    assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
+                     "--select-metric", "target:tar@far"]) == 2
+    assert "--target-val" in capsys.readouterr().err

@@ -13,14 +13,16 @@ The run (all in RUN_DIR, resumable with ``--resume``):
 4. :class:`xq.XQTrainer` trains the upper levels: identity + cross-quality + relational +
    same-input terms (docs/finetune.md).
 5. Validation on the held-out identities in each domain — ``clean`` and ``camera`` (the same
-   chips degraded by the profile, fixed per chip) — at step 0 and every ``--checkpoint-every``
+   chips degraded by the profile, fixed per chip), and ``target`` (``--target-val DIR``: the
+   user's labeled chips from the camera itself) — at step 0 and every ``--checkpoint-every``
    steps (their frozen features are cached too, so a validation costs only the upper levels).
-   ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``) among
+   ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``,
+   ``target:tar@far`` with ``--target-val``) among
    the steps whose clean TAR@FAR is at most ``--clean-limit`` below the base's; step 0 (the base,
    or the adapted base) is always a candidate.
 6. ``model.dat`` (deployed; checked in ``dlib.face_recognition_model_v1``), ``model.pt``,
-   ``threshold.json`` (the distance threshold that is best on the camera domain, beside dlib's
-   0.6), ``val.csv``/``curves.png``/``summary.json`` with every domain.
+   ``threshold.json`` (the distance threshold that is best on the target domain when there is
+   one, else on the camera domain, beside dlib's 0.6), ``val.csv``/``curves.png``/``summary.json`` with every domain.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, FinetuneConfig,
 from .dist import Dist
 from .rundir import write_logs, write_run_json
 
-__all__ = ["camera_finetune", "DOMAINS"]
+__all__ = ["camera_finetune", "load_target_val", "DOMAINS"]
 
 DOMAINS = ("clean", "camera")
+TARGET = "target"
 CACHE_FILE = "feature_cache.pt"
 THRESHOLD_FILE = "threshold.json"
 STEP_FIELDS = ["step", "loss", "identity", "xq", "relational", "same", "lr", "elapsed_s"]
@@ -72,12 +75,55 @@ def _fit_identities_per_batch(cfg: FinetuneConfig, store) -> FinetuneConfig:
     return dataclasses.replace(cfg, identities_per_batch=usable - 2)
 
 
+def load_target_val(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The labeled target-camera chips of ``--target-val``: a chip store, or a folder read as
+    DATA is (``data.store.chip_entries``: DIR/<person>/<chip>, or align's manifest).  Checked
+    before the run folder exists, so a wrong folder costs nothing.  Returns (chips, labels,
+    unreadable files skipped); chips outside a person folder carry no label and are left out."""
+    from ..data.images import ImageReadError, read_image
+    from ..data.store import CHIP_SHAPE, ChipStore, StoreError, chip_entries
+    root = Path(path)
+    if not root.is_dir():
+        raise FinetuneError(f"--target-val {root}: not a folder (expected aligned chips DIR/<person>/<chip>)")
+    skipped = []
+    try:
+        store = ChipStore(root)
+    except StoreError:
+        store = None
+    if store is not None:
+        keep = np.flatnonzero(np.asarray(store.labels) >= 0)
+        chips, labels = np.asarray(store.chips[keep]), np.asarray(store.labels)[keep]
+    else:
+        names, rows = {}, []
+        for e in chip_entries(root):
+            if not e.identity:
+                continue
+            try:
+                rgb = read_image(root / e.path).rgb
+            except ImageReadError as err:
+                skipped.append(f"{e.path} ({err.reason})")
+                continue
+            if rgb.shape != CHIP_SHAPE:
+                raise FinetuneError(f"--target-val: {root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned "
+                                    "150x150 chip (align photos first with `dlibbridge align`)")
+            rows.append((rgb, names.setdefault(e.identity, len(names))))
+        chips = np.stack([r[0] for r in rows]) if rows else np.zeros((0, *CHIP_SHAPE), np.uint8)
+        labels = np.array([r[1] for r in rows], dtype=np.int64)
+    _, counts = np.unique(labels, return_counts=True)
+    if (counts >= 2).sum() < 2:
+        raise FinetuneError(f"--target-val {root}: {int((counts >= 2).sum())} people with 2+ readable chips; "
+                            "validation needs at least 2 (DIR/<person>/<chip>, aligned 150x150)")
+    return chips, labels, skipped
+
+
 class _CameraJob:
-    def __init__(self, cfg: FinetuneConfig, resume: bool):
+    def __init__(self, cfg: FinetuneConfig, resume: bool, target: tuple | None = None):
         from ..data import camera as camera_mod
         from ..port.checkpoint import load_model
         from .loop import _prepare_run_dir, open_data, split_identities
         self.cfg = cfg
+        self.target = target
+        self.domains = DOMAINS + ((TARGET,) if cfg.target_val else ())
         self.run_dir = _prepare_run_dir(cfg, resume, Dist())
         self.resume = resume
         try:
@@ -88,6 +134,9 @@ class _CameraJob:
         self.store = open_data(cfg.data, self.run_dir, cfg.progress)
         self.cfg = cfg = _fit_identities_per_batch(cfg, self.store)
         self.split = split_identities(self.store, cfg, 1)
+        if cfg.target_val and not len(self.split.val_rows):
+            raise FinetuneError("--target-val: DATA leaves no held-out identities, so the clean-face guard "
+                                "(--clean-limit) cannot be checked; add people or raise --val-identities")
         labels = np.asarray(self.store.labels)
         self.train_labels = np.array([self.split.train_classes[int(l)] for l in labels[self.split.train_rows]])
         self.base_path = resolve_model(cfg.base)
@@ -132,6 +181,7 @@ class _CameraJob:
         path = self.run_dir / CACHE_FILE
         if path.is_file():
             got = torch.load(path, weights_only=True)
+            self.target_labels = got.get("target_labels")
             return got["train"], got["val"]
         t = time.perf_counter()
         chips = np.asarray(self.store.chips[self.split.train_rows])
@@ -143,18 +193,29 @@ class _CameraJob:
                 val["clean"] = xq.run_prefix(start, torch.from_numpy(vchips), self.train_from).half()
                 val["camera"] = xq.run_prefix(start, torch.from_numpy(
                     _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from).half()
+        self.target_labels = None
+        if self.cfg.target_val:
+            chips, labels, skipped = self.target or load_target_val(self.cfg.target_val)
+            if skipped:
+                print(f"note: --target-val: {len(skipped)} unreadable files left out (first: {skipped[0]})",
+                      file=sys.stderr)
+            self.target_labels = torch.from_numpy(labels)
+            with torch.no_grad():
+                val[TARGET] = torch.cat([xq.run_prefix(start, torch.from_numpy(c), self.train_from).half()
+                                         for c in np.array_split(chips, max(1, len(chips) // 128))])
         self.timings["cache_s"] = time.perf_counter() - t
-        write_torch(path, {"train": train, "val": val})
+        write_torch(path, {"train": train, "val": val, "target_labels": self.target_labels})
         return train, val
 
     def validate(self, model, val: dict, step: int) -> dict | None:
         from .loop import verification_summary
         if not val:
             return None
-        labels = np.asarray(self.store.labels)[self.split.val_rows]
+        held_out = np.asarray(self.store.labels)[self.split.val_rows]
         rec = {"step": step}
         with torch.no_grad():
-            for d in DOMAINS:
+            for d in self.domains:
+                labels = np.asarray(self.target_labels) if d == TARGET else held_out
                 emb = torch.cat([xq.run_suffix(model, f, self.train_from) for f in val[d].split(128)]).numpy()
                 for k, v in verification_summary(emb, labels, self.cfg.select_far).items():
                     rec[f"{d}.{k}"] = v
@@ -202,7 +263,7 @@ class _CameraJob:
                     if self.eligible(rec, vals[0]) and rec[key] > best["score"]:
                         best = {"step": trainer.n, "score": rec[key], "metric": key, "validation": rec}
                         write_torch(self.run_dir / "best_state.pt", trainer.student.state_dict())
-                    self._log(f"step {trainer.n}: " + ", ".join(f"{d} TAR@FAR {rec[f'{d}.tar@far']:.4f}" for d in DOMAINS))
+                    self._log(f"step {trainer.n}: " + ", ".join(f"{d} TAR@FAR {rec[f'{d}.tar@far']:.4f}" for d in self.domains))
                 self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
                 write_torch(ck, {"trainer": trainer.state_dict(), "steps": steps_log, "vals": vals, "best": best,
                                  "timings": self.timings})
@@ -225,6 +286,9 @@ class _CameraJob:
         write_run_json(self.run_dir / CONFIG_FILE, {
             "config": c.to_json(), "recipe": self.xcfg.to_json(), "camera": self.degrade.describe(),
             "target_adaptation": adaptation,
+            "target_val": None if self.target_labels is None else {
+                "folder": c.target_val, "chips": int(len(self.target_labels)),
+                "identities": int(len(np.unique(np.asarray(self.target_labels))))},
             "data": {"train_chips": int(len(self.split.train_rows)), "train_identities": len(self.split.train_classes),
                      "val_chips": int(len(self.split.val_rows)), "val_identities": self.split.val_identities,
                      "dropped_single": self.split.dropped_single},
@@ -242,16 +306,18 @@ class _CameraJob:
         final_rec = next((v for v in vals if v["step"] == exported), None)
         threshold = None
         if final_rec:
-            threshold = {"threshold": final_rec["camera.best_threshold"], "domain": "camera",
-                         "accuracy_at_threshold": final_rec["camera.accuracy"],
-                         "accuracy_at_0.6": final_rec["camera.accuracy_at_0.6"],
+            d = self.domains[-1]
+            threshold = {"threshold": final_rec[f"{d}.best_threshold"], "domain": d,
+                         "accuracy_at_threshold": final_rec[f"{d}.accuracy"],
+                         "accuracy_at_0.6": final_rec[f"{d}.accuracy_at_0.6"],
                          "note":
-                         "distance threshold with the best accuracy on the held-out identities as the camera "
-                         "takes them; dlib's default is 0.6"}
+                         ("distance threshold with the best accuracy on the labeled target-camera chips"
+                          if d == TARGET else "distance threshold with the best accuracy on the held-out "
+                          "identities as the camera takes them") + "; dlib's default is 0.6"}
             write_run_json(out / THRESHOLD_FILE, threshold)
         per_domain = {}
         if vals:
-            for d in DOMAINS:
+            for d in self.domains:
                 per_domain[d] = {"base": {k.split(".", 1)[1]: v for k, v in vals[0].items() if k.startswith(d + ".")},
                                  "exported": None if not final_rec else
                                  {k.split(".", 1)[1]: v for k, v in final_rec.items() if k.startswith(d + ".")}}
@@ -266,4 +332,6 @@ def camera_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     cfg.validate()
     if torch.cuda.is_available() and cfg.device not in ("auto", "cpu"):
         raise FinetuneError("--camera runs on the CPU (cached features); use --device cpu or auto")
-    return _CameraJob(cfg, resume).run()
+    # A resumed run has the target features cached; it reads DIR again only if it died before.
+    target = load_target_val(cfg.target_val) if cfg.target_val and not resume else None
+    return _CameraJob(cfg, resume, target).run()

@@ -17,9 +17,10 @@ LOSSES = ("metric", "arcface", "cosface", "triplet")
 PAIR_LOSSES = ("metric", "triplet")
 FREEZE_LEVELS = ("none", "stem", "level4", "level3", "level2", "level1", "level0")
 SELECT_METRICS = ("tar@far", "auc", "accuracy")
-#: Validation domains of a camera run (``--camera``): the held-out identities' clean chips and
-#: the same chips degraded by the camera profile.
-SELECT_DOMAINS = ("camera", "clean")
+#: Validation domains of a camera run (``--camera``): the held-out identities' clean chips, the
+#: same chips degraded by the camera profile, and (``--target-val``) the user's labeled chips
+#: from the camera itself.
+SELECT_DOMAINS = ("camera", "clean", "target")
 #: What ``--camera`` changes in the defaults: the recipe measured in docs/benchmarks.md
 #: (cross-quality distillation on cached features of frozen lower levels).  An option given
 #: explicitly wins over these.
@@ -105,7 +106,7 @@ class FinetuneConfig:
     val_max_images: int = 2000
     select_metric: str = option(
         "tar@far", "best-checkpoint metric: tar@far (default; at FAR 1e-3, 1e-2 in camera runs), auc or accuracy; with --camera prefixed "
-        "by the domain, camera: (default) or clean:, within --clean-limit", metavar="[DOMAIN:]METRIC", group=_DATA)
+        "by the domain, camera: (default), clean: or target: (the default with --target-val), within --clean-limit", metavar="[DOMAIN:]METRIC", group=_DATA)
     select_far: float = 1e-3
     patience: int | None = option(None, "stop after N validations without improvement", type=int, metavar="N",
                                   group=_DATA)
@@ -121,11 +122,14 @@ class FinetuneConfig:
     progress: bool = option(True, "no progress bar", flags=("--quiet", "-q"), action="store_false", group=_RUN)
     camera: str | None = option(
         None, "fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation with the "
-        "measured recipe as the defaults; validation in the clean and camera domains", metavar="CAMERA_JSON",
+        "measured recipe as the defaults; validation in the clean and camera domains (and target)", metavar="CAMERA_JSON",
         group=_CAMERA)
     target_photos: str | None = option(
         None, "unlabeled aligned chips from the target camera: adapt batch-norm to them first", metavar="DIR",
         group=_CAMERA)
+    target_val: str | None = option(
+        None, "labeled aligned chips from the target camera, DIR/<person>/<chip> (or a chip store; people not "
+        "in DATA): validation domain 'target', the default selection domain", metavar="DIR", group=_CAMERA)
     xq_weight: float = option(1.0, "cross-quality term: student(degraded) to teacher(clean)", metavar="W",
                               group=_CAMERA)
     xq_distance: str = option("squared", "cross-quality distance: cosine (1 - cos; the --camera default) or "
@@ -141,13 +145,18 @@ class FinetuneConfig:
 
     @classmethod
     def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
-        """A camera run: :data:`CAMERA_RECIPE` under whatever is given explicitly."""
-        return cls(data=data, out=out, camera=camera, **{**CAMERA_RECIPE, **given})
+        """A camera run: :data:`CAMERA_RECIPE` under whatever is given explicitly; with labeled
+        target-camera chips (``target_val``) the selection is made on them unless told otherwise."""
+        recipe = dict(CAMERA_RECIPE)
+        if given.get("target_val"):
+            recipe["select_metric"] = "target:" + recipe["select_metric"].partition(":")[2]
+        return cls(data=data, out=out, camera=camera, **{**recipe, **given})
 
     def select(self) -> tuple[str | None, str]:
         """``select_metric`` split into (domain, metric); the domain is None outside camera runs."""
         domain, _, metric = self.select_metric.rpartition(":")
-        return (domain or ("camera" if self.camera else None)), metric
+        default = None if not self.camera else "target" if self.target_val else "camera"
+        return (domain or default), metric
 
     def resolved(self, has_head: bool, cuda: bool, total_steps: int | None = None) -> "FinetuneConfig":
         """A copy with every ``None`` default filled in from the run's facts (a classifier
@@ -200,6 +209,13 @@ class FinetuneConfig:
             bad(f"--select-metric {self.select_metric!r}: the domain is one of {', '.join(SELECT_DOMAINS)}")
         if self.target_photos and not self.camera:
             bad("--target-photos adapts a camera run: give --camera camera.json too")
+        if self.target_val and not self.camera:
+            bad("--target-val validates a camera run: give --camera camera.json too")
+        if self.target_val and self.val_identities == 0:
+            bad("--target-val is validated beside held-out identities (the --clean-limit guard): "
+                "--val-identities must be > 0")
+        if domain == "target" and not self.target_val:
+            bad(f"--select-metric {self.select_metric!r}: the target domain needs --target-val DIR")
         if self.train_until and not self.camera:
             bad("--train-until applies to camera runs: give --camera camera.json too")
         if self.camera:
