@@ -126,6 +126,10 @@ def test_target_val_is_a_validation_and_selection_domain(tmp_path, johns_dir, ca
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["select_metric"] == "target:tar@far"
     assert cfg["target_val"] == {"folder": str(target), "chips": n, "identities": 2}
+    # a finished run resumes from its cached target features to the same export
+    assert cli.main(["finetune", "--resume", str(run), "--quiet"]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["domains"] == summary["domains"] and again["best"] == summary["best"]
 
 
 def test_target_val_refusals(tmp_path, johns_dir, camera_json, capsys):

@@ -22,7 +22,8 @@ The run (all in RUN_DIR, resumable with ``--resume``):
    or the adapted base) is always a candidate.
 6. ``model.dat`` (deployed; checked in ``dlib.face_recognition_model_v1``), ``model.pt``,
    ``threshold.json`` (the distance threshold that is best on the target domain when there is
-   one, else on the camera domain, beside dlib's 0.6), ``val.csv``/``curves.png``/``summary.json`` with every domain.
+   one, else on the camera domain, beside dlib's 0.6), ``val.csv``/``curves.png``/``summary.json``
+   with every domain.
 """
 from __future__ import annotations
 
