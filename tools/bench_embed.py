@@ -26,10 +26,11 @@ Engines (``--variants``):
 
 Every variant's descriptors are compared with dlib's on the same chips (max |Δ| per element).
 The CPU's fp32 FMA peak is cores × GHz × FLOP/cycle; AVX2+FMA cores (Zen 2/3, Haswell+) issue
-two 8-lane FMAs per cycle = 32 FLOP/cycle.  The clock is *measured*: a small C loop of
-independent AVX2 FMAs (compiled with the system C compiler) gives one core's FMA GFLOP per
-CPU-second = 32 × the clock it really runs at (turbo included; a VM's /proc/cpuinfo shows only
-the nominal clock, printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
+two 8-lane FMAs per cycle = 32 FLOP/cycle, AVX-512 cores two 16-lane ones = 64 (the widest the
+CPU lists is used).  The rate is *measured*: a small C loop of independent FMAs of that width
+(compiled with the system C compiler) gives one core's FMA GFLOP per CPU-second = FLOP/cycle ×
+the clock it really runs at (turbo included; a VM's /proc/cpuinfo shows only the nominal clock,
+printed beside it).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
 
 Threads: torch's OpenMP (libgomp) spins idle threads by default; on cores shared with other
 jobs that made the port ~4x slower at 2 threads (see ``dlibbridge.port.threads``).  This tool
@@ -70,7 +71,6 @@ from dlibbridge.port import threads  # noqa: E402
 
 CPU_VARIANTS = ("eager", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
 CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
-FLOP_PER_CYCLE_AVX2_FMA = 2 * 8 * 2   # 2 FMA pipes × 8 fp32 lanes × (mul + add)
 
 
 def load_chips(n: int) -> np.ndarray:
@@ -88,43 +88,72 @@ FMA_PROBE_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-#define F(x) x = _mm256_fmadd_ps(x, m, c)
-int main(int argc, char** argv) {   /* 10 independent 8-lane FMA chains: covers 2 pipes x latency 4-5 */
+#ifdef __AVX512F__                    /* the widest FMA the compiler was asked for */
+typedef __m512 V;
+#define LANES 16
+#define SET _mm512_set1_ps
+#define FMA _mm512_fmadd_ps
+#define ADD _mm512_add_ps
+#define STORE _mm512_storeu_ps
+#else
+typedef __m256 V;
+#define LANES 8
+#define SET _mm256_set1_ps
+#define FMA _mm256_fmadd_ps
+#define ADD _mm256_add_ps
+#define STORE _mm256_storeu_ps
+#endif
+#define F(x) x = FMA(x, m, c)
+int main(int argc, char** argv) {   /* 10 independent FMA chains: covers 2 pipes x latency 4-5 */
     long n = atol(argv[1]);
-    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    __m256 a0 = _mm256_set1_ps(0), a1 = _mm256_set1_ps(1), a2 = _mm256_set1_ps(2), a3 = _mm256_set1_ps(3),
-           a4 = _mm256_set1_ps(4), a5 = _mm256_set1_ps(5), a6 = _mm256_set1_ps(6), a7 = _mm256_set1_ps(7),
-           a8 = _mm256_set1_ps(8), a9 = _mm256_set1_ps(9);
+    V m = SET(0.999999f), c = SET(1e-7f);
+    V a0 = SET(0), a1 = SET(1), a2 = SET(2), a3 = SET(3), a4 = SET(4), a5 = SET(5), a6 = SET(6), a7 = SET(7),
+      a8 = SET(8), a9 = SET(9);
     struct timespec t0, t1;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
     for (long k = 0; k < n; ++k) { F(a0); F(a1); F(a2); F(a3); F(a4); F(a5); F(a6); F(a7); F(a8); F(a9); }
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-               _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)), _mm256_add_ps(a8, a9)));
-    float v[8]; _mm256_storeu_ps(v, s);
+    V s = ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(ADD(a4, a5), ADD(a6, a7)), ADD(a8, a9)));
+    float v[LANES]; STORE(v, s);
     double sec = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
-    printf("%.3f %g\n", n * 10.0 * 16 / sec / 1e9, v[0]);
+    printf("%.3f %g\n", n * 10.0 * 2 * LANES / sec / 1e9, v[0]);
     return 0;
 }
 """
 
 
+def vector_isa() -> tuple[str, int]:
+    """The widest fp32 FMA vector this CPU has, as (name, lanes): AVX-512 when /proc/cpuinfo
+    lists avx512f (these VMs do, though they were described as AVX2), else AVX2."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return ("avx512", 16) if "avx512f" in flags else ("avx2", 8)
+
+
+def flop_per_cycle(lanes: int) -> int:
+    return 2 * lanes * 2                 # 2 FMA pipes × lanes × (mul + add)
+
+
 def measured_core_peak(runs: int = 5) -> float | None:
-    """fp32 FMA GFLOP per CPU-second of one core, measured: a C loop of independent AVX2 FMAs
-    (compiled here with the system C compiler), best of ``runs``.  Equals 32 × the clock the
-    core actually runs at (turbo included, which /proc/cpuinfo in a VM does not show).
-    None when there is no compiler or no AVX2/FMA."""
+    """fp32 FMA GFLOP per CPU-second of one core, measured: a C loop of independent FMAs of
+    the widest vector the CPU has (:func:`vector_isa`; compiled here with the system C
+    compiler), best of ``runs``.  What the core really sustains (turbo and the number of FMA
+    pipes included, which /proc/cpuinfo in a VM does not show).  None when there is no
+    compiler or no AVX2/FMA."""
     import shutil
     import subprocess
     import tempfile
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
+    isa_flags = ["-mavx512f"] if vector_isa()[0] == "avx512" else []
     with tempfile.TemporaryDirectory() as d:
         src, exe = Path(d) / "fma.c", Path(d) / "fma"
         src.write_text(FMA_PROBE_C)
         try:
-            subprocess.run([cc, "-O2", "-mavx2", "-mfma", str(src), "-o", str(exe)], check=True,
+            subprocess.run([cc, "-O2", "-mavx2", "-mfma", *isa_flags, str(src), "-o", str(exe)], check=True,
                            capture_output=True)
             return max(float(subprocess.run([str(exe), "100000000"], check=True, capture_output=True,
                                             text=True).stdout.split()[0]) for _ in range(runs))
@@ -499,10 +528,12 @@ def main(argv=None) -> int:
         ghz = args.ghz or cpu_ghz()
         cores = len(os.sched_getaffinity(0))
         core_peak = measured_core_peak()
-        info.update(nominal_ghz=ghz, cores=cores, nominal_peak_gflops=cores * ghz * FLOP_PER_CYCLE_AVX2_FMA,
-                    measured_core_peak_gflops=core_peak)
+        isa, lanes = vector_isa()
+        fpc = flop_per_cycle(lanes)
+        info.update(nominal_ghz=ghz, cores=cores, nominal_peak_gflops=cores * ghz * fpc,
+                    measured_core_peak_gflops=core_peak, vector_isa=isa, flop_per_cycle=fpc)
         if core_peak is not None and not args.ghz:
-            info.update(ghz=core_peak / FLOP_PER_CYCLE_AVX2_FMA, fma_peak_gflops=cores * core_peak)
+            info.update(ghz=core_peak / fpc, fma_peak_gflops=cores * core_peak)
         else:
             info.update(ghz=ghz, fma_peak_gflops=info["nominal_peak_gflops"])
     else:
@@ -520,8 +551,8 @@ def print_table(rows: list[dict], info: dict) -> None:
     print(f"device {info['device']}, {info['threads']} threads (OMP_WAIT_POLICY {info['omp_wait_policy']}), "
           f"torch {info['torch']}; "
           f"{info['gflop_per_face']:.3f} GFLOP/face; sgemm ceiling now {info['sgemm_gflops']:.1f} GFLOP/s"
-          + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × 32; "
-             f"measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core, nominal clock "
+          + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × {info['flop_per_cycle']} "
+             f"({info['vector_isa']}); measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core, nominal clock "
              f"{info['nominal_ghz']:.3f} GHz → {info['nominal_peak_gflops']:.1f})" if peak else "")
           + f"; load average {info['loadavg_start'][0]:.1f} → {info['loadavg_end'][0]:.1f}")
     print()
