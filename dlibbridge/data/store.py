@@ -57,7 +57,7 @@ from .._io import write_json
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
-__all__ = ["CHIP_SHAPE", "StoreError", "ChipEntry", "chip_entries", "pack", "ChipStore",
+__all__ = ["CHIP_SHAPE", "StoreError", "NotAChipError", "ChipEntry", "chip_entries", "read_chips", "pack", "ChipStore",
            "ChipDataset", "PKBatchSampler"]
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +107,30 @@ def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
     # Identity-contiguous order: the K images of one identity in a batch lie close together.
     entries.sort(key=lambda e: (e.identity, e.path))
     return entries
+
+
+class NotAChipError(StoreError):
+    """A readable image that is not a 150x150 aligned chip, where chips were expected."""
+
+
+def read_chips(root: str | os.PathLike, entries: Sequence[ChipEntry]) -> tuple[list[tuple[ChipEntry, np.ndarray]], list[str]]:
+    """Decode ``entries`` below ``root`` for a pass over aligned chips (calibration, validation):
+    (entry, RGB chip) of every readable one, and ``"path (reason)"`` of every unreadable one,
+    left out.  A readable image of another size raises :class:`NotAChipError`: a folder of
+    photos is not aligned chips, and using it as such would quietly measure something else."""
+    root = Path(root)
+    read, skipped = [], []
+    for e in entries:
+        try:
+            rgb = read_image(root / e.path).rgb
+        except ImageReadError as err:
+            skipped.append(f"{e.path} ({err.reason})")
+            continue
+        if rgb.shape != CHIP_SHAPE:
+            raise NotAChipError(f"{root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned 150x150 "
+                                f"chip (align photos first with `dlibbridge align`)")
+        read.append((e, rgb))
+    return read, skipped
 
 
 def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: bool = False,

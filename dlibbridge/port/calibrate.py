@@ -234,8 +234,7 @@ def load_chips(path: str | os.PathLike, limit: int | None = None, seed: int = 0)
     """Aligned 150×150 chips for calibration: a chip store (``dlibbridge pack``) or a folder
     of chip images (``dlibbridge align`` output or any tree of 150×150 images).  At most
     ``limit`` chips, a seeded random subset.  Returns (chips, unreadable files skipped)."""
-    from ..data.images import ImageReadError, read_image
-    from ..data.store import ChipStore, StoreError, chip_entries
+    from ..data.store import ChipStore, NotAChipError, StoreError, chip_entries, read_chips
 
     root = Path(path)
     if not root.exists():
@@ -255,17 +254,11 @@ def load_chips(path: str | os.PathLike, limit: int | None = None, seed: int = 0)
     entries = chip_entries(root)
     if limit is not None and len(entries) > limit:
         entries = [entries[i] for i in np.sort(rng.choice(len(entries), limit, replace=False))]
-    chips, skipped = [], []
-    for e in entries:
-        try:
-            rgb = read_image(root / e.path).rgb
-        except ImageReadError as err:
-            skipped.append(f"{e.path} ({err.reason})")
-            continue
-        if rgb.shape != CHIP_SHAPE:
-            raise BatchNormError(f"{root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned 150x150 "
-                                 f"chip (align photos first with `dlibbridge align`)")
-        chips.append(rgb)
+    try:
+        read, skipped = read_chips(root, entries)
+    except NotAChipError as err:
+        raise BatchNormError(str(err)) from None
+    chips = [rgb for _, rgb in read]
     if len(chips) < 2:
         raise BatchNormError(f"{root}: found {len(chips)} readable chips, calibration needs at least 2")
     return np.stack(chips), skipped

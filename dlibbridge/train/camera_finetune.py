@@ -81,8 +81,7 @@ def load_target_val(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     DATA is (``data.store.chip_entries``: DIR/<person>/<chip>, or align's manifest).  Checked
     before the run folder exists, so a wrong folder costs nothing.  Returns (chips, labels,
     unreadable files skipped); chips outside a person folder carry no label and are left out."""
-    from ..data.images import ImageReadError, read_image
-    from ..data.store import CHIP_SHAPE, ChipStore, StoreError, chip_entries
+    from ..data.store import CHIP_SHAPE, ChipStore, NotAChipError, StoreError, chip_entries, read_chips
     root = Path(path)
     if not root.is_dir():
         raise FinetuneError(f"--target-val {root}: not a folder (expected aligned chips DIR/<person>/<chip>)")
@@ -95,21 +94,13 @@ def load_target_val(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         keep = np.flatnonzero(np.asarray(store.labels) >= 0)
         chips, labels = np.asarray(store.chips[keep]), np.asarray(store.labels)[keep]
     else:
-        names, rows = {}, []
-        for e in chip_entries(root):
-            if not e.identity:
-                continue
-            try:
-                rgb = read_image(root / e.path).rgb
-            except ImageReadError as err:
-                skipped.append(f"{e.path} ({err.reason})")
-                continue
-            if rgb.shape != CHIP_SHAPE:
-                raise FinetuneError(f"--target-val: {root / e.path} is {rgb.shape[1]}x{rgb.shape[0]}, not an aligned "
-                                    "150x150 chip (align photos first with `dlibbridge align`)")
-            rows.append((rgb, names.setdefault(e.identity, len(names))))
-        chips = np.stack([r[0] for r in rows]) if rows else np.zeros((0, *CHIP_SHAPE), np.uint8)
-        labels = np.array([r[1] for r in rows], dtype=np.int64)
+        try:
+            read, skipped = read_chips(root, [e for e in chip_entries(root) if e.identity])
+        except NotAChipError as err:
+            raise FinetuneError(f"--target-val: {err}") from None
+        names: dict[str, int] = {}
+        chips = np.stack([rgb for _, rgb in read]) if read else np.zeros((0, *CHIP_SHAPE), np.uint8)
+        labels = np.array([names.setdefault(e.identity, len(names)) for e, _ in read], dtype=np.int64)
     _, counts = np.unique(labels, return_counts=True)
     if (counts >= 2).sum() < 2:
         raise FinetuneError(f"--target-val {root}: {int((counts >= 2).sum())} people with 2+ readable chips; "
