@@ -50,8 +50,8 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     thr = json.loads((run / "threshold.json").read_text())
     assert 0 < thr["threshold"] < 2 and thr["domain"] == "camera"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["freeze_until"] == "level3" and cfg["config"]["optimizer"] == "adamw"
-    assert cfg["recipe"]["train_from"] == "level2" and cfg["recipe"]["train_until"] == "level2"
+    assert cfg["config"]["freeze_until"] == "none" and cfg["config"]["optimizer"] == "adamw"
+    assert cfg["recipe"]["train_from"] == "stem" and cfg["recipe"]["train_until"] is None
     for f in ("model.dat", "model.pt", "curves.png", "log.csv", "feature_cache.pt"):
         assert (run / f).is_file(), f
     # a finished run resumes to the same export
@@ -70,7 +70,12 @@ def test_camera_finetune_refusals(tmp_path, johns_dir, camera_json, capsys):
     assert "--camera" in capsys.readouterr().err
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r3"), "--select-metric", "camera:tar@far"]) == 2
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
-                     "--freeze-until", "none"]) == 2
+                     "--freeze-until", "level0"]) == 2
+    assert "level0" in capsys.readouterr().err
+    assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r5"), "--camera", str(camera_json),
+                     "--freeze-until", "level3", "--train-until", "level4"]) == 2
+    assert "--train-until" in capsys.readouterr().err
+    assert [r for r in ("r1", "r2", "r3", "r4", "r5") if (tmp_path / r).exists()] == []
 
 
 def test_a_small_set_lowers_the_recipes_identities_per_batch(capsys):

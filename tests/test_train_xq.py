@@ -140,6 +140,22 @@ def test_cache_and_training_step_shapes(deployed, johns_chips):
     assert not torch.equal(student.level0[0].branch1.conv.weight, deployed.level0[0].branch1.conv.weight)
 
 
+def test_whole_network_cache_keeps_the_chips_and_trains_the_stem(deployed, johns_chips):
+    """Nothing frozen (``train_from`` = stem): the cache holds the uint8 chips themselves (exact),
+    the teacher is the base model on them, and a step moves the stem."""
+    chips = johns_chips[2][:20]
+    labels = np.unique(np.asarray(johns_chips[1][:20]), return_inverse=True)[1]
+    cfg = xq.XQConfig(train_from="stem", versions=2, steps=2, identities=2, per_identity=2, warmup=1)
+    cache = xq.build_cache(deployed, chips, lambda c, r: c // 2 + 10, cfg)
+    assert cache["clean"].dtype == torch.uint8 and torch.equal(cache["clean"][:, 0], torch.from_numpy(chips))
+    assert torch.equal(cache["degraded"][:, 0], torch.from_numpy(chips // 2 + 10))
+    with torch.no_grad():
+        t = deployed(torch.from_numpy(chips))
+    assert float((cache["teacher"][:, 0] - t).abs().max()) < 1e-5
+    student, _ = xq.train_xq(deployed, cache, labels, cfg)
+    assert not torch.equal(student.stem.unit.conv.weight, deployed.stem.unit.conv.weight)
+
+
 def test_train_until_keeps_the_levels_above(deployed, johns_chips):
     """``train_until``: only the named block learns; the levels above it and the fc stay the
     base's although the loss is taken on the descriptors they compute."""

@@ -53,7 +53,8 @@ STEP_FIELDS = ["step", "loss", "identity", "xq", "relational", "same", "lr", "el
 
 
 def _train_from(cfg: FinetuneConfig, model) -> str:
-    names = xq.stages(model)
+    """The first trained stage: the one above ``--freeze-until`` (the stem with ``none``)."""
+    names = ["none"] + xq.stages(model)
     return names[names.index(cfg.freeze_until) + 1]
 
 
@@ -116,12 +117,12 @@ class _CameraJob:
         self.cfg = cfg
         self.target = target
         self.domains = DOMAINS + ((TARGET,) if cfg.target_val else ())
-        self.run_dir = _prepare_run_dir(cfg, resume, Dist())
-        self.resume = resume
-        try:
+        try:            # before the run folder exists: a bad profile costs nothing
             self.profile = camera_mod.load_camera(cfg.camera)
         except camera_mod.CameraError as e:
             raise FinetuneError(f"--camera: {e}") from None
+        self.run_dir = _prepare_run_dir(cfg, resume, Dist())
+        self.resume = resume
         self.degrade = self.profile.degradations()
         self.store = open_data(cfg.data, self.run_dir, cfg.progress)
         self.cfg = cfg = _fit_identities_per_batch(cfg, self.store)
@@ -182,9 +183,9 @@ class _CameraJob:
         if len(self.split.val_rows):
             vchips = np.asarray(self.store.chips[self.split.val_rows])
             with torch.no_grad():
-                val["clean"] = xq.run_prefix(start, torch.from_numpy(vchips), self.train_from).half()
-                val["camera"] = xq.run_prefix(start, torch.from_numpy(
-                    _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from).half()
+                val["clean"] = xq.frozen_features(start, torch.from_numpy(vchips), self.train_from)
+                val["camera"] = xq.frozen_features(start, torch.from_numpy(
+                    _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from)
         self.target_labels = None
         if self.cfg.target_val:
             chips, labels, skipped = self.target or load_target_val(self.cfg.target_val)
@@ -193,7 +194,7 @@ class _CameraJob:
                       file=sys.stderr)
             self.target_labels = torch.from_numpy(labels)
             with torch.no_grad():
-                val[TARGET] = torch.cat([xq.run_prefix(start, torch.from_numpy(c), self.train_from).half()
+                val[TARGET] = torch.cat([xq.frozen_features(start, torch.from_numpy(c), self.train_from)
                                          for c in np.array_split(chips, max(1, len(chips) // 128))])
         self.timings["cache_s"] = time.perf_counter() - t
         write_torch(path, {"train": train, "val": val, "target_labels": self.target_labels})

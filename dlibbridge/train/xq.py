@@ -50,7 +50,7 @@ from torch import nn
 from ..port.arch import DlibAffine, FaceResNet
 from .losses import MetricLoss
 
-__all__ = ["XQConfig", "stages", "run_prefix", "run_suffix", "build_cache", "xq_losses",
+__all__ = ["XQConfig", "stages", "run_prefix", "frozen_features", "run_suffix", "build_cache", "xq_losses",
            "bank_loss", "XQTrainer", "train_xq", "adapt_batchnorm"]
 
 
@@ -69,10 +69,24 @@ def run_prefix(model: FaceResNet, chips: torch.Tensor, train_from: str) -> torch
     return x
 
 
+def frozen_features(model: FaceResNet, chips: torch.Tensor, train_from: str,
+                    prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """What a cache keeps of uint8 chips for training from ``train_from``: the frozen part's
+    output as float16 (half the memory; the suffix sees a 1e-3 relative rounding), or, when
+    nothing is frozen (``train_from`` is the stem), the uint8 chips themselves — exact, and a
+    quarter of the float16 input tensor.  ``prefix``: :func:`run_prefix`'s output for these
+    chips when the caller has it already."""
+    if train_from == stages(model)[0]:
+        return chips
+    return (run_prefix(model, chips, train_from) if prefix is None else prefix).half()
+
+
 def run_suffix(model: FaceResNet, feats: torch.Tensor, train_from: str) -> torch.Tensor:
-    """The input of stage ``train_from`` → 128-d descriptors."""
+    """The input of stage ``train_from`` (or uint8 chips, see :func:`frozen_features`) →
+    128-d descriptors."""
     names = stages(model)
-    x = feats.to(model.fc.weight.dtype)
+    x = model.input(feats) if feats.dtype == torch.uint8 else feats
+    x = x.to(model.fc.weight.dtype)
     for name in names[names.index(train_from):]:
         x = getattr(model, name)(x)
     return model.fc(torch.flatten(x.mean((2, 3)), 1))
@@ -112,8 +126,8 @@ def build_cache(base: FaceResNet, chips: np.ndarray, degrade: Callable[[np.ndarr
                 cfg: XQConfig, *, batch: int = 64, log: Callable[[str], None] | None = None) -> dict:
     """Frozen-part features of every training chip: ``clean`` (N×2×…, unflipped and mirrored),
     ``degraded`` (N×V×…, version v mirrored when v is odd, each its own camera draw seeded by
-    (seed, chip, version)) and the teacher's clean descriptors ``teacher`` (N×2×128).  Features
-    are stored as float16 (halves the memory; the suffix sees a 1e-3 relative rounding)."""
+    (seed, chip, version)) and the teacher's clean descriptors ``teacher`` (N×2×128), in the
+    storage form of :func:`frozen_features`."""
     base.eval()
     n, v = len(chips), cfg.versions
     t0 = time.perf_counter()
@@ -127,11 +141,13 @@ def build_cache(base: FaceResNet, chips: np.ndarray, degrade: Callable[[np.ndarr
                 rng = np.random.default_rng((cfg.seed, i + j, k))
                 src = chip[:, ::-1] if k % 2 else chip
                 dv[j, k] = degrade(np.ascontiguousarray(src), rng)
-        fc = run_prefix(base, torch.from_numpy(np.ascontiguousarray(c2.reshape((-1,) + part.shape[1:]))), cfg.train_from)
-        fd = run_prefix(base, torch.from_numpy(dv.reshape((-1,) + part.shape[1:])), cfg.train_from)
-        teacher.append(run_suffix(base, fc, cfg.train_from).reshape(len(part), 2, -1))
-        clean.append(fc.half().reshape((len(part), 2) + fc.shape[1:]))
-        deg.append(fd.half().reshape((len(part), v) + fd.shape[1:]))
+        xc = torch.from_numpy(np.ascontiguousarray(c2.reshape((-1,) + part.shape[1:])))
+        prefix = run_prefix(base, xc, cfg.train_from)    # the teacher from full-precision features
+        teacher.append(run_suffix(base, prefix, cfg.train_from).reshape(len(part), 2, -1))
+        fc = frozen_features(base, xc, cfg.train_from, prefix)
+        fd = frozen_features(base, torch.from_numpy(dv.reshape((-1,) + part.shape[1:])), cfg.train_from)
+        clean.append(fc.reshape((len(part), 2) + fc.shape[1:]))
+        deg.append(fd.reshape((len(part), v) + fd.shape[1:]))
         if log and (i // batch) % 10 == 0:
             log(f"cache {i + len(part)}/{n} chips, {time.perf_counter() - t0:.0f} s")
     return {"clean": torch.cat(clean), "degraded": torch.cat(deg), "teacher": torch.cat(teacher),
