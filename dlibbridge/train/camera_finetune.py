@@ -7,15 +7,15 @@ The run (all in RUN_DIR, resumable with ``--resume``):
    batch-norm affines are first re-derived from unlabeled target-camera chips
    (:func:`xq.adapt_batchnorm`); that adapted model is what the student starts from.
 3. Every training chip is degraded ``--camera-versions`` times by samples of the camera profile
-   (:mod:`dlibbridge.data.camera`); the frozen levels (up to ``--freeze-until``) run once per
-   version and their features are cached in ``RUN_DIR/feature_cache.pt``, with the teacher's
-   descriptors of the clean chips.
-4. :class:`xq.XQTrainer` trains the upper levels: identity + cross-quality + relational +
-   same-input terms (docs/finetune.md).
+   (:mod:`dlibbridge.data.camera`) and kept in ``RUN_DIR/feature_cache.pt`` with the teacher's
+   descriptors of the clean chips: the uint8 versions themselves, or, with ``--freeze-until``,
+   the frozen levels' output for each (:func:`xq.frozen_features`).
+4. :class:`xq.XQTrainer` trains the levels above ``--freeze-until`` (by default all of them):
+   identity + cross-quality + relational + same-input terms (docs/finetune.md).
 5. Validation on the held-out identities in each domain — ``clean`` and ``camera`` (the same
    chips degraded by the profile, fixed per chip), and ``target`` (``--target-val DIR``: the
    user's labeled chips from the camera itself) — at step 0 and every ``--checkpoint-every``
-   steps (their frozen features are cached too, so a validation costs only the upper levels).
+   steps (their versions are cached the same way).
    ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``,
    ``target:tar@far`` with ``--target-val``) among
    the steps whose clean TAR@FAR is at most ``--clean-limit`` below the base's; step 0 (the base,

@@ -137,8 +137,8 @@ class FinetuneConfig:
     relational_weight: float = option(1.0, "relational guard: the teacher's pairwise distances of the clean batch",
                                       metavar="W", group=_CAMERA)
     train_until: str | None = option(
-        None, "last trained level of a camera run; the levels above it and the fc stay the base's (default: the "
-        "recipe's, docs/finetune.md)", choices=FREEZE_LEVELS[2:], group=_CAMERA)
+        None, "last trained level of a camera run; the levels above it and the fc stay the base's (default: "
+        "every level above --freeze-until, and the fc)", choices=FREEZE_LEVELS[2:], group=_CAMERA)
     camera_versions: int = option(4, "degraded versions cached per training chip", metavar="N", group=_CAMERA)
     clean_limit: float = option(0.01, "a selected step loses at most F of the base's clean TAR@FAR (default 0.01 = "
                                 "1 point)", metavar="F", group=_CAMERA)
