@@ -240,7 +240,8 @@ def run(args) -> None:
             os.replace(WORK / (key + ".partial"), WORK / key)
             times["cache_s"] = cache["seconds"]
         t = time.perf_counter()
-        model, rows = xq.train_xq(model, cache, tr_l, cfg, log=log)
+        model, rows = (train_affines_only(model, cache, tr_l, cfg, log) if args.affine_only
+                       else xq.train_xq(model, cache, tr_l, cfg, log=log))
         times["train_s"] = time.perf_counter() - t
         with open(out / "log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -251,6 +252,35 @@ def run(args) -> None:
     res = {"name": args.name, "args": vars(args), "times": times, "metrics": evaluate(model, doms, te_l)}
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
+
+
+def train_affines_only(base, cache: dict, labels: np.ndarray, cfg, log):
+    """The ablation ``--affine-only``: the trainer's loss and batches, but only the scale and
+    shift of every deployed batch-norm (``DlibAffine``, buffers in the port) learn, from the stem
+    up (BitFit-like: 7,104 numbers)."""
+    from torch import nn
+    from dlibbridge.port.arch import DlibAffine
+    from dlibbridge.train import xq
+    tr = xq.XQTrainer(base, cache, labels, cfg)
+    for p in tr.student.parameters():
+        p.requires_grad_(False)
+    params = []
+    for m in tr.student.modules():
+        if isinstance(m, DlibAffine):
+            for k in ("scale", "shift"):
+                p = nn.Parameter(m._buffers.pop(k).clone())
+                setattr(m, k, p)
+                params.append(p)
+    tr.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    tr.schedule = torch.optim.lr_scheduler.LambdaLR(tr.opt, tr.lr_factor)
+    rows, t0 = [], time.perf_counter()
+    for _ in range(cfg.steps):
+        rows.append({**tr.step(), "seconds": time.perf_counter() - t0})
+        if rows[-1]["step"] % 50 == 0:
+            log(f"step {rows[-1]['step']} total {rows[-1]['total']:.4f} {rows[-1]['seconds']:.0f} s")
+    model = base_model()
+    model.load_state_dict({k: v.detach() for k, v in tr.student.state_dict().items()})
+    return model, rows
 
 
 def camera_photo_fn(p: dict):
@@ -513,6 +543,7 @@ def main() -> int:
     p.add_argument("--w-xrel", type=float, default=0.0)
     p.add_argument("--w-bankrel", type=float, default=0.0)
     p.add_argument("--xq-distance", default="squared", choices=["squared", "cosine"])
+    p.add_argument("--affine-only", action="store_true", help="train only the deployed batch-norms' scale/shift")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--adabn-upto", default=None)
     p.add_argument("--target-n", type=int, default=300)
