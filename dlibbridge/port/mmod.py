@@ -27,6 +27,7 @@ The pipeline, each step as dlib does it (dlib 20.0.1 source, read for reference)
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,6 +45,10 @@ MIN_LEVEL_HEIGHT = 5
 #: ``bfloat16``: all convolutions but the score layer in bfloat16, ~4x faster network on CPUs
 #: with AMX; not dlib-exact (agreement measured in docs/benchmarks.md, bound in the tests).
 PRECISIONS = CNN_PRECISIONS
+
+#: Input batches kept between calls, one per (batch size, image size): photo collections
+#: come in a few sizes (a camera's two orientations, a data set's crops).
+KEPT_BATCHES = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ class CnnFaceDetector:
         self.precision = precision
         self.chain = _fast_chain(_folded_chain(chain), precision)
         self._in_channels = self.chain[0].in_channels
-        self._input, self._input_key = None, None          # see _batch
+        self._inputs: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()   # see _batch
         # (stride, pad, kernel) of every layer that moves coordinates, output side first
         self.geometry = [(m.stride, m.padding, m.kernel_size) for m in self.chain
                          if isinstance(m, torch.nn.Conv2d)][::-1]
@@ -219,15 +224,20 @@ class CnnFaceDetector:
         with, and every image's tiles.  (``torch.zeros(...).contiguous(channels_last)`` would
         cost 10x the canvas's own writes: a zero fill plus a permuted copy.)
 
-        The batch is kept for the next call with as many images of the same size: their tiles
-        land on the same pixels and overwrite them all, and what lies between tiles stays
-        zero, so a run over photos of one size (a data set of crops) does not pay a fresh
-        15 MB buffer's zero fill and page faults per photo (~8% of a photo's CPU time)."""
+        The batch is kept (the :data:`KEPT_BATCHES` latest sizes) for a later call with as many
+        images of the same size: their tiles land on the same pixels and overwrite them all,
+        and what lies between tiles stays zero, so photos of a few sizes do not pay a fresh
+        buffer's zero fill and page faults each (15 MB for 250×250 at upsample 1, ~8% of a
+        photo's CPU time)."""
         key = (len(images), *images[0].shape[:2])
-        if self._input_key != key:
+        if key in self._inputs:
+            self._inputs.move_to_end(key)
+        else:
             h, w = pyramid_rects(*images[0].shape[:2], self.padding, self.outer_padding)[1:]
-            self._input, self._input_key = torch.zeros(len(images), h, w, self._in_channels), key
-        x = self._input.permute(0, 3, 1, 2)
+            self._inputs[key] = torch.zeros(len(images), h, w, self._in_channels)
+            while len(self._inputs) > KEPT_BATCHES:
+                self._inputs.popitem(last=False)
+        x = self._inputs[key].permute(0, 3, 1, 2)
         view = x.numpy()
         return x, [self._canvas(img, view[i, :3])[1] for i, img in enumerate(images)]
 
