@@ -153,7 +153,8 @@ class Window:
 class CnnFaceDetector:
     """``det(images, upsample=1)`` → per image a list of (left, top, right, bottom, confidence),
     what ``dlib.cnn_face_detection_model_v1(path)(image, upsample)`` returns (rectangles
-    and ``confidence``), in dlib's order (descending confidence)."""
+    and ``confidence``), in dlib's order (descending confidence).  One call at a time per
+    detector: it keeps its input batches between calls (:meth:`_batch`)."""
 
     def __init__(self, path=None, device: str | torch.device = "cpu", precision: str = "float32"):
         if precision not in PRECISIONS:
@@ -187,7 +188,7 @@ class CnnFaceDetector:
         self.precision = precision
         self.chain = _fast_chain(_folded_chain(chain), precision)
         self._in_channels = self.chain[0].in_channels
-        self._inputs: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()   # see _batch
+        self._inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()   # see _batch
         # (stride, pad, kernel) of every layer that moves coordinates, output side first
         self.geometry = [(m.stride, m.padding, m.kernel_size) for m in self.chain
                          if isinstance(m, torch.nn.Conv2d)][::-1]
@@ -216,33 +217,41 @@ class CnnFaceDetector:
                 canvas[c, t:b + 1, l:r + 1] = p
         return canvas, rects
 
-    # -- network over a batch of canvases of different sizes --------------------------------
+    # -- the network over a batch of same-size canvases ------------------------------------
 
     def _batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list]:
-        """The canvases of same-size ``images`` written straight into one channels-last
-        float32 batch (N, C, H, W), with the zero channel the first convolution was padded
-        with, and every image's tiles.  (``torch.zeros(...).contiguous(channels_last)`` would
-        cost 10x the canvas's own writes: a zero fill plus a permuted copy.)
+        """The canvases of same-size ``images`` as the network's input: written straight into
+        one channels-last float32 batch (N, C, H, W) on the CPU, with the zero channel the
+        first convolution was padded with, then copied into the network's device and dtype if
+        those differ; and every image's tiles.  (``torch.zeros(...).contiguous(channels_last)``
+        would cost 10x the canvas's own writes: a zero fill plus a permuted copy.)
 
-        The batch is kept (the :data:`KEPT_BATCHES` latest sizes) for a later call with as many
-        images of the same size: their tiles land on the same pixels and overwrite them all,
-        and what lies between tiles stays zero, so photos of a few sizes do not pay a fresh
-        buffer's zero fill and page faults each (15 MB for 250×250 at upsample 1, ~8% of a
+        Both batches are kept (the :data:`KEPT_BATCHES` latest sizes) for a later call with as
+        many images of the same size: their tiles land on the same pixels and overwrite them
+        all, and what lies between tiles stays zero, so photos of a few sizes do not pay fresh
+        buffers' zero fills and page faults each (15 MB for 250×250 at upsample 1, ~8% of a
         photo's CPU time)."""
         key = (len(images), *images[0].shape[:2])
         if key in self._inputs:
             self._inputs.move_to_end(key)
         else:
             h, w = pyramid_rects(*images[0].shape[:2], self.padding, self.outer_padding)[1:]
-            self._inputs[key] = torch.zeros(len(images), h, w, self._in_channels)
+            canvas = torch.zeros(len(images), h, w, self._in_channels).permute(0, 3, 1, 2)
+            dtype = self.chain[0].weight.dtype
+            same = dtype == torch.float32 and self.device.type == "cpu"
+            net_in = canvas if same else torch.zeros(len(images), h, w, self._in_channels, dtype=dtype,
+                                                      device=self.device).permute(0, 3, 1, 2)
+            self._inputs[key] = (canvas, net_in)
             while len(self._inputs) > KEPT_BATCHES:
                 self._inputs.popitem(last=False)
-        x = self._inputs[key].permute(0, 3, 1, 2)
-        view = x.numpy()
-        return x, [self._canvas(img, view[i, :3])[1] for i, img in enumerate(images)]
+        canvas, net_in = self._inputs[key]
+        view = canvas.numpy()
+        tiles = [self._canvas(img, view[i, :3])[1] for i, img in enumerate(images)]
+        if net_in is not canvas:
+            net_in.copy_(canvas)
+        return net_in, tiles
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.chain[0].weight.dtype)
         for m in self.chain:
             x = m(x)
         return x.float()
