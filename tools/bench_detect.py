@@ -10,7 +10,7 @@ whether boxes and chips are those of dlib's CNN at the same upsample.  The fast 
 torch) run ``--repeat`` times, interleaved, and report the median (min–max); dlib's CNN, 30-100x
 slower, runs once.
 
-Usage (repo root):  python tools/bench_detect.py [--photos 48] [--upsample 1 0] [--batch 1] [--count 400]
+Usage (repo root):  python tools/bench_detect.py [--photos 48] [--upsample 1 0] [--batch 1] [--stages] [--count 400]
 Prints a Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="torch batch (default 1: align passes one photo at a time)")
     ap.add_argument("--upsample", type=int, nargs="+", default=[1, 0])
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the fast rows (median reported)")
+    ap.add_argument("--stages", action="store_true",
+                    help="then the torch CNN's stages on the first 250x250 photo (CPU ms, best of 7)")
     ap.add_argument("--count", type=int, default=0, metavar="N",
                     help="then count faces (not timed) on N other photos: HOG and the torch CNN at each upsample")
     args = ap.parse_args()
@@ -139,9 +141,44 @@ def main() -> int:
         ratio = f"{r / hog_rate:.2f}" if hog_rate else ""
         print(f"| {name} | {up} | {shown} | {ratio} | {n / statistics.median(wall_s[key]):.2f} | {faces} | {empty} "
               f"| {versus} |")
+    if args.stages:
+        stages(args, imgs, ports)
     if args.count:
         count_faces(args, files, hog, ports)
     return 0
+
+
+def stages(args, imgs, ports) -> None:
+    """Where a photo's time goes in the torch CNN: CPU ms per stage, best of 7."""
+    import torch
+    from dlibbridge.port.mmod import pyramid_up
+
+    def best(fn):
+        times = []
+        for _ in range(7):
+            c0 = cpu()
+            out = fn()
+            times.append(cpu() - c0)
+        return 1000 * min(times), out
+
+    def upsampled(img, up):
+        for _ in range(up):
+            img = pyramid_up(img)
+        return img
+
+    img = next(i for i in imgs if i.shape[:2] == (250, 250))
+    print("\none 250x250 photo, CPU ms, best of 7\n")
+    print("| precision | upsample | pyramid_up | canvas → network input | network | decoding | whole call |")
+    print("|---|---|---|---|---|---|---|")
+    for up in args.upsample:
+        for p, det in ports.items():
+            t_up, big = best(lambda: upsampled(img, up))
+            t_in, (x, tiles) = best(lambda: det._batch([big]))
+            with torch.inference_mode():
+                t_net, out = best(lambda: det._forward(x))
+            t_dec, _ = best(lambda: det._decode(out[0], tiles[0], 0.0))
+            t_all, _ = best(lambda: det([img], up))
+            print(f"| {p} | {up} | {t_up:.1f} | {t_in:.1f} | {t_net:.1f} | {t_dec:.1f} | {t_all:.1f} |")
 
 
 def count_faces(args, timed_files, hog, ports) -> None:
