@@ -96,6 +96,15 @@ def test_batch_buffer_kept_between_calls_holds_only_the_new_canvas(detector, sha
     assert not x[0, 3:].any()
 
 
+def test_fused_conv_relu_equals_the_two_ops(detector, shared_dir, monkeypatch):
+    """oneDNN's conv+relu primitive (CPU) and the two ops it stands for (the path on other
+    devices) give the same detections, bit for bit."""
+    img = dlib.load_rgb_image(str(sorted((shared_dir / "data" / "faces").glob("*.jpg"))[0]))
+    fused = detector([img], upsample=0)
+    monkeypatch.setattr(mmod, "_FUSED_CONV_RELU", None)
+    assert detector([img], upsample=0) == fused and fused
+
+
 def _iou(a, b) -> float:
     inner = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
     area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
