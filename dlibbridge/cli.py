@@ -10,6 +10,7 @@ are imported inside the handlers.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -201,9 +202,9 @@ def _run_align(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     cnn_factory = None
-    if args.detector == "cnn":
+    if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
-        cnn_factory = cnn_face_detector
+        cnn_factory = functools.partial(cnn_face_detector, precision=settings.cnn_precision)
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
     if summary["files"] == 0:

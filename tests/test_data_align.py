@@ -179,6 +179,42 @@ def test_cnn_detector_gives_dlibs_detections_and_chips(tmp_path, shared_dir, dli
     np.testing.assert_array_equal(_chip(tmp_path / "out", row), expected)
 
 
+def test_cnn_bfloat16_via_the_cli_is_recorded_and_refused_where_it_cannot_apply(tmp_path, shared_dir, capsys):
+    """``--cnn-precision bfloat16`` runs the torch port in bfloat16 (close to dlib, not exact:
+    tests/test_port_mmod.py bounds it); the setting is part of the run's settings; with HOG,
+    or with dlib's own CNN (no torch factory), it is refused."""
+    import dlib
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    face = face_crop(shared_dir)
+    cv2.imwrite(str(raw / "face.png"), face[:, :, ::-1])
+    out = tmp_path / "out"
+    assert cli_main(["align", str(raw), str(out), "--detector", "cnn", "--upsample", "0",
+                     "--cnn-precision", "bfloat16", "-q"]) == 0
+    (row,) = read_manifest(out / "manifest.csv")
+    (det,) = dlib.cnn_face_detection_model_v1(str(assets.cnn_face_detector_path()))(face, 0)
+    assert row["status"] == "ok" and abs(float(row["score"]) - det.confidence) <= 1e-2
+    assert json.loads((out / ".align" / "settings.json").read_text())["cnn_precision"] == "bfloat16"
+    with pytest.raises(AlignError, match="other settings .*cnn_precision: 'bfloat16' → 'float32'"):
+        align(raw, out, AlignSettings(detector="cnn", upsample=0), jobs=1, progress=False)
+    capsys.readouterr()
+    assert cli_main(["align", str(raw), str(tmp_path / "o2"), "--cnn-precision", "bfloat16", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "applies to the cnn detector only" in err and "Traceback" not in err
+    with pytest.raises(AlignError, match="needs the torch port"):
+        align(raw, tmp_path / "o3", AlignSettings(detector="cnn", cnn_precision="bfloat16"), progress=False)
+
+
+def test_settings_of_a_run_before_a_setting_existed_mean_its_default(small_raw, tmp_path):
+    out = tmp_path / "out"
+    align(small_raw, out, jobs=1, progress=False)
+    path = out / ".align" / "settings.json"
+    before = json.loads(path.read_text())
+    del before["cnn_precision"]
+    path.write_text(json.dumps(before))
+    assert align(small_raw, out, jobs=1, progress=False)["processed_this_run"] == 0
+
+
 # ---- a real-world folder: bad files, identities, duplicates; then pack ----------------------
 
 def test_bad_files_are_reported_good_ones_aligned_and_packed(tmp_path, shared_dir):

@@ -54,7 +54,7 @@ from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, w
 from ..errors import DlibbridgeError
 from ..options import option
 
-__all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CENTER_BOX_FRACTION",
+__all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CNN_PRECISIONS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
            "FaceAligner", "frontal_face_detector", "center_box", "choose_faces", 
            "Source", "process_photo", "list_sources", "default_jobs", "align", "read_manifest",
@@ -63,6 +63,10 @@ __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACK
 CHIP_PADDING = 0.25   # compute_face_descriptor's padding at CHIP_SIZE: the chip the network was trained on
 
 DETECTORS = ("hog", "cnn")
+#: Arithmetic of ``--detector cnn`` (the torch port, :mod:`dlibbridge.port.mmod`): ``float32``
+#: finds dlib's rectangles; ``bfloat16`` runs its convolutions in bfloat16 (AMX / AVX-512
+#: bf16 CPUs: several times faster) and is not dlib-exact (docs/benchmarks.md, bench_detect).
+CNN_PRECISIONS = ("float32", "bfloat16")
 MULTI_POLICIES = ("largest", "center", "all", "skip")
 FALLBACKS = ("center",)
 
@@ -106,6 +110,9 @@ class AlignSettings:
     detector: str = option("hog", "dlib's HOG detector (default) or its CNN mmod_human_face_detector, run by "
                            "dlibbridge's torch port (the same rectangles as dlib's, batched, faster)", choices=DETECTORS)
     upsample: int = option(1, "upsample the image N times before detecting (default 1, as dlib's examples)", metavar="N")
+    cnn_precision: str = option("float32", "arithmetic of --detector cnn: float32 (default: dlib's boxes) or "
+                                "bfloat16 (faster on CPUs with AMX; NOT dlib-exact: on ~3%% of photos a box sits "
+                                "one window position away from dlib's)", choices=CNN_PRECISIONS)
     multi: str | None = option(None, "several faces in a photo: keep the largest, the most central, all, or skip the "
                                "photo (default: largest with identity folders, all in a flat folder)",
                                choices=MULTI_POLICIES)
@@ -119,6 +126,10 @@ class AlignSettings:
     def __post_init__(self):
         if self.detector not in DETECTORS:
             raise AlignError(f"detector must be one of {DETECTORS}, not {self.detector!r}")
+        if self.cnn_precision not in CNN_PRECISIONS:
+            raise AlignError(f"cnn_precision must be one of {CNN_PRECISIONS}, not {self.cnn_precision!r}")
+        if self.cnn_precision != "float32" and self.detector != "cnn":
+            raise AlignError(f"cnn_precision {self.cnn_precision} applies to the cnn detector only")
         if not (isinstance(self.upsample, int) and 0 <= self.upsample <= 8):
             raise AlignError(f"upsample must be an integer 0..8, not {self.upsample!r}")
         if self.multi is not None and self.multi not in MULTI_POLICIES:
@@ -349,6 +360,9 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
     manifest (evaluation aligns what its pairs name, not a whole data set)."""
     started = time.time()
     settings = settings or AlignSettings()
+    if settings.cnn_precision != "float32" and cnn_factory is None:
+        raise AlignError(f"cnn_precision {settings.cnn_precision} needs the torch port of the CNN detector "
+                         "(cnn_factory); dlib's own runs in float32")
     raw, out = Path(raw_dir), Path(out_dir)
     _check_folders(raw, out)
     sources = list_sources(raw)
@@ -420,6 +434,8 @@ def _check_settings(state: Path, settings: AlignSettings, redo: bool) -> None:
             before = json.loads(path.read_text())
         except ValueError:
             before = None
+        if isinstance(before, dict):    # a setting added since that run: it ran with the default
+            before = {f.name: f.default for f in dataclasses.fields(AlignSettings) if f.name not in before} | before
         if before != wanted:
             diff = ", ".join(f"{k}: {before.get(k)!r} → {v!r}" for k, v in wanted.items()
                              if isinstance(before, dict) and before.get(k) != v) or "unreadable settings"

