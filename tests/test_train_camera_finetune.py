@@ -9,6 +9,7 @@ import json
 
 import cv2
 import numpy as np
+import torch
 import pytest
 
 from dlibbridge import cli
@@ -54,6 +55,16 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     assert cfg["recipe"]["train_from"] == "stem" and cfg["recipe"]["train_until"] is None
     for f in ("model.dat", "model.pt", "curves.png", "log.csv", "feature_cache.pt"):
         assert (run / f).is_file(), f
+    # the exported descriptors are scaled so that 0.6 is the best threshold on the held-out people
+    from dlibbridge.port.checkpoint import load_torch
+    scaling = summary["distance_scale"]
+    assert scaling["match_threshold"] == 0.6 and scaling["domains"] == ["clean", "camera"]
+    assert abs(scaling["scale"] - 0.6 / scaling["best_threshold_before"]) < 1e-12
+    exported = load_torch(run / "model.pt")
+    selected = torch.load(run / "best_state.pt", weights_only=True) if summary["exported_step"] == summary["best"]["step"] \
+        else torch.load(run / "checkpoint.pt", weights_only=False)["trainer"]["student"]
+    assert torch.allclose(exported.fc.weight, selected["fc.weight"] * scaling["scale"], rtol=1e-6, atol=0)
+    assert torch.equal(exported.stem.unit.conv.weight, selected["stem.unit.conv.weight"])
     # a finished run resumes to the same export
     assert cli.main(["finetune", "--resume", str(run), "--quiet"]) == 0
     again = json.loads((run / "summary.json").read_text())

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DlibbridgeError
+from ..eval.metrics import DLIB_THRESHOLD
 from ..options import option
 
 
@@ -142,6 +143,10 @@ class FinetuneConfig:
     camera_versions: int = option(4, "degraded versions cached per training chip", metavar="N", group=_CAMERA)
     clean_limit: float = option(0.01, "a selected step loses at most F of the base's clean TAR@FAR (default 0.01 = "
                                 "1 point)", metavar="F", group=_CAMERA)
+    match_threshold: float = option(
+        DLIB_THRESHOLD, "scale the exported descriptors so that distance T is the best threshold on the held-out "
+        "people (every validation domain's pairs together), so code that hard-codes dlib's 0.6 keeps working; "
+        "0 keeps the trained scale", metavar="T", group=_CAMERA)
 
     @classmethod
     def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
@@ -228,8 +233,10 @@ class FinetuneConfig:
                     f"(one of {', '.join(FREEZE_LEVELS[FREEZE_LEVELS.index(self.freeze_until) + 1:])})")
             if self.xq_distance not in ("squared", "cosine"):
                 bad(f"--xq-distance {self.xq_distance!r}: choose squared or cosine")
-            if self.camera_versions < 1 or self.xq_weight < 0 or self.relational_weight < 0 or self.clean_limit < 0:
-                bad("--camera-versions must be >= 1; --xq-weight, --relational-weight and --clean-limit >= 0")
+            if (self.camera_versions < 1 or self.xq_weight < 0 or self.relational_weight < 0 or self.clean_limit < 0
+                    or self.match_threshold < 0):
+                bad("--camera-versions must be >= 1; --xq-weight, --relational-weight, --clean-limit and "
+                    "--match-threshold >= 0")
         if self.export not in ("best", "last"):
             bad(f"--export {self.export!r}: choose best or last")
         for name in ("epochs", "identities_per_batch", "images_per_identity", "accumulate",
