@@ -33,7 +33,7 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     run = tmp_path / "run"
     args = ["finetune", str(johns_dir), "--out", str(run), "--camera", str(camera_json), "-P", "2", "-K", "2",
             "--max-steps", "4", "--checkpoint-every", "2", "--camera-versions", "2", "--val-identities", "2",
-            "--quiet"]
+            "--match-threshold", "0.6", "--quiet"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "recommended distance threshold" in printed

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DlibbridgeError
-from ..eval.metrics import DLIB_THRESHOLD
 from ..options import option
 
 
@@ -144,9 +143,9 @@ class FinetuneConfig:
     clean_limit: float = option(0.01, "a selected step loses at most F of the base's clean TAR@FAR (default 0.01 = "
                                 "1 point)", metavar="F", group=_CAMERA)
     match_threshold: float = option(
-        DLIB_THRESHOLD, "scale the exported descriptors so that distance T is the best threshold on the held-out "
-        "people (every validation domain's pairs together), so code that hard-codes dlib's 0.6 keeps working; "
-        "0 keeps the trained scale", metavar="T", group=_CAMERA)
+        0.0, "scale the exported descriptors so that distance T (e.g. dlib's 0.6) is the best threshold on the "
+        "held-out people (every validation domain's pairs together); needs many validation people "
+        "(docs/finetune.md); default 0: keep the trained scale", metavar="T", group=_CAMERA)
 
     @classmethod
     def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
