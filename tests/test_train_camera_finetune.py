@@ -47,6 +47,9 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     with open(run / "val.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    # the recipe exports the last step unless it fails the clean guard (then the selected one)
+    last_ok = float(rows[-1]["clean.tar@far"]) >= float(rows[0]["clean.tar@far"]) - 0.01 - 1e-12
+    assert (summary["exported_step"] == 4) == last_ok
     assert {"clean.tar@far", "camera.tar@far", "camera.accuracy_at_0.6", "camera.best_threshold"} <= set(rows[0])
     thr = json.loads((run / "threshold.json").read_text())
     assert 0 < thr["threshold"] < 2 and thr["domain"] == "camera"
@@ -80,13 +83,15 @@ def test_camera_finetune_refusals(tmp_path, johns_dir, camera_json, capsys):
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r2"), "--target-photos", str(johns_dir)]) == 2
     assert "--camera" in capsys.readouterr().err
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r3"), "--select-metric", "camera:tar@far"]) == 2
+    assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r6"), "--export", "last-eligible"]) == 2
+    assert "last-eligible" in capsys.readouterr().err
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
                      "--freeze-until", "level0"]) == 2
     assert "level0" in capsys.readouterr().err
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r5"), "--camera", str(camera_json),
                      "--freeze-until", "level3", "--train-until", "level4"]) == 2
     assert "--train-until" in capsys.readouterr().err
-    assert [r for r in ("r1", "r2", "r3", "r4", "r5") if (tmp_path / r).exists()] == []
+    assert [r for r in ("r1", "r2", "r3", "r4", "r5", "r6") if (tmp_path / r).exists()] == []
 
 
 def test_a_small_set_lowers_the_recipes_identities_per_batch(capsys):
@@ -135,6 +140,9 @@ def test_target_val_is_a_validation_and_selection_domain(tmp_path, johns_dir, ca
     with open(run / "val.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    # the recipe exports the last step unless it fails the clean guard (then the selected one)
+    last_ok = float(rows[-1]["clean.tar@far"]) >= float(rows[0]["clean.tar@far"]) - 0.01 - 1e-12
+    assert (summary["exported_step"] == 4) == last_ok
     assert {"target.tar@far", "target.accuracy_at_0.6", "target.accuracy", "target.best_threshold"} <= set(rows[0])
     # the exported step has the best target TAR@FAR among the eligible validations
     eligible = [r for r in rows if float(r["clean.tar@far"]) >= float(rows[0]["clean.tar@far"]) - 0.01 - 1e-12]

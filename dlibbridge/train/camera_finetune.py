@@ -19,7 +19,8 @@ The run (all in RUN_DIR, resumable with ``--resume``):
    ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``,
    ``target:tar@far`` with ``--target-val``) among
    the steps whose clean TAR@FAR is at most ``--clean-limit`` below the base's; step 0 (the base,
-   or the adapted base) is always a candidate.
+   or the adapted base) is always a candidate.  The recipe's ``--export last-eligible`` exports
+   the last step unless it fails that guard, and the selected step only then.
 6. ``model.dat`` (deployed; checked in ``dlib.face_recognition_model_v1``), ``model.pt``,
    ``threshold.json`` (the distance threshold that is best on the target domain when there is
    one, else on the camera domain, beside dlib's 0.6), ``val.csv``/``curves.png``/``summary.json``
@@ -291,7 +292,8 @@ class _CameraJob:
         self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
         model = trainer.student
         exported = trainer.n
-        if c.export == "best" and best is not None and best["step"] != trainer.n:
+        fallback = c.export == "last-eligible" and len(vals) > 1 and not self.eligible(vals[-1], vals[0])
+        if (c.export == "best" or fallback) and best is not None and best["step"] != trainer.n:
             model = copy.deepcopy(trainer.student)
             model.load_state_dict(torch.load(self.run_dir / "best_state.pt", weights_only=True))
             exported = best["step"]
