@@ -54,9 +54,13 @@ class ChipSource:
     of ``--fallback center``, meant for pre-cropped sets like LFW) or ``failed:<reason>``.
     """
 
-    #: Images per task handed to a worker: small enough that a batch of photos to align is
-    #: spread over every worker, large enough that a task's round trip is noise.
-    CHUNK = 16
+    #: Work per task handed to a worker, in chip decodes (~1 ms): large enough that the task's
+    #: round trip is noise, small enough that the photos of a batch are spread over every
+    #: worker and none finishes far behind the others.  Aligning a photo (dlib's detector,
+    #: landmarks, the chip written and read back) costs ~40 decodes; counted as 8, a task is 4
+    #: photos or 32 chips.
+    CHUNK = 32
+    ALIGN_COST = 8
 
     def __init__(self, data_root: Path, chips_dir: Path | None, detector: str = "hog", upsample: int = 1,
                  multi: str = "center", fallback: str | None = "center", workers: int | None = None):
@@ -114,7 +118,10 @@ class ChipSource:
         src = self._sources.get(rel)
         if src is None:                    # a hidden file: no chip name of align's
             return ("done", "failed:not_aligned")
-        sha = sha256_file(path) if path.is_file() and path.stat().st_size else ""
+        try:
+            sha = sha256_file(path) if path.stat().st_size else ""
+        except OSError:                    # unreadable: aligning it records why
+            sha = ""
         rows = journal.finished(rel, sha)
         if rows is None:
             return ("align", str(self.data_root), str(self.chips_dir), src, self.settings, sha)
@@ -135,12 +142,13 @@ class ChipSource:
         try:
             tasks = [self._task(p, c, journal) for p, c in zip(paths, chip_sized)]
             aligning = any(t[0] == "align" for t in tasks)
-            chunks = [tasks[i:i + self.CHUNK] for i in range(0, len(tasks), self.CHUNK)]
+            chunks = self._chunks(tasks)
             workers = default_workers(len(tasks), batch_size, aligning=aligning) if self.workers is None \
                 else self.workers
             workers = min(workers, len(chunks))
             hog = hog_detector_pickle() if aligning and workers and self.settings.detector == "hog" else None
-            results = prefetched(_load_chunk, chunks, workers, ahead=2 * workers + math.ceil(batch_size / self.CHUNK),
+            per_batch = math.ceil(batch_size * len(chunks) / len(tasks)) if tasks else 0   # tasks of one batch
+            results = prefetched(_load_chunk, chunks, workers, ahead=2 * workers + per_batch,
                                  initializer=use_hog_detector_pickle, initargs=(hog,))
             with contextlib.closing(results):
                 for chunk, got in zip(chunks, results):
@@ -154,6 +162,17 @@ class ChipSource:
             if journal is not None:
                 journal.close()
                 write_manifest(self.chips_dir, [r for rel in sorted(self._rows) for r in self._rows[rel]])
+
+
+    def _chunks(self, tasks: list[tuple]) -> list[list[tuple]]:
+        chunks, chunk, cost = [], [], 0
+        for t in tasks:
+            chunk.append(t)
+            cost += self.ALIGN_COST if t[0] == "align" else 1
+            if cost >= self.CHUNK:
+                chunks.append(chunk)
+                chunk, cost = [], 0
+        return chunks + [chunk] if chunk else chunks
 
 
 def _chip_task(chips_dir: Path | str, rows: list[dict]) -> tuple:
