@@ -263,8 +263,8 @@ def _run_evaluate(args) -> int:
     for name, v in (("--folds", args.n_folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
-    if args.jitter < 0 or (args.jobs is not None and args.jobs < 1):
-        raise UsageError("--jitter must be >= 0 and --jobs >= 1")
+    if args.jitter < 0 or (args.workers is not None and args.workers < 0):
+        raise UsageError("--jitter and --workers must be >= 0")
     cfg = ev.EvalConfig(**{
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
@@ -466,6 +466,9 @@ _ON_INTERRUPT = {
     "pack": lambda args: "run the same command again to continue",
     "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
     "camera": lambda args: "nothing written",
+    "embed": lambda args: "finished batches are kept, run the same command again to continue",
+    "evaluate": lambda args: ("nothing kept (--no-cache)" if args.no_cache else
+                              "finished descriptors and chips are cached, run the same command again to continue"),
 }
 # evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
 # files found deep in their pipelines) as bad input, as they always have.

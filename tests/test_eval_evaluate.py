@@ -99,7 +99,7 @@ def celeba_eval(shared_dir, tmp_path_factory):
     data = _subset(shared_dir / "data" / "celeba-dev", tmp / "data", 20, 6)
     cfg = ev.EvalConfig(models=[emb.ModelSpec.parse("dlib:default"), emb.ModelSpec.parse("torch:default")],
                         data=data, gen_pairs=300, seed=0, report=tmp / "report", cache_dir=tmp / "cache",
-                        jobs=2, progress=False)
+                        workers=2, progress=False)
     return cfg, ev.run(cfg)
 
 
@@ -288,3 +288,96 @@ def test_report_labels_same_named_models_apart_and_keeps_files_it_did_not_write(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(mine) in err and "refusing to replace it" in err, err
     assert {p: p.read_bytes() for p in rep.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------------------- worker processes
+
+def test_loading_in_worker_processes_gives_what_the_serial_path_gives(shared_dir, johns_dir, tmp_path, face_model_path,
+                                                                      monkeypatch):
+    """Photos to align, aligned chips, an unreadable file and a copy of a photo, in batches
+    that cut across the workers' tasks: the same descriptors (bit for bit), statuses, chips and
+    manifest with 2 workers as with none; a second run reads the chips the first aligned."""
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 3, 3)
+    shutil.copytree(johns_dir / "John_Salley", data / "John_Salley")
+    first = sorted(data.glob("*/*.jpg"))[0]
+    copy = first.with_name("copy_of_first.jpg")
+    shutil.copy(first, copy)
+    (data / "John_Salley" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    paths = sorted(p for p in data.glob("*/*") if p.is_file())
+    monkeypatch.setattr(ev.ChipSource, "CHUNK", 3)
+    runs = {}
+    for workers in (0, 2):
+        loader = ev.ChipSource(data, tmp_path / f"chips{workers}", workers=workers)
+        embedder = emb.make_embedder(emb.ModelSpec.parse(str(face_model_path)), batch_size=4)
+        (e,), status = ev.compute_embeddings(paths, [embedder], loader, None, batch_size=5, progress=False)
+        runs[workers] = e, status, loader
+    (serial, status, loader0), (parallel, status2, loader2) = runs[0], runs[2]
+    assert status == status2
+    assert {"chip", "detected"} <= set(status) and any(s.startswith("failed:") for s in status), status
+    np.testing.assert_array_equal(serial, parallel)              # NaN rows in the same places
+    np.testing.assert_array_equal(serial[paths.index(first)], serial[paths.index(copy)])
+    m0, m2 = ((d / "manifest.csv").read_text() for d in (loader0.chips_dir, loader2.chips_dir))
+    assert m0 == m2 and m0.count("\n") == 1 + 10                  # header, the 9 photos and the broken file
+    chips = sorted(loader0.chips_dir.rglob("*.png"))
+    assert len(chips) == 9
+    for chip in chips:
+        assert chip.read_bytes() == (loader2.chips_dir / chip.relative_to(loader0.chips_dir)).read_bytes()
+    journal = next(loader0.chips_dir.glob(".align/journal.jsonl"))
+    before = journal.read_text()
+    rest = [p for p in paths if p != copy]
+    for workers in (0, 2):                                         # the chips are read, nothing is aligned again
+        loaded = list(ev.ChipSource(data, loader0.chips_dir, workers=workers).load(rest))
+        assert [s for _, s in loaded] == [s for p, s in zip(paths, status) if p != copy]
+        got = np.stack([c for c, _ in loaded if c is not None])
+        assert len(got) == len(rest) - 1
+    assert journal.read_text() == before
+
+
+def test_evaluate_without_workers_gives_the_same_numbers(celeba_eval, tmp_path):
+    """The celeba-dev run (2 workers aligning while the network runs) again, serially, from
+    an empty cache: every number of results.json is the same."""
+    cfg, res = celeba_eval
+    serial = ev.run(ev.EvalConfig(models=[emb.ModelSpec.parse("torch:default")], data=cfg.data,
+                                  pairs=Path(res.results["pairs"]["file"]), json_path=tmp_path / "r.json",
+                                  cache_dir=tmp_path / "cache", workers=0, progress=False))
+    assert serial.results["images"] == res.results["images"]
+    assert serial.results["models"][0] == res.results["models"][1]
+
+
+@pytest.mark.slow
+def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
+    """A real Ctrl-C (SIGINT to the whole process group) while 2 workers align: one line, no
+    traceback from any process, the aligned photos kept; the rerun aligns only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 10, 6)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "dlibbridge", "evaluate", "default", "--data", str(data), "--gen-pairs", "100",
+           "--folds", "5", "--cache", str(cache), "--json", str(tmp_path / "r.json"), "--workers", "2", "-q",
+           "--batch-size", "8"]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    journal = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(cache.glob("chips/*/.align/journal.jsonl"))
+        if found and found[0].stat().st_size > 0:
+            journal = found[0]
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert journal is not None and proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    done = len(journal.read_text().splitlines())
+    assert 0 < done < 60
+    rerun = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    lines = journal.read_text().splitlines()           # every photo aligned once, over the two runs
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert len({json.loads(line)["source"] for line in lines}) == len(lines) == r["images"]["total"]

@@ -5,7 +5,7 @@
     python tools/bench_embed.py --variants eager,onnxruntime --batch-sizes 64
     python tools/bench_embed.py --device cuda --batch-sizes 256,1024 --variants eager,fp16,bf16 --no-dlib
     python tools/bench_embed.py --threads-study --rounds 3      # thread policies, idle vs one busy core
-    python tools/bench_embed.py --pipeline ALIGNED_DIR --photos 640 --rounds 3   # embed end to end
+    python tools/bench_embed.py --overlap --photos 200 --rounds 3   # embed + evaluate end to end, serial vs overlapped
     python tools/bench_embed.py --interleave --variants unfolded,eager,nchw --batch-sizes 64 --rounds 30
 
 Engines (``--variants``):
@@ -343,57 +343,141 @@ class Runner:
             return self.module(x).float().cpu().numpy()
 
 
-def pipeline_study(aligned: Path, photos: int, batch: int, rounds: int) -> int:
-    """``embed_folder`` end to end (decode + network + write) on the first ``photos`` chips
-    of an aligned folder, decoding in this process vs in worker processes, beside the two
-    stages alone: decode only, network only (chips already in memory); interleaved rounds."""
+def overlap_study(photos_dir: Path, n_photos: int, n_chips: int, batch: int, rounds: int, device: str) -> int:
+    """``embed`` and ``evaluate`` end to end, serial and overlapped, beside their stages alone,
+    on the first ``n_photos`` photos of an identity-folder tree (celeba-dev), and on the chips
+    of its first ``n_chips`` photos (aligned once, up front, by ``align``: a few hundred chips
+    pass in about a second, too short for a steady state).  Stages, interleaved over ``rounds``:
+
+    * network only: the chips already in memory, batches of ``batch``;
+    * decode only / align only: chips read (``embed``'s reader), photos aligned and their chips
+      read (``evaluate``'s loader), one process, no network;
+    * ``embed_folder`` and ``evaluate``'s ``compute_embeddings`` (content hashing, alignment,
+      descriptors; no descriptor cache) with no workers (serial: load, then embed, batch by
+      batch) and with workers loading ahead while the network runs (overlapped);
+    * the previous ``evaluate`` pipeline: ``align`` over the photos on every core first, then
+      the chips read and embedded batch by batch.
+
+    ``embed_folder`` opens the model in every run (``to_torch``, the file's sha256); that time
+    is printed and is part of embed's end-to-end figures, not evaluate's (its stages share one
+    opened model).
+
+    Photos/s are photos of the sample over wall-clock seconds; load averages are printed
+    because other jobs may share the cores — compare stages within a run."""
+    import shutil
     import tempfile
 
+    from dlibbridge.data.align import AlignSettings, align
+    from dlibbridge.data.prefetch import MAX_DECODE_WORKERS, cores, default_workers
     from dlibbridge.eval import embed
     from dlibbridge.eval.embedders import ModelSpec, make_embedder
-    files = embed.list_images(aligned)[:photos]
-    if not files:
-        sys.exit(f"no chips under {aligned}")
-    workers = embed.default_workers(len(files), batch)
+    from dlibbridge.eval.evaluate import ChipSource, compute_embeddings
+
+    every = sorted(photos_dir.glob("*/*.jpg"))
+    photos = every[:n_photos]
+    if not photos:
+        sys.exit(f"no identity folders of .jpg photos under {photos_dir}")
     model = str(assets.face_model_path())
-    net = make_embedder(ModelSpec.parse(model, "torch"), device="cpu", batch_size=batch)
+    t = time.perf_counter()
+    net = make_embedder(ModelSpec.parse(model, "torch"), device=device, batch_size=batch)
+    embed._fingerprint(Path(model), "torch", [])
+    open_s = time.perf_counter() - t
+    decode_workers = max(1, min(MAX_DECODE_WORKERS, cores() - 1))     # embed's choice for a large folder
+    align_workers = default_workers(len(photos), batch, aligning=True)
     rates: dict = {}
     loads = []
     with tempfile.TemporaryDirectory() as d:
-        root = Path(d) / "chips"
-        for rel in files:
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).symlink_to(aligned / rel)
-        chips = np.stack([embed._read_chip(root / rel) for rel in files])    # warms the page cache
+        d = Path(d)
+        for folder, sample in (("photos", photos), ("chip-photos", every[:n_chips])):
+            for p in sample:
+                (d / folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+                (d / folder / p.parent.name / p.name).symlink_to(p.resolve())
+        data = d / "photos"
+        settings = AlignSettings(multi="center", fallback="center")       # evaluate's defaults
+        summary = align(d / "chip-photos", d / "chips", settings, progress=False)
+        chip_files = embed.list_images(d / "chips")
+        chip_paths = [d / "chips" / rel for rel in chip_files]
+        photo_paths = sorted(p for p in data.glob("*/*.jpg"))
+        chips = np.stack([embed._read_chip(p) for p in chip_paths])     # warms the page cache
         net.embed(chips[:batch])
 
-        def decode():
-            for rel in files:
-                embed._read_chip(root / rel)
+        def fresh(name: str) -> Path:
+            out = d / name
+            shutil.rmtree(out, ignore_errors=True)
+            return out
 
         def network():
             for i in range(0, len(chips), batch):
                 net.embed(chips[i:i + batch])
 
-        stages = {"decode only (1 process)": decode, "network only (chips in memory)": network}
-        for w in sorted({0, workers}):
-            stages[f"embed end to end, {w} decode workers"] = functools.partial(
-                embed.embed_folder, model, root, Path(d) / "out.npz", batch_size=batch, progress=False, workers=w)
+        def decode():
+            for p in chip_paths:
+                embed._read_chip(p)
+
+        def align_only():
+            for _ in ChipSource(data, fresh("aligned"), workers=0).load(photo_paths, batch):
+                pass
+
+        def evaluate(paths, workers, chips_dir=None):
+            return lambda: compute_embeddings(paths, [net], ChipSource(data if chips_dir is None else d / "chips",
+                                                                       fresh("eval-chips"), workers=workers),
+                                              None, batch, progress=False)
+
+        def previous_evaluate():
+            out = fresh("eval-chips")
+            align(data, out, settings, progress=False)
+            compute_embeddings(photo_paths, [net], ChipSource(data, out, workers=0), None, batch, progress=False)
+
+        stages = {
+            "network only (chips in memory)": (network, len(chips)),
+            "embed: decode only (1 process)": (decode, len(chips)),
+            "embed end to end, serial (--workers 0)": (functools.partial(
+                embed.embed_folder, model, d / "chips", d / "out.npz", batch_size=batch, progress=False, workers=0),
+                len(chips)),
+            f"embed end to end, overlapped (--workers {decode_workers})": (functools.partial(
+                embed.embed_folder, model, d / "chips", d / "out.npz", batch_size=batch, progress=False,
+                workers=decode_workers), len(chips)),
+            "evaluate chips, serial (--workers 0)": (evaluate(chip_paths, 0, "chips"), len(chips)),
+            f"evaluate chips, overlapped (--workers {decode_workers})": (evaluate(chip_paths, decode_workers, "chips"),
+                                                                          len(chips)),
+            "evaluate photos: align only (1 process)": (align_only, len(photos)),
+            "evaluate photos, serial (--workers 0)": (evaluate(photo_paths, 0), len(photos)),
+        }
+        for w in sorted({1, align_workers}):
+            stages[f"evaluate photos, overlapped (--workers {w})"] = (evaluate(photo_paths, w), len(photos))
+        stages[f"evaluate photos, previous pipeline (align -j {cores()}, then embed)"] = (previous_evaluate,
+                                                                                          len(photos))
         for r in range(rounds):
-            for name, fn in stages.items():
+            for name, (fn, n) in stages.items():
                 loads.append(os.getloadavg()[0])
                 t = time.perf_counter()
                 fn()
-                rate = len(files) / (time.perf_counter() - t)
+                rate = n / (time.perf_counter() - t)
                 rates.setdefault(name, []).append(rate)
-                print(f"round {r + 1} {name:40s}: {rate:7.1f} photos/s", flush=True)
-    print(f"\n{len(files)} chips of {aligned}, batch {batch}, torch {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}, {rounds} rounds; "
-          f"load average {min(loads):.1f}–{max(loads):.1f}\n")
-    print("| stage | photos/s (median of rounds) | range over rounds |")
-    print("|---|---:|---|")
+                print(f"round {r + 1} {name:62s}: {rate:7.1f} images/s", flush=True)
+    print(f"\n{len(photos)} photos of {photos_dir}; {len(chips)} chips of its first {n_chips} photos "
+          f"({summary['status_counts']}); batch {batch}, device {device}, torch {torch.get_num_threads()} threads, "
+          f"{cores()} cores, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '(default)')}, {rounds} rounds; "
+          f"load average {min(loads):.1f}–{max(loads):.1f}; opening the model (embed, every run): {open_s:.2f} s\n")
+    net = "network only (chips in memory)"
+    serial_of = {name: next(n for n in rates if n.startswith(name.split(",")[0] + ", serial"))
+                 for name in rates if "," in name}
+
+    def per_round(name: str, base: str) -> str:
+        r = [a / b for a, b in zip(rates[name], rates[base])]
+        return f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})"
+    print("| stage | images/s (median of rounds) | range over rounds | × network only, per round | "
+          "× serial, per round |")
+    print("|---|---:|---|---:|---:|")
     for name, rs in rates.items():
-        print(f"| {name} | {statistics.median(rs):.1f} | {min(rs):.1f}–{max(rs):.1f} |")
+        print(f"| {name} | {statistics.median(rs):.1f} | {min(rs):.1f}–{max(rs):.1f} | {per_round(name, net)} | "
+              f"{per_round(name, serial_of[name]) if name in serial_of else ''} |")
+    med = {name: statistics.median(rs) for name, rs in rates.items()}
+    print("\nIf the stages shared no cores (medians): serial = 1/(1/network + 1/load), overlapped = the slower")
+    for what, load in (("embed", "embed: decode only (1 process)"),
+                       ("evaluate photos", "evaluate photos: align only (1 process)")):
+        a, b = med[net], med[load]
+        print(f"  {what}: serial {1 / (1 / a + 1 / b):.1f}, overlapped {min(a, b):.1f} images/s")
     return 0
 
 
@@ -444,10 +528,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--threads-study", action="store_true",
                     help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
-    ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--pipeline rounds (default 3)")
-    ap.add_argument("--pipeline", metavar="ALIGNED_DIR", type=Path,
-                    help="only time `embed` end to end on chips of an `align` output (batch: first of --batch-sizes)")
-    ap.add_argument("--photos", type=int, default=640, help="--pipeline: chips used (default 640)")
+    ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--overlap rounds (default 3)")
+    ap.add_argument("--overlap", metavar="PHOTOS_DIR", type=Path, nargs="?", const=SHARED / "data" / "celeba-dev",
+                    help="only time `embed` and `evaluate` end to end, serial and overlapped, beside their stages, "
+                         "on photos of identity folders (default celeba-dev) and their chips (batch: first of "
+                         "--batch-sizes)")
+    ap.add_argument("--photos", type=int, default=200, help="--overlap: photos aligned by evaluate (default 200)")
+    ap.add_argument("--chips", type=int, default=1000, help="--overlap: chips of this many photos (default 1000)")
     ap.add_argument("--interleave", action="store_true",
                     help="only alternate calls of --variants at the first of --batch-sizes for --rounds rounds")
     args = ap.parse_args(argv)
@@ -457,9 +544,17 @@ def main(argv=None) -> int:
                                  load_chips(int(args.batch_sizes.split(",")[0])),
                                  args.variants.split(",") if args.variants else ["eager", "unfolded"],
                                  args.rounds, torch.device(args.device))
-    if args.pipeline:
+    if args.overlap:
+        if __name__ == "__main__":
+            # Spawned workers import the main script again: this one imports torch (~2 s per
+            # worker).  Under a `-c` main they import only what their tasks need, as under the
+            # `dlibbridge` command, whose import is torch-free.
+            import subprocess
+            return subprocess.call([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'tools')!r}); "
+                                    f"import bench_embed; sys.exit(bench_embed.main({list(argv or sys.argv[1:])!r}))"])
         threads.set_threads(args.threads)
-        return pipeline_study(args.pipeline, args.photos, int(args.batch_sizes.split(",")[0]), args.rounds)
+        return overlap_study(args.overlap, args.photos, args.chips, int(args.batch_sizes.split(",")[0]), args.rounds,
+                             args.device)
     if args.threads_study:
         return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time)
 

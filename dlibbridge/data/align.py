@@ -30,14 +30,12 @@ EXIF orientation), ``orientation``, ``decoder`` (dlib or pillow), ``sha256`` (of
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
 import multiprocessing
 import os
 import pickle
-import signal
 import sys
 import time
 from collections import Counter
@@ -50,15 +48,16 @@ import numpy as np
 
 from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
+from .prefetch import children_ignore_sigint, cores
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
 from ..options import option
 
 __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CNN_PRECISIONS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
-           "FaceAligner", "frontal_face_detector", "center_box", "choose_faces", 
-           "Source", "process_photo", "list_sources", "default_jobs", "align", "read_manifest",
-           "format_summary"]
+           "FaceAligner", "frontal_face_detector", "hog_detector_pickle", "use_hog_detector_pickle", "center_box",
+           "choose_faces", "Source", "process_photo", "align_photo", "list_sources", "default_jobs", "Journal", "align",
+           "write_manifest", "read_manifest", "format_summary"]
 
 CHIP_PADDING = 0.25   # compute_face_descriptor's padding at CHIP_SIZE: the chip the network was trained on
 
@@ -170,11 +169,25 @@ def frontal_face_detector():
     Building it decodes the model embedded in dlib (3-4 s of CPU here); its pickle (dlib's own
     serialization) loads in ~10 ms.  The pickle is made once and handed to worker processes,
     so N workers do not each pay those seconds."""
+    return pickle.loads(hog_detector_pickle())
+
+
+def hog_detector_pickle() -> bytes:
+    """The pickle :func:`frontal_face_detector` loads, made on the first call in this process;
+    hand it to a worker process's :func:`use_hog_detector_pickle`."""
     global _HOG_PICKLE
     if _HOG_PICKLE is None:
         import dlib
         _HOG_PICKLE = pickle.dumps(dlib.get_frontal_face_detector())
-    return pickle.loads(_HOG_PICKLE)
+    return _HOG_PICKLE
+
+
+def use_hog_detector_pickle(data: bytes | None) -> None:
+    """Make :func:`frontal_face_detector` load ``data`` (from :func:`hog_detector_pickle` in
+    the parent process) instead of rebuilding dlib's model; a pool initializer."""
+    global _HOG_PICKLE
+    if data is not None:
+        _HOG_PICKLE = data
 
 
 class FaceAligner:
@@ -295,17 +308,30 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
     return rows
 
 
+def _rows_or_failure(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Source, settings: AlignSettings,
+                     policy: str, sha256: str) -> list[dict]:
+    """:func:`process_photo`, with a failure inside dlib recorded as the photo's row (a bug or
+    a dlib failure on one photo must not end a 10-hour run); chips that cannot be written
+    stop the run (:class:`OutputError`)."""
+    try:
+        return process_photo(aligner, raw_dir, out_dir, src, settings, policy, sha256)
+    except OutputError:
+        raise
+    except Exception as e:
+        return [{"source": src.rel, "identity": src.identity, "sha256": sha256, "status": "error",
+                 "reason": "processing_failed", "note": f"{type(e).__name__}: {e}"}]
+
+
 # Worker-process state: one aligner per process, built by the pool initializer, and the
 # chip folders this process already created (a mkdir per chip is measurable).
 _WORKER: dict = {}
 _MADE_DIRS: set = set()
+_ALIGNERS: dict = {}     # (detector, upsample) → this process's aligner, for align_photo
 
 
 def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str,
                  hog_pickle: bytes | None = None, cnn_factory=None) -> None:
-    global _HOG_PICKLE
-    if hog_pickle is not None:
-        _HOG_PICKLE = hog_pickle
+    use_hog_detector_pickle(hog_pickle)
     _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample, cnn_factory), settings=settings,
                    raw_dir=Path(raw_dir), out_dir=Path(out_dir), policy=policy)
 
@@ -313,14 +339,20 @@ def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: st
 def _work(task: tuple[Source, str]) -> tuple[Source, str, list[dict]]:
     src, sha = task
     w = _WORKER
-    try:
-        rows = process_photo(w["aligner"], w["raw_dir"], w["out_dir"], src, w["settings"], w["policy"], sha)
-    except OutputError:
-        raise
-    except Exception as e:  # a bug or a dlib failure on one photo must not end a 10-hour run
-        rows = [{"source": src.rel, "identity": src.identity, "sha256": sha, "status": "error",
-                 "reason": "processing_failed", "note": f"{type(e).__name__}: {e}"}]
-    return src, sha, rows
+    return src, sha, _rows_or_failure(w["aligner"], w["raw_dir"], w["out_dir"], src, w["settings"], w["policy"], sha)
+
+
+def align_photo(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, src: Source, settings: AlignSettings,
+                sha256: str) -> list[dict]:
+    """One photo's manifest rows, its chips written under ``out_dir``: what :func:`align`'s
+    workers do for each photo, for callers that hand photos to processes of their own
+    (``evaluate`` aligns the next batches while the network embeds this one) and record the
+    rows in a :class:`Journal`.  ``settings.multi`` must be set (the policy); the aligner
+    (dlib's CNN detector, not the torch port, for ``cnn``) is built once per process."""
+    key = (settings.detector, settings.upsample)
+    if key not in _ALIGNERS:
+        _ALIGNERS[key] = FaceAligner(*key)
+    return _rows_or_failure(_ALIGNERS[key], Path(raw_dir), Path(out_dir), src, settings, settings.multi, sha256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,10 +374,50 @@ def list_sources(raw_dir: str | os.PathLike) -> list[Source]:
 
 
 def default_jobs() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """Alignment processes: one per core."""
+    return cores()
+
+
+class Journal:
+    """``OUT_DIR/.align/journal.jsonl``: one JSON line per finished photo (its manifest rows,
+    sha256, size and mtime), appended and flushed as each photo finishes, so an interrupted
+    run keeps every photo it finished.  Opening it refuses an OUT_DIR whose chips were made
+    with other settings and removes the temporaries of interrupted chip writes.  Kept by
+    :func:`align`, and by callers that align photo by photo with :func:`align_photo`."""
+
+    def __init__(self, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: AlignSettings,
+                 redo: bool = False):
+        self.raw, self.out = Path(raw_dir), Path(out_dir)
+        state = self.out / STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        _check_settings(state, settings, redo)
+        self.records: dict[str, dict] = {} if redo else _read_journal(state / _JOURNAL)
+        _remove_stale_temporaries(self.out)
+        self._file = open(state / _JOURNAL, "w" if redo else "a", encoding="utf-8")
+
+    def finished(self, rel: str, sha256: str) -> list[dict] | None:
+        """The rows of ``rel`` if an earlier run finished these bytes and its chips are still
+        there (failures that may not recur, :data:`RETRY_REASONS`, are not finished)."""
+        rec = self.records.get(rel)
+        return rec["rows"] if _is_done(rec, sha256, self.out) else None
+
+    def record(self, src: Source, sha256: str, rows: list[dict]) -> None:
+        path = self.raw / src.rel
+        st = os.stat(path) if path.exists() else None
+        rec = {"source": src.rel, "sha256": sha256, "rows": rows,
+               "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
+        self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.records[src.rel] = rec
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -373,13 +445,20 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
     policy = settings.multi or ("largest" if layout == "identities" else "all")
     resolved = dataclasses.replace(settings, multi=policy)
 
-    state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    _check_settings(state, resolved, redo)
-    journal = {} if redo else _read_journal(state / _JOURNAL)
-    _remove_stale_temporaries(out)
+    with Journal(raw, out, resolved, redo) as journal:
+        summary = _align_sources(journal, sources, resolved, policy, layout, jobs, progress, on_photo, cnn_factory)
+    summary["seconds"] = round(time.time() - started, 3)
+    write_json(out / "summary.json", summary, indent=1, ensure_ascii=False)
+    return summary
 
-    hashes = _hash_sources(raw, sources, journal, progress)
+
+def _align_sources(journal: Journal, sources: list[Source], settings: AlignSettings, policy: str, layout: str,
+                   jobs: int | None, progress: bool, on_photo: Callable[[str], None] | None,
+                   cnn_factory: Callable | None) -> dict:
+    """The body of :func:`align` once its journal is open: hash, find duplicates, align what
+    is not finished, write manifest.csv; the summary without its time."""
+    raw, out = journal.raw, journal.out
+    hashes = _hash_sources(raw, sources, journal.records, progress)
     first_of: dict[str, str] = {}
     duplicate_of: dict[str, str] = {}
     for s in sources:
@@ -388,21 +467,13 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
             original = first_of.setdefault(sha, s.rel)
             if original != s.rel:
                 duplicate_of[s.rel] = original
-    todo = [s for s in sources if s.rel not in duplicate_of
-            and not _is_done(journal.get(s.rel), hashes[s.rel], out)]
+    todo = [s for s in sources if s.rel not in duplicate_of and journal.finished(s.rel, hashes[s.rel]) is None]
     reused = sum(1 for s in sources if s.rel not in duplicate_of) - len(todo)
 
-    mode = "w" if redo else "a"
-    with open(state / _JOURNAL, mode, encoding="utf-8") as jf:
-        for src, sha, rows in _run(todo, hashes, raw, out, resolved, policy, jobs, progress, cnn_factory):
-            st = os.stat(raw / src.rel) if (raw / src.rel).exists() else None
-            record = {"source": src.rel, "sha256": sha, "rows": rows,
-                      "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
-            jf.write(json.dumps(record, ensure_ascii=False) + "\n")
-            jf.flush()
-            journal[src.rel] = record
-            if on_photo is not None:
-                on_photo(src.rel)
+    for src, sha, rows in _run(todo, hashes, raw, out, settings, policy, jobs, progress, cnn_factory):
+        journal.record(src, sha, rows)
+        if on_photo is not None:
+            on_photo(src.rel)
 
     rows = []
     for s in sources:
@@ -410,12 +481,14 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
             rows.append({"source": s.rel, "identity": s.identity, "status": "duplicate",
                          "sha256": hashes[s.rel], "duplicate_of": duplicate_of[s.rel]})
         else:
-            rows.extend(journal[s.rel]["rows"])
-    write_csv(out / "manifest.csv", rows, list(MANIFEST_FIELDS))
-    summary = _summarize(rows, sources, raw, out, resolved, layout, duplicate_of,
-                         processed=len(todo), reused=reused, seconds=time.time() - started)
-    write_json(out / "summary.json", summary, indent=1, ensure_ascii=False)
-    return summary
+            rows.extend(journal.records[s.rel]["rows"])
+    write_manifest(out, rows)
+    return _summarize(rows, sources, raw, out, settings, layout, duplicate_of, processed=len(todo), reused=reused)
+
+
+def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    """``OUT_DIR/manifest.csv`` (atomically): the rows in :data:`MANIFEST_FIELDS` columns."""
+    write_csv(Path(out_dir) / "manifest.csv", rows, list(MANIFEST_FIELDS))
 
 
 def _check_folders(raw: Path, out: Path) -> None:
@@ -524,12 +597,11 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             _init_worker(settings, str(raw), str(out), policy, None, cnn_factory)
             results: Iterable = map(_work, tasks)
         else:
-            if settings.detector == "hog":
-                frontal_face_detector()   # makes _HOG_PICKLE for the workers
+            hog = hog_detector_pickle() if settings.detector == "hog" else None
             # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
             pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
-                                       initargs=(settings, str(raw), str(out), policy, _HOG_PICKLE, cnn_factory))
+                                       initargs=(settings, str(raw), str(out), policy, hog, cnn_factory))
             results = _unordered(pool, _work, tasks, window=4 * jobs)
         for src, sha, rows in results:
             for r in rows:
@@ -553,7 +625,7 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
     it = iter(items)
     pending: dict = {}   # future → its item
     try:
-        with _children_ignore_sigint():   # the first submissions start the workers
+        with children_ignore_sigint():   # the first submissions start the workers
             for item in it:
                 pending[pool.submit(fn, item)] = item
                 if len(pending) >= window:
@@ -578,23 +650,6 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-@contextlib.contextmanager
-def _children_ignore_sigint():
-    """Processes started inside this block ignore SIGINT from birth (the disposition is
-    inherited through exec).  Ctrl-C reaches every process of the terminal's group; only the
-    main process should act on it — stop handing out photos and shut the pool down — while
-    workers finish the photo in hand, so no traceback or half-done photo comes from them."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def read_manifest(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``manifest.csv`` as dicts of strings."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -602,7 +657,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 
 
 def _summarize(rows: list[dict], sources: list[Source], raw: Path, out: Path, settings: AlignSettings,
-               layout: str, duplicate_of: dict, *, processed: int, reused: int, seconds: float) -> dict:
+               layout: str, duplicate_of: dict, *, processed: int, reused: int) -> dict:
     per_source: dict[str, list[dict]] = {}
     for r in rows:
         per_source.setdefault(r["source"], []).append(r)
@@ -630,7 +685,6 @@ def _summarize(rows: list[dict], sources: list[Source], raw: Path, out: Path, se
         "identities_under_2_chips": [i for i in identities if chips_per_identity[i] < 2],
         "duplicates": [[d, o] for d, o in sorted(duplicate_of.items())],
         "processed_this_run": processed, "reused_from_earlier_runs": reused,
-        "seconds": round(seconds, 3),
     }
 
 

@@ -8,15 +8,16 @@ its reason and left out — never resized, since a resized chip is a different f
 network.
 
 Decoding overlaps the network: worker processes read the next batches while the current
-one is embedded, so a run takes about as long as the slower of the two stages, not their sum
-(docs/benchmarks.md).  The workers are started with ``spawn`` (a fork of a process whose
-OpenMP pool is running can hang) and only decode.
+one is embedded (:func:`dlibbridge.data.prefetch.prefetched`, shared with ``evaluate``), so a
+run takes about as long as the slower of the two stages, not their sum (docs/benchmarks.md).
 
 Long runs are resumable: progress goes to ``OUT.partial.npz`` every few batches and a rerun
 with the same model and image list continues from there.  ``OUT.npz`` is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import numpy as np
 
 from .._io import sha256_file, write_npz
 from ..data.images import CHIP_SHAPE, is_image_file, walk_files
+from ..data.prefetch import default_workers, prefetched
 from ..errors import DlibbridgeError
 
 SAVE_EVERY_S = 30.0
@@ -77,43 +79,14 @@ def _read_batch(images_dir: Path, rels: list[str]) -> tuple[list[str], np.ndarra
     return paths, (np.stack(chips) if chips else None), skipped
 
 
-def default_workers(n_files: int, batch_size: int) -> int:
-    """Decode processes: none for a few batches (starting one costs ~1 s), else one per core
-    beyond the first, at most 4 (decoding a chip is ≥5× cheaper than embedding it on CPU)."""
-    if n_files < 8 * batch_size:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores - 1))
-
-
 def _batches(images_dir: Path, files: list[str], start: int, batch_size: int, workers: int):
     """(end index, paths, chips, skipped) per batch from ``start``, in order; with workers,
     up to two batches per worker are decoded ahead while the caller embeds."""
-    spans = [(i, files[i:i + batch_size]) for i in range(start, len(files), batch_size)]
-    if workers == 0:
-        for i, rels in spans:
-            yield (min(i + batch_size, len(files)),) + _read_batch(images_dir, rels)
-        return
-    import multiprocessing
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending: deque = deque()
-        todo = iter(spans)
-        try:
-            for i, rels in todo:
-                pending.append((i, pool.submit(_read_batch, images_dir, rels)))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                i, fut = pending.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt[0], pool.submit(_read_batch, images_dir, nxt[1])))
-                yield (min(i + batch_size, len(files)),) + fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+    starts = range(start, len(files), batch_size)
+    reads = prefetched(functools.partial(_read_batch, images_dir), (files[i:i + batch_size] for i in starts), workers)
+    with contextlib.closing(reads):
+        for i, batch in zip(starts, reads):
+            yield (min(i + batch_size, len(files)),) + batch
 
 
 def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
@@ -168,18 +141,23 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     last_save = time.monotonic()
     bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
+    nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
     try:
-        nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
-        for end, batch_paths, chips, batch_skipped in _batches(images_dir, files, done, batch_size, nworkers):
-            skipped.extend(batch_skipped)
-            if chips is not None:
-                embs.append(embedder.embed(chips))
-                kept.extend(batch_paths)
-            bar.update(end - done)
-            done = end
-            if time.monotonic() - last_save > SAVE_EVERY_S and done < len(files):
-                checkpoint(done)
-                last_save = time.monotonic()
+        with contextlib.closing(_batches(images_dir, files, done, batch_size, nworkers)) as batches:
+            for end, batch_paths, chips, batch_skipped in batches:
+                skipped.extend(batch_skipped)
+                if chips is not None:
+                    embs.append(embedder.embed(chips))
+                    kept.extend(batch_paths)
+                bar.update(end - done)
+                done = end
+                if time.monotonic() - last_save > SAVE_EVERY_S and done < len(files):
+                    checkpoint(done)
+                    last_save = time.monotonic()
+    except KeyboardInterrupt:
+        if done > resumed_from:         # Ctrl-C keeps every finished batch
+            checkpoint(done)
+        raise
     finally:
         bar.close()
     if not kept:

@@ -12,12 +12,14 @@ which is the port's end-to-end proof.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -38,25 +40,38 @@ class ChipSource:
     """Image file → the 150x150 chip dlib's network sees, and how it was obtained.
 
     Files that are already 150x150 are taken as chips (an aligned data set such as
-    ``dlibbridge align``'s output or dlib's johns).  Anything else goes through the
-    alignment pipeline, :func:`dlibbridge.data.align.align` — dlib's detector, 5-point landmarks
-    and ``get_face_chip`` — run once over the photos the evaluation needs (all cores,
-    resumable), its chips kept in ``chips_dir`` for later runs and models.
+    ``dlibbridge align``'s output or dlib's johns).  Anything else is aligned as
+    :func:`dlibbridge.data.align.align` does — dlib's detector, 5-point landmarks and
+    ``get_face_chip`` (:func:`~dlibbridge.data.align.align_photo`) — and its chip kept in
+    ``chips_dir`` with align's journal and manifest, so later runs and other models align
+    nothing again.
+
+    :meth:`load` reads and aligns in worker processes (:func:`dlibbridge.data.prefetch.prefetched`,
+    the mechanism ``embed`` decodes with) a few batches ahead of the caller, who embeds
+    meanwhile: a run takes about as long as the slower of the two stages, not their sum.
 
     Status strings: ``chip``, ``detected``, ``fallback`` (no face found; the central box
     of ``--fallback center``, meant for pre-cropped sets like LFW) or ``failed:<reason>``.
     """
 
+    #: Work per task handed to a worker, in chip decodes (~1 ms): large enough that the task's
+    #: round trip is noise, small enough that the photos of a batch are spread over every
+    #: worker and none finishes far behind the others.  Aligning a photo (dlib's detector,
+    #: landmarks, the chip written and read back) costs ~40 decodes; counted as 8, a task is 4
+    #: photos or 32 chips.
+    CHUNK = 32
+    ALIGN_COST = 8
+
     def __init__(self, data_root: Path, chips_dir: Path | None, detector: str = "hog", upsample: int = 1,
-                 multi: str = "center", fallback: str | None = "center", jobs: int | None = None,
-                 progress: bool = True):
+                 multi: str = "center", fallback: str | None = "center", workers: int | None = None):
         from ..data.align import AlignSettings
         self.data_root = Path(data_root)
         self.settings = AlignSettings(detector=detector, upsample=upsample, multi=multi, fallback=fallback)
-        self.jobs, self.progress = jobs, progress
+        self.workers = workers
         self.chips_dir = None if chips_dir is None else Path(chips_dir)   # None: a temporary folder
         self._tmp = None
-        self._aligned: dict[str, tuple[str, str]] | None = None   # source rel → (chip rel, status)
+        self._sources: dict | None = None       # rel → data.align.Source (chip names as align gives them)
+        self._rows: dict[str, list[dict]] = {}  # photos loaded so far → their manifest rows
 
     def cache_tag(self) -> str:
         """Names everything that changes a raw photo's chip, for the descriptor cache."""
@@ -83,56 +98,122 @@ class ChipSource:
         except Exception:                  # unreadable: the alignment pipeline reports why
             return False
 
-    def _align(self, paths: Sequence[Path]) -> dict[str, tuple[str, str]]:
-        """Align ``paths`` (only those: a pairs file may name a fraction of the folder)."""
-        from ..data.align import align, read_manifest
+    def _journal(self):
+        from ..data.align import Journal, list_sources
         if self.chips_dir is None:
             import tempfile
             self._tmp = tempfile.TemporaryDirectory(prefix="dlibbridge-chips-")
             self.chips_dir = Path(self._tmp.name)
         self.chips_dir.mkdir(parents=True, exist_ok=True)
-        align(self.data_root, self.chips_dir, self.settings, jobs=self.jobs, progress=self.progress,
-              only={Path(p).relative_to(self.data_root).as_posix() for p in paths})
-        first: dict[str, dict] = {}       # one chip per photo under the center/largest policies
-        for r in read_manifest(self.chips_dir / "manifest.csv"):
-            first.setdefault(r["source"], r)
+        if self._sources is None:
+            self._sources = {s.rel: s for s in list_sources(self.data_root)}
+        return Journal(self.data_root, self.chips_dir, self.settings)
 
-        def outcome(r: dict) -> tuple[str, str]:
-            if r["status"] == "duplicate":      # same bytes as another photo: same chip
-                r = first.get(r["duplicate_of"], r)
-            if r.get("chip") and r["status"] in ("ok", "fallback"):
-                return r["chip"], "detected" if r["status"] == "ok" else "fallback"
-            return "", f"failed:{r.get('reason') or r['status']}"
-        return {src: outcome(r) for src, r in first.items()}
-
-    def prepare(self, paths: Sequence[Path]) -> None:
-        """Align those of ``paths`` that need it now, in one run (so its progress bar is not
-        nested inside the caller's)."""
-        todo = [p for p in paths if not self._is_chip_sized(Path(p))
-                and Path(p).relative_to(self.data_root).as_posix() not in (self._aligned or {})]
-        if todo:
-            self._aligned = {**(self._aligned or {}), **self._align(todo)}
-
-    def __call__(self, path: Path) -> tuple[np.ndarray | None, str]:
-        from ..data.images import ImageReadError, read_image
-        path = Path(path)
-        if self._is_chip_sized(path):
-            try:
-                return read_image(path).rgb, "chip"
-            except ImageReadError as e:
-                return None, f"failed:{e.reason}"
-        self.prepare([path])
+    def _task(self, path: Path, chip_sized: bool, journal) -> tuple:
+        """What a worker does for ``path`` (see :func:`_load`); photos an earlier run aligned
+        only have their chip read."""
+        if chip_sized:
+            return ("read", str(path), "chip", "failed:")
         rel = path.relative_to(self.data_root).as_posix()
-        chip_rel, status = self._aligned.get(rel, ("", "failed:not_aligned"))
-        if not chip_rel:
-            return None, status
+        src = self._sources.get(rel)
+        if src is None:                    # a hidden file: no chip name of align's
+            return ("done", "failed:not_aligned")
         try:
-            chip = read_image(self.chips_dir / chip_rel).rgb
-        except ImageReadError as e:
-            return None, f"failed:chip_{e.reason}"
-        if chip.shape != (CHIP_SIZE, CHIP_SIZE, 3):
-            return None, "failed:chip_size"
-        return chip, status
+            sha = sha256_file(path) if path.stat().st_size else ""
+        except OSError:                    # unreadable: aligning it records why
+            sha = ""
+        rows = journal.finished(rel, sha)
+        if rows is None:
+            return ("align", str(self.data_root), str(self.chips_dir), src, self.settings, sha)
+        self._rows[rel] = rows
+        return _chip_task(self.chips_dir, rows)
+
+    def load(self, paths: Sequence[Path], batch_size: int = 64) -> Iterator[tuple[np.ndarray | None, str]]:
+        """(chip or None, status) of each path, in order.  Photos aligned now are recorded in
+        ``chips_dir``'s journal as the caller takes them, so an interrupted run keeps them;
+        ``batch_size``: how many images the caller takes at a time (the workers keep that
+        much ready beyond their own tasks).  Workers: ``self.workers``, else
+        :func:`~dlibbridge.data.prefetch.default_workers` (more when photos need aligning)."""
+        from ..data.align import hog_detector_pickle, use_hog_detector_pickle, write_manifest
+        from ..data.prefetch import default_workers, prefetched
+        paths = [Path(p) for p in paths]
+        chip_sized = [self._is_chip_sized(p) for p in paths]
+        journal = None if all(chip_sized) else self._journal()
+        try:
+            tasks = [self._task(p, c, journal) for p, c in zip(paths, chip_sized)]
+            aligning = any(t[0] == "align" for t in tasks)
+            chunks = self._chunks(tasks)
+            workers = default_workers(len(tasks), batch_size, aligning=aligning) if self.workers is None \
+                else self.workers
+            workers = min(workers, len(chunks))
+            hog = hog_detector_pickle() if aligning and workers and self.settings.detector == "hog" else None
+            per_batch = math.ceil(batch_size * len(chunks) / len(tasks)) if tasks else 0   # tasks of one batch
+            results = prefetched(_load_chunk, chunks, workers, ahead=2 * workers + per_batch,
+                                 initializer=use_hog_detector_pickle, initargs=(hog,))
+            with contextlib.closing(results):
+                for chunk, got in zip(chunks, results):
+                    for task, (chip, status, rows) in zip(chunk, got):
+                        if rows is not None:
+                            src, sha = task[3], task[5]
+                            journal.record(src, sha, rows)
+                            self._rows[src.rel] = rows
+                        yield chip, status
+        finally:
+            if journal is not None:
+                journal.close()
+                write_manifest(self.chips_dir, [r for rel in sorted(self._rows) for r in self._rows[rel]])
+
+
+    def _chunks(self, tasks: list[tuple]) -> list[list[tuple]]:
+        chunks, chunk, cost = [], [], 0
+        for t in tasks:
+            chunk.append(t)
+            cost += self.ALIGN_COST if t[0] == "align" else 1
+            if cost >= self.CHUNK:
+                chunks.append(chunk)
+                chunk, cost = [], 0
+        return chunks + [chunk] if chunk else chunks
+
+
+def _chip_task(chips_dir: Path | str, rows: list[dict]) -> tuple:
+    """The task for a photo whose manifest rows are known: read its chip, or nothing to do.
+    One chip per photo under evaluate's center/largest policies."""
+    r = rows[0]
+    if r.get("chip") and r["status"] in ("ok", "fallback"):
+        return ("read", str(Path(chips_dir) / r["chip"]), "detected" if r["status"] == "ok" else "fallback",
+                "failed:chip_")
+    return ("done", f"failed:{r.get('reason') or r['status']}")
+
+
+def _load(task: tuple) -> tuple[np.ndarray | None, str, list[dict] | None]:
+    """One image in a worker (or in the caller with no workers): ``("read", file, status,
+    failure prefix)`` decodes a chip; ``("align", data root, chips dir, source, settings,
+    sha256)`` aligns a photo, writes its chip and returns the manifest rows to record;
+    ``("done", status)`` is a photo known to have no chip."""
+    from ..data.images import ImageReadError, read_image
+    kind = task[0]
+    if kind == "done":
+        return None, task[1], None
+    rows = None
+    if kind == "align":
+        from ..data.align import align_photo
+        _, root, chips_dir, src, settings, sha = task
+        rows = align_photo(root, chips_dir, src, settings, sha)
+        task = _chip_task(chips_dir, rows)
+        if task[0] == "done":
+            return None, task[1], rows
+    _, path, status, failed = task
+    try:
+        chip = read_image(path).rgb
+    except ImageReadError as e:
+        return None, f"{failed}{e.reason}", rows
+    if status != "chip" and chip.shape != (CHIP_SIZE, CHIP_SIZE, 3):
+        return None, "failed:chip_size", rows
+    return chip, status, rows
+
+
+def _load_chunk(tasks: list[tuple]) -> list[tuple[np.ndarray | None, str, list[dict] | None]]:
+    return [_load(t) for t in tasks]
 
 
 # ============================================================================ evaluation
@@ -167,8 +248,10 @@ class EvalConfig:
                         "or largest", choices=("center", "largest"))
     fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
                                   "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
-    jobs: int | None = option(None, "alignment processes (default: all cores)", flags=("--jobs", "-j"), type=int,
-                              metavar="N")
+    workers: int | None = option(None, "processes decoding and aligning images while the network runs (0: none; "
+                                 "default: one per core when photos need aligning, else as embed's: one per core "
+                                 "beyond the first, none for small sets)", hidden_flags=("--jobs", "-j"), type=int,
+                                 metavar="N")
     device: str = option("cpu", "torch device, e.g. cuda")
     batch_size: int = option(64, "faces per forward pass", metavar="N")
     progress: bool = option(True, "no progress bars", flags=("--quiet", "-q"), action="store_false")
@@ -209,8 +292,9 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
                        save_every_s: float = 60.0) -> tuple[list[np.ndarray], list[str]]:
     """Descriptors of every image for every model (NaN rows where no chip could be made)
     and each image's chip status.  Each image is read and aligned once for all models
-    that lack it in their cache; caches are saved every ``save_every_s`` seconds and on
-    exit, so an interrupted run picks up where it stopped."""
+    that lack it in their cache, by ``loader``'s workers while the network embeds the batch
+    before (the batches are the same with or without workers); caches are saved every
+    ``save_every_s`` seconds and on exit, so an interrupted run picks up where it stopped."""
     import time
     from tqdm import tqdm
     keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
@@ -218,14 +302,16 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     tag = loader.cache_tag()
     caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
               for e in embedders]
-    todo = sorted({i for i, k in enumerate(keys) for c in caches if k not in c})
-    loader.prepare([paths[i] for i in todo])
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}     # images with the same bytes: the first
+    todo = sorted(i for k, i in first.items() if any(k not in c for c in caches))
     last_save = time.monotonic()
+    images = loader.load([paths[i] for i in todo], batch_size)
     try:
-        with tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo) as bar:
+        with contextlib.closing(images), tqdm(total=len(todo), desc="embedding", unit="img",
+                                              disable=not progress or not todo) as bar:
             for s in range(0, len(todo), batch_size):
-                idx = [i for i in todo[s:s + batch_size] if any(keys[i] not in c for c in caches)]
-                loaded = [loader(paths[i]) for i in idx]
+                idx = todo[s:s + batch_size]
+                loaded = list(itertools.islice(images, len(idx)))
                 ok = [j for j, (chip, _) in enumerate(loaded) if chip is not None]
                 chips = np.stack([loaded[j][0] for j in ok]) if ok else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
                 for emb, cache in zip(embedders, caches):
@@ -236,7 +322,7 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
                     for j, (chip, status) in enumerate(loaded):
                         if chip is None and keys[idx[j]] not in cache:
                             cache.put(keys[idx[j]], None, status)
-                bar.update(len(todo[s:s + batch_size]))
+                bar.update(len(idx))
                 if time.monotonic() - last_save > save_every_s:
                     for c in caches:
                         c.save()
@@ -318,7 +404,7 @@ def run(cfg: EvalConfig) -> Evaluation:
               "not aligned or embedded", file=sys.stderr)
     embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
-                                 multi=cfg.multi, fallback=cfg.fallback, jobs=cfg.jobs, progress=cfg.progress)
+                                 multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
     embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
                                       cfg.batch_size, cfg.progress)
 

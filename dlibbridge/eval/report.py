@@ -200,16 +200,10 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
     owned.write("roc.png", plot_roc(ev.outcomes))
     owned.write("distances.png", plot_distances(ev.outcomes))
     data_root = Path(ev.results["data"])
-    chips: dict[Path, np.ndarray | None] = {}
-
-    def chip(p: Path):
-        if p not in chips:
-            chips[p] = ev.loader(p)[0]
-        return chips[p]
-
     worst = [worst_errors(o, k) for o in ev.outcomes]
-    # chips of the shown pairs, aligned in one run if their descriptors came from the cache
-    ev.loader.prepare(sorted({p for o, (fa, fr) in zip(ev.outcomes, worst) for i in fa + fr for p in o.pair_paths[i]}))
+    # chips of the shown pairs, in one run (aligned now if their descriptors came from the cache)
+    shown = sorted({p for o, (fa, fr) in zip(ev.outcomes, worst) for i in fa + fr for p in o.pair_paths[i]})
+    chips = dict(zip(shown, (c for c, _ in ev.loader.load(shown))))
     sections = []   # (model name, [(kind, png rel path, caption)])
     for o, (fa, fr) in zip(ev.outcomes, worst):
         d = f"errors/{slug(o.spec.name)}"
@@ -217,7 +211,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
         for kind, idx in (("false_accept", fa), ("false_reject", fr)):
             for n, i in enumerate(idx, 1):
                 a, b = o.pair_paths[i]
-                ca, cb = chip(a), chip(b)
+                ca, cb = chips[a], chips[b]
                 if ca is None or cb is None:
                     continue
                 f = f"{d}/{kind}_{n:02d}.png"
