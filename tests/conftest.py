@@ -154,3 +154,22 @@ def trainable(face_model_path):
     """The torch port, trainable (batch-norm) form; one per test module."""
     from dlibbridge.port import convert
     return convert.to_torch(face_model_path, trainable=True)
+
+
+def _sigint_default() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def ctrl_c_popen():
+    """``Popen(cmd, cwd=...)`` for a real Ctrl-C test: the child in its own process group, its
+    output captured, and SIGINT at its default disposition whatever this process has — a job
+    started in the background without job control ignores SIGINT, and an ignored signal is
+    inherited through exec, so the child would never see the Ctrl-C the test sends."""
+    import subprocess
+
+    def popen(cmd, **kw):
+        return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=_sigint_default, **kw)
+    return popen

@@ -366,7 +366,7 @@ def test_a_chip_that_cannot_be_written_stops_the_run(small_raw, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir, ctrl_c_popen):
     """A real Ctrl-C (SIGINT to the whole process group) during a 2-process run."""
     import os
     import signal
@@ -380,8 +380,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dlibbridge", "align", str(raw), str(out), "-j", "2", "-q"]
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = ctrl_c_popen(cmd, cwd=repo)
     journal = out / ".align" / "journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (journal.is_file() and journal.stat().st_size > 0):

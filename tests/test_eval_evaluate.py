@@ -345,7 +345,7 @@ def test_evaluate_without_workers_gives_the_same_numbers(celeba_eval, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir):
+def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_dir, ctrl_c_popen):
     """A real Ctrl-C (SIGINT to the whole process group) while 2 workers align: one line, no
     traceback from any process, the aligned photos kept; the rerun aligns only the rest."""
     import os
@@ -359,8 +359,7 @@ def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_d
            "--folds", "5", "--cache", str(cache), "--json", str(tmp_path / "r.json"), "--workers", "2", "-q",
            "--batch-size", "8"]
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = ctrl_c_popen(cmd, cwd=repo)
     deadline = time.time() + 120
     journal = None
     while time.time() < deadline and proc.poll() is None:
