@@ -201,18 +201,23 @@ class _CameraJob:
         write_torch(path, {"train": train, "val": val, "target_labels": self.target_labels})
         return train, val
 
-    def validate(self, model, val: dict, step: int) -> dict | None:
-        from .loop import verification_summary
-        if not val:
-            return None
+    def embed_validation(self, model, val: dict):
+        """(domain, descriptors, labels) of each validation domain under ``model``."""
         held_out = np.asarray(self.store.labels)[self.split.val_rows]
-        rec = {"step": step}
         with torch.no_grad():
             for d in self.domains:
                 labels = np.asarray(self.target_labels) if d == TARGET else held_out
                 emb = torch.cat([xq.run_suffix(model, f, self.train_from) for f in val[d].split(128)]).numpy()
-                for k, v in verification_summary(emb, labels, self.cfg.select_far).items():
-                    rec[f"{d}.{k}"] = v
+                yield d, emb, labels
+
+    def validate(self, model, val: dict, step: int) -> dict | None:
+        from .loop import verification_summary
+        if not val:
+            return None
+        rec = {"step": step}
+        for d, emb, labels in self.embed_validation(model, val):
+            for k, v in verification_summary(emb, labels, self.cfg.select_far).items():
+                rec[f"{d}.{k}"] = v
         return rec
 
     def match_distance_scale(self, model, val: dict) -> tuple[object, dict | None]:
@@ -225,15 +230,11 @@ class _CameraJob:
         from ..eval.metrics import best_threshold, pair_distances
         if not self.cfg.match_threshold or not val:
             return model, None
-        held_out = np.asarray(self.store.labels)[self.split.val_rows]
         dist, same = [], []
-        with torch.no_grad():
-            for d in self.domains:
-                labels = np.asarray(self.target_labels) if d == TARGET else held_out
-                emb = torch.cat([xq.run_suffix(model, f, self.train_from) for f in val[d].split(128)]).numpy()
-                iu, ju = np.triu_indices(len(emb), k=1)
-                dist.append(pair_distances(emb[iu], emb[ju]))
-                same.append(labels[iu] == labels[ju])
+        for _, emb, labels in self.embed_validation(model, val):
+            iu, ju = np.triu_indices(len(emb), k=1)
+            dist.append(pair_distances(emb[iu], emb[ju]))
+            same.append(labels[iu] == labels[ju])
         t, acc = best_threshold(np.concatenate(dist), np.concatenate(same))
         scale = self.cfg.match_threshold / t
         scaled = copy.deepcopy(model)

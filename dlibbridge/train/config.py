@@ -29,8 +29,9 @@ SELECT_DOMAINS = ("camera", "clean", "target")
 #: lost detail cannot be recovered above the frozen part) and kept clean faces; with nothing
 #: frozen the cache holds the degraded chips themselves.  Validation runs at FAR 1e-2: with ~12
 #: held-out people, 1e-3 rests on ~21 impostor pairs and its clean guard refused good steps.
-#: Even so, selecting a step on ~12 people never beat the last step on new people (7 runs):
-#: the export is the last step unless it fails the clean guard.
+#: Even so, the pick on ~12 people is noisy: of 8 benchmark runs where it chose an earlier step,
+#: the last step was better on new people in 7, so the export is the last step unless it fails
+#: the clean guard.
 CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 3e-5,
                  "weight_decay": 1e-4, "freeze_until": "none", "train_until": None, "distill": 1.0,
                  "xq_distance": "cosine", "max_steps": 300, "warmup_steps": 20, "select_metric": "camera:tar@far",
