@@ -13,7 +13,7 @@ import pytest
 
 import dlib
 from dlibbridge import assets
-from dlibbridge.port import mmod
+from dlibbridge.port import mmod, onednn
 
 CONF_TOL = 1e-4
 LARGE = ("bald_guys.jpg", "dogs.jpg", "Tom_Cruise_avp_2014_4.jpg")   # minutes of dlib CPU time at upsample 1
@@ -96,13 +96,13 @@ def test_batch_buffer_kept_between_calls_holds_only_the_new_canvas(detector, sha
     assert not x[0, 3:].any()
 
 
-def test_fused_conv_relu_equals_the_two_ops(detector, shared_dir, monkeypatch):
+def test_fused_conv_relu_equals_the_two_ops(detector, shared_dir):
     """oneDNN's conv+relu primitive (CPU) and the two ops it stands for (the path on other
     devices) give the same detections, bit for bit."""
     img = dlib.load_rgb_image(str(sorted((shared_dir / "data" / "faces").glob("*.jpg"))[0]))
     fused = detector([img], upsample=0)
-    monkeypatch.setattr(mmod, "_FUSED_CONV_RELU", None)
-    assert detector([img], upsample=0) == fused and fused
+    with onednn.disabled():
+        assert detector([img], upsample=0) == fused and fused
 
 
 def _iou(a, b) -> float:

@@ -15,6 +15,9 @@ Engines (``--variants``):
 * ``eager``         — ``to_torch`` frozen form as returned (channels_last weights, batches
                       over ``cpu_chunk`` = 32 run in chunks), ``torch.inference_mode``;
 * ``nchw``          — the same with contiguous NCHW weights (PyTorch's default layout);
+* ``unfused``       — the same without oneDNN's post-ops and once-reordered weights
+                      (``dlibbridge.port.onednn.disabled()``: folded convolutions through
+                      ``F.conv2d``, then relu and residual adds as separate ops);
 * ``unfolded``      — the same, but each convolution followed by its own affine pass (what
                       ``eager`` did before it folded the affines into the convolutions);
 * ``jit_onednn``    — TorchScript trace → ``torch.jit.freeze`` → ``optimize_for_inference``
@@ -44,15 +47,21 @@ timed after one warm-up call; faces/s is reported for the fastest call (the mach
 capability) and the median (what a contended run sees).  Process CPU time of the fastest call
 gives "GFLOP per CPU-second": on cores shared with other jobs, wall-clock throughput measures
 the share of the machine a run got, CPU time the engine's own efficiency (% of one core's peak).
+Minor page faults per timed call are printed per cell: ``to_torch`` keeps freed feature maps
+for reuse (``dlibbridge.port.heap``); any ``glibc.malloc`` tunable in the environment, e.g.
+``GLIBC_TUNABLES=glibc.malloc.perturb=0`` (a no-op value), leaves glibc's default heap, to
+compare.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -66,10 +75,10 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from dlibbridge import assets  # noqa: E402
-from dlibbridge.port import arch, convert, export  # noqa: E402
+from dlibbridge.port import arch, convert, export, heap, onednn  # noqa: E402
 from dlibbridge.port import threads  # noqa: E402
 
-CPU_VARIANTS = ("eager", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
+CPU_VARIANTS = ("eager", "unfused", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
 CUDA_VARIANTS = ("eager", "nchw", "compile", "fp16", "bf16")
 
 
@@ -209,7 +218,7 @@ def unfold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
     """The module with every ConvNorm run layer by layer (conv, then a separate affine pass)."""
     for unit in module.modules():
         if isinstance(unit, arch.ConvNorm):
-            unit.forward = functools.partial(torch.nn.Sequential.forward, unit)
+            unit.runs_folded = lambda: False
     return module
 
 
@@ -339,7 +348,7 @@ class Runner:
     def __call__(self, x) -> np.ndarray:
         if self.name == "onnxruntime":
             return self.sess.run(None, {"chips": x})[0]
-        with torch.inference_mode():
+        with torch.inference_mode(), (onednn.disabled() if self.name == "unfused" else contextlib.nullcontext()):
             return self.module(x).float().cpu().numpy()
 
 
@@ -600,14 +609,17 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 out = runner(x)                                   # first call: compile / prepack
                 first_s = time.perf_counter() - t
+                faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 times, cpu = time_calls(lambda: runner(x), args.min_time, args.reps,
                                         sync=lambda: _sync(device))
+                faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
                 diff = float(np.abs(out.astype(np.float64) - ref[:b]).max()) if ref is not None else None
                 rows.append({"engine": name, "batch": b, "best_fps": b / min(times), "cpu_s_per_face": cpu / b,
                              "median_fps": b / statistics.median(times), "calls": len(times),
-                             "setup_s": runner.setup_s, "first_call_s": first_s, "max_abs_diff": diff})
+                             "setup_s": runner.setup_s, "first_call_s": first_s, "max_abs_diff": diff,
+                             "page_faults_per_call": faults})
                 print(f"{name:12s} batch {b:4d}: {rows[-1]['best_fps']:8.1f} faces/s "
-                      f"(median {rows[-1]['median_fps']:.1f}; first call {first_s:.1f}s; "
+                      f"(median {rows[-1]['median_fps']:.1f}; first call {first_s:.1f}s; {faults:.0f} page faults/call; "
                       f"max|Δ| vs dlib {diff if diff is None else f'{diff:.2g}'})", flush=True)
     finally:
         if onnx_path is not None and onnx_path.exists():
@@ -617,6 +629,8 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     info = {"device": str(device), "threads": args.threads, "gflop_per_face": gflop,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
+            "heap": "freed memory reused (dlibbridge.port.heap)" if heap.reuse_freed_memory()
+                    else "glibc's default or the environment's",
             "sgemm_gflops": gemm, "loadavg_start": load0, "loadavg_end": load1,
             "torch": torch.__version__, "platform": platform.platform()}
     if device.type == "cpu":
@@ -649,6 +663,7 @@ def print_table(rows: list[dict], info: dict) -> None:
           + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × {info['flop_per_cycle']} "
              f"({info['vector_isa']}); measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core, nominal clock "
              f"{info['nominal_ghz']:.3f} GHz → {info['nominal_peak_gflops']:.1f})" if peak else "")
+          + f"; heap: {info['heap']}"
           + f"; load average {info['loadavg_start'][0]:.1f} → {info['loadavg_end'][0]:.1f}")
     print()
     head = "| engine | batch | faces/s (best) | faces/s (median) | × dlib | GFLOP/s |"

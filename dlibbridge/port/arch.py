@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, DLIB_RGB_MEAN
+from . import onednn
 
 
 def dlib_padding(kernel: int, stride: int) -> int:
@@ -193,14 +194,20 @@ class ConvNorm(nn.Sequential):
 
     Frozen form without autograd (inference): the affine is folded into the convolution,
     ``conv(x; w·g, b·g + s)``, one pass over the activations instead of two (the affine pass
-    was ~18% of a CPU forward).  The folded weights are cached (a second copy of the conv
-    weights, 22 MB for the face net) and rebuilt when any of the four tensors changes
-    (in-place updates bump their version; ``.to()`` replaces them).  Rounding differs from
-    conv-then-affine in the last bits only: descriptors stay within 1e-6 of dlib
-    (tests/test_port_arch.py).  With autograd, under forward hooks on the unit's layers
-    (calibration), under tracing/compiling (exports keep dlib's layer structure) and in the
-    trainable form, the layers run as written.
+    was ~18% of a CPU forward), and on CPU the relu, or a residual block's add-then-relu,
+    runs as a post-op of the convolution on weights reordered once per input shape
+    (:mod:`.onednn`).  The folded and reordered weights are cached (a copy of the conv
+    weights, 22 MB for the face net, and one per input shape for the last few shapes) and
+    rebuilt when any of the four tensors changes (in-place updates bump their version;
+    ``.to()`` replaces them).  Rounding differs from conv-then-affine in the last bits only:
+    descriptors stay within 1e-6 of dlib (tests/test_port_arch.py).  With autograd, under
+    forward hooks on the unit's layers (calibration), under tracing/compiling (exports keep
+    dlib's layer structure) and in the trainable form, the layers run as written.
     """
+
+    #: Input shapes whose reordered weights are kept: a batch loop sees its chunk size and
+    #: the last, smaller batch.
+    packed_shapes = 3
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: NormFactory,
                  relu: bool, padding: int | None = None):
@@ -210,27 +217,53 @@ class ConvNorm(nn.Sequential):
             layers.append(("relu", nn.ReLU(inplace=True)))
         super().__init__(OrderedDict(layers))
         self._folded: tuple | None = None
+        self._packed: OrderedDict = OrderedDict()
+
+    def __getstate__(self):
+        # Caches are rebuilt on demand; reordered oneDNN tensors cannot be pickled.
+        state = dict(super().__getstate__())
+        state["_folded"], state["_packed"] = None, OrderedDict()
+        return state
+
+    def runs_folded(self) -> bool:
+        """Whether :meth:`folded` computes this unit now (see the class docstring)."""
+        return not (not isinstance(self.norm, DlibAffine) or torch.is_grad_enabled() or _hooked(self)
+                    or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not isinstance(self.norm, DlibAffine) or torch.is_grad_enabled() or _hooked(self)
-                or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting()):
+        if not self.runs_folded():
             return super().forward(x)
-        conv = self.conv
-        w, b = self._folded_params(x.dtype)
-        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return y.relu_() if len(self) > 2 else y
+        return self.folded(x)
 
-    def _folded_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit with its affine folded in (only when :meth:`runs_folded`); with
+        ``residual``, ``relu(unit(x) + residual)``: the tail of a residual block, in one op."""
+        w, b = self._folded_params(x)
+        if residual is not None:
+            return onednn.conv_add_relu(x, residual, w, b, self.conv)
+        return onednn.conv(x, w, b, self.conv, relu=len(self) > 2)
+
+    def _folded_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         conv, norm = self.conv, self.norm
         tensors = (conv.weight, conv.bias, norm.scale, norm.shift)
         # Inference tensors (made under torch.inference_mode) carry no version counter, so a
         # cached fold could not notice an edit: fold them afresh on every call.
         if any(t.is_inference() for t in tensors):
-            return self._fold(dtype)
-        key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+            return self._fold(x.dtype)
+        key = (x.dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in tensors)
         if self._folded is None or self._folded[0] != key:
-            self._folded = (key, *self._fold(dtype))
-        return self._folded[1], self._folded[2]
+            self._folded = (key, *self._fold(x.dtype))
+            self._packed.clear()
+        w, b = self._folded[1], self._folded[2]
+        if not onednn.applies(x):
+            return w, b
+        shape = tuple(x.shape)
+        if shape not in self._packed:
+            self._packed[shape] = onednn.pack(w, conv, x.shape)
+            while len(self._packed) > self.packed_shapes:
+                self._packed.popitem(last=False)
+        self._packed.move_to_end(shape)
+        return self._packed[shape], b
 
     def _fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         conv, norm = self.conv, self.norm
@@ -257,7 +290,10 @@ class ResBlock(nn.Module):
         self.branch2 = ConvNorm(channels, channels, 3, 1, norm, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.branch2(self.branch1(x)) + x).relu_()
+        h = self.branch1(x)
+        if self.branch2.runs_folded():
+            return self.branch2.folded(h, residual=x)
+        return (self.branch2(h) + x).relu_()
 
 
 class ResDownBlock(nn.Module):

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import generic
+from . import generic, onednn
 from ..data.align import CNN_PRECISIONS
 from .arch import DlibAffine
 
@@ -391,20 +391,6 @@ def _fast_chain(chain: list[torch.nn.Module], precision: str) -> list[torch.nn.M
     return out
 
 
-def _fused_conv_relu():
-    """oneDNN's convolution with a relu post-op (the op torch's own compiler emits for
-    conv → relu on CPU), or None where this torch build has no oneDNN."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_FUSED_CONV_RELU = _fused_conv_relu()
-
-
 class _ConvReLU(torch.nn.Conv2d):
     """conv → relu.  On the CPU one oneDNN primitive, the relu applied as the convolution
     writes its output (bit-identical to the two ops; saves a pass over every feature map,
@@ -417,9 +403,8 @@ class _ConvReLU(torch.nn.Conv2d):
         self.to(conv.weight.device).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and _FUSED_CONV_RELU is not None and self.padding_mode == "zeros":
-            return _FUSED_CONV_RELU(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                                    "relu", [], "")
+        if self.padding_mode == "zeros":
+            return onednn.conv(x, self.weight, self.bias, self, relu=True)
         return torch.relu_(super().forward(x))
 
 

@@ -122,7 +122,7 @@ def guard_spinning_pool() -> None:
         f"network several times slower when other jobs share the cores; torch now uses {n} of "
         f"{before} threads (free cores at load time). Lasting fixes: set OMP_WAIT_POLICY=PASSIVE "
         f"in the environment or import dlibbridge before torch; or choose with "
-        f"dlibbridge.set_threads(n).", RuntimeWarning, stacklevel=3)
+        f"dlibbridge.set_threads(n).", RuntimeWarning, stacklevel=4)
 
 
 __all__ = ["prefer_passive_openmp", "openmp_wait_policy", "available_cores", "free_cores",
