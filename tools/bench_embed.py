@@ -42,7 +42,8 @@ jobs that made the port ~4x slower at 2 threads (see ``dlibbridge.port.threads``
 imports torch before dlibbridge, so the policy is the environment's; the value in effect is
 printed.  ``--threads-study`` measures, in fresh processes, what a user's script gets from
 each import order / thread setting, with and without a busy-loop process competing for a
-core, interleaved over ``--rounds``.
+core, interleaved over ``--rounds``; ``--spin-counts`` adds dlibbridge-first runs with each
+bounded spin (``GOMP_SPINCOUNT``) between PASSIVE's 0 and libgomp's default 300,000.
 
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
@@ -245,10 +246,18 @@ THREAD_CONFIGS = {
     # the environment chose spinning (a dedicated machine), all cores: the environment wins
     "environment: OMP_WAIT_POLICY=ACTIVE": "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'; os.environ['OMP_NUM_THREADS'] = "
                                            "str(CORES); import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
-    # the environment chose a brief spin before sleeping (libgomp's default is 300,000)
-    "environment: GOMP_SPINCOUNT=2000": "os.environ['GOMP_SPINCOUNT'] = '2000'; os.environ['OMP_NUM_THREADS'] = "
-                                        "str(CORES); import torch, dlibbridge; net = dlibbridge.to_torch(MODEL)",
 }
+
+
+def thread_configs(spin_counts: list[int]) -> dict[str, str]:
+    """THREAD_CONFIGS plus dlibbridge first with each bounded spin before sleeping
+    (``GOMP_SPINCOUNT`` iterations; libgomp's default is 300,000, PASSIVE's 0)."""
+    return {**THREAD_CONFIGS, **{
+        f"dlibbridge first, GOMP_SPINCOUNT={n}": f"os.environ['GOMP_SPINCOUNT'] = '{n}'; "
+                                                "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)"
+        for n in spin_counts}}
+
+
 THREAD_CHILD = """
 import json, os, sys, time, warnings
 warnings.simplefilter("ignore")
@@ -269,8 +278,8 @@ print(json.dumps({{"times": times, "threads": torch.get_num_threads(),
 """
 
 
-def threads_study(chips: np.ndarray, rounds: int, min_time: float) -> int:
-    """Each THREAD_CONFIGS entry in a fresh process (the OpenMP policy is fixed at torch's
+def threads_study(chips: np.ndarray, rounds: int, min_time: float, configs: dict[str, str]) -> int:
+    """Each of ``configs`` in a fresh process (the OpenMP policy is fixed at torch's
     import), idle and beside one busy-loop process, interleaved; ms/face per call."""
     import subprocess
     import tempfile
@@ -282,7 +291,7 @@ def threads_study(chips: np.ndarray, rounds: int, min_time: float) -> int:
         np.save(npy, chips)
         for r in range(rounds):
             for busy in (False, True):
-                for name, setup in THREAD_CONFIGS.items():
+                for name, setup in configs.items():
                     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
                     try:
                         loads.append(os.getloadavg()[0])
@@ -310,7 +319,7 @@ def threads_study(chips: np.ndarray, rounds: int, min_time: float) -> int:
     print("|---|---|---:|---|---:|---|---:|")
     for busy in (False, True):
         base = statistics.median(results[("spinning, all cores", busy)]["median_ms"])
-        for name in THREAD_CONFIGS:
+        for name in configs:
             c = results[(name, busy)]
             med = statistics.median(c["median_ms"])
             print(f"| {name} | {'yes' if busy else 'no'} | {'/'.join(map(str, sorted(c['threads'])))} | "
@@ -556,6 +565,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--threads-study", action="store_true",
                     help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
+    ap.add_argument("--spin-counts", default="3000,10000,30000,100000",
+                    help="--threads-study: GOMP_SPINCOUNT values to try with dlibbridge imported first")
     ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--overlap rounds (default 3)")
     ap.add_argument("--overlap", metavar="PHOTOS_DIR", type=Path, nargs="?", const=SHARED / "data" / "celeba-dev",
                     help="only time `embed` and `evaluate` end to end, serial and overlapped, beside their stages, "
@@ -584,7 +595,8 @@ def main(argv=None) -> int:
         return overlap_study(args.overlap, args.photos, args.chips, int(args.batch_sizes.split(",")[0]), args.rounds,
                              args.device)
     if args.threads_study:
-        return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time)
+        return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time,
+                             thread_configs([int(n) for n in args.spin_counts.split(",") if n]))
 
     device = torch.device(args.device)
     threads.set_threads(args.threads)     # chosen explicitly: to_torch's spinning-pool guard stays out
