@@ -551,10 +551,21 @@ def interleaved_study(base: arch.FaceResNet, chips: np.ndarray, variants: list[s
     return 0
 
 
+def positive_ints(text: str) -> list[int]:
+    """``--batch-sizes``/``--spin-counts``: comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-sizes", default="1,16,64,256")
+    ap.add_argument("--batch-sizes", type=positive_ints, default="1,16,64,256")
     ap.add_argument("--variants", help="comma-separated (default: all for the device)")
     ap.add_argument("--no-dlib", action="store_true", help="skip dlib (e.g. on a GPU machine)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch/ORT threads")
@@ -565,7 +576,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--threads-study", action="store_true",
                     help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
-    ap.add_argument("--spin-counts", default="3000,10000,30000,100000",
+    ap.add_argument("--spin-counts", type=positive_ints, default="3000,10000,30000,100000",
                     help="--threads-study: GOMP_SPINCOUNT values to try with dlibbridge imported first")
     ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--overlap rounds (default 3)")
     ap.add_argument("--overlap", metavar="PHOTOS_DIR", type=Path, nargs="?", const=SHARED / "data" / "celeba-dev",
@@ -580,7 +591,7 @@ def main(argv=None) -> int:
     if args.interleave:
         threads.set_threads(args.threads)
         return interleaved_study(convert.to_torch(assets.face_model_path()),
-                                 load_chips(int(args.batch_sizes.split(",")[0])),
+                                 load_chips(args.batch_sizes[0]),
                                  args.variants.split(",") if args.variants else ["eager", "unfolded"],
                                  args.rounds, torch.device(args.device))
     if args.overlap:
@@ -592,11 +603,11 @@ def main(argv=None) -> int:
             return subprocess.call([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'tools')!r}); "
                                     f"import bench_embed; sys.exit(bench_embed.main({list(argv or sys.argv[1:])!r}))"])
         threads.set_threads(args.threads)
-        return overlap_study(args.overlap, args.photos, args.chips, int(args.batch_sizes.split(",")[0]), args.rounds,
+        return overlap_study(args.overlap, args.photos, args.chips, args.batch_sizes[0], args.rounds,
                              args.device)
     if args.threads_study:
-        return threads_study(load_chips(int(args.batch_sizes.split(",")[0])), args.rounds, args.min_time,
-                             thread_configs([int(n) for n in args.spin_counts.split(",") if n]))
+        return threads_study(load_chips(args.batch_sizes[0]), args.rounds, args.min_time,
+                             thread_configs(args.spin_counts))
 
     device = torch.device(args.device)
     threads.set_threads(args.threads)     # chosen explicitly: to_torch's spinning-pool guard stays out
@@ -605,7 +616,7 @@ def main(argv=None) -> int:
         # fp32 means IEEE fp32 (parity): compiled graphs do not see the port's own TF32 toggle.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
     variants = args.variants.split(",") if args.variants else list(
         CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS)
     chips = load_chips(max(batch_sizes))
@@ -613,7 +624,7 @@ def main(argv=None) -> int:
     gflop = arch.gflops_per_face(base)
     load0 = os.getloadavg()
     cores = len(os.sched_getaffinity(0))
-    peak_before = measured_core_peak(cores) if device.type == "cpu" and not args.ghz else None
+    peak_before = measured_core_peak(cores) if device.type == "cpu" else None    # and after the cells
 
     ref = None
     rows = []
@@ -686,6 +697,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def fmt_gflops(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.1f}"
+
+
 def print_table(rows: list[dict], info: dict) -> None:
     dlib_fps = {r["batch"]: r["best_fps"] for r in rows if r["engine"] == "dlib"}
     peak = info.get("fma_peak_gflops")
@@ -694,7 +709,7 @@ def print_table(rows: list[dict], info: dict) -> None:
           f"torch {info['torch']}; "
           f"{info['gflop_per_face']:.3f} GFLOP/face; sgemm ceiling now {info['sgemm_gflops']:.1f} GFLOP/s"
           + (f"; fp32 FMA peak {peak:.1f} GFLOP/s ({info['cores']} cores × {info['ghz']:.3f} GHz × {info['flop_per_cycle']} "
-             f"({info['vector_isa']}); measured FMA loop {info['measured_core_peak_gflops']} GFLOP/s per core with all cores busy, nominal clock "
+             f"({info['vector_isa']}); measured FMA loop {fmt_gflops(info['measured_core_peak_gflops'])} GFLOP/s per core with all cores busy, nominal clock "
              f"{info['nominal_ghz']:.3f} GHz → {info['nominal_peak_gflops']:.1f})" if peak else "")
           + f"; heap: {info['heap']}"
           + f"; load average {info['loadavg_start'][0]:.1f} → {info['loadavg_end'][0]:.1f}")

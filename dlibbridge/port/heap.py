@@ -5,7 +5,8 @@ in blocks of 1–17 MB.  glibc serves blocks above its mmap threshold (dynamic, 
 with fresh ``mmap`` pages and trims freed memory at the top of the heap above 2× that
 threshold, so every batch faults its feature maps in again: ~13,000 minor page faults per
 forward, ~18% of a forward's time on this project's VMs (faults are expensive in a VM;
-the forward ran 1.27× faster without them: tools/bench_embed.py, docs/benchmarks.md).  :func:`reuse_freed_memory` sets both thresholds once, so blocks up to
+the forward ran 1.27× faster without them: tools/bench_embed.py, docs/benchmarks.md).
+:func:`reuse_freed_memory` sets both thresholds once, so blocks up to
 :data:`MMAP_THRESHOLD` come from the heap and up to :data:`TRIM_THRESHOLD` of freed memory
 stays mapped for reuse: no faults after the first batch, bit-identical results.
 

@@ -6,9 +6,10 @@ relu or residual add is a separate pass over the feature map.  ``torch.ops.mkldn
 exposes the primitive torch's own compiler emits for frozen graphs: a convolution with
 post-ops (relu; add-then-relu) on weights reordered once, for one input shape.  On the face
 ResNet that is 1.12× the unfused folded forward at batch 64 (``tools/bench_embed.py
---interleave``, ``unfused`` vs ``eager``, docs/benchmarks.md).  Results are bit-identical to conv → add → relu as three ops
-(the post-ops are applied to the same float32 sums, in the same order), except that for a
-single image ``F.conv2d`` picks another oneDNN kernel (descriptors ≤ 2e-7 apart);
+--interleave``, ``unfused`` vs ``eager``, docs/benchmarks.md).  Results are bit-identical to
+conv → add → relu as three ops (the post-ops are applied to the same float32 sums, in the
+same order), except that for a single image ``F.conv2d`` picks another oneDNN kernel
+(descriptors ≤ 2e-7 apart);
 tests/test_port_onednn.py holds a NumPy reference.
 
 Everything here falls back to the plain ops where this torch build has no oneDNN, for
