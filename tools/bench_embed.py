@@ -77,7 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from dlibbridge import assets  # noqa: E402
+from dlibbridge import _io, assets  # noqa: E402
 from dlibbridge.port import arch, convert, export, heap, onednn  # noqa: E402
 from dlibbridge.port import threads  # noqa: E402
 
@@ -693,7 +693,7 @@ def main(argv=None) -> int:
         info["gpu"] = torch.cuda.get_device_name(device)
     print_table(rows, info)
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        _io.write_json(args.json, {"info": info, "rows": rows}, indent=1)
     return 0
 
 
