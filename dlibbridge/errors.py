@@ -10,3 +10,10 @@ bug (a traceback).  Each class also keeps the builtin base it always had (``Valu
 
 class DlibbridgeError(Exception):
     """Bad input or an impossible request; the message is one line for the user."""
+
+
+class ConversionError(DlibbridgeError, ValueError):
+    """A dlib file or module that cannot be mapped exactly; the message names the dlib
+    layer (``layer<i>``) and/or the torch module concerned.  Here, below the converters, so that
+    every converter (the face ResNet's and the generic one) raises the same class without
+    importing one another."""

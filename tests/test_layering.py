@@ -129,3 +129,45 @@ def test_every_internal_import_resolves():
                 if not hasattr(target, a.name) and importlib.util.find_spec(f"{mod}.{a.name}") is None:
                     missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {mod}.{a.name}")
     assert not missing, "unresolvable imports:\n" + "\n".join(missing)
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``edges`` (module → modules it imports), or None."""
+    state: dict[str, int] = {}          # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        path.append(m)
+        for t in sorted(edges.get(m, ())):
+            if state.get(t) == 1:
+                return path[path.index(t):] + [t]
+            if t not in state and (found := visit(t)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle_inside_a_package():
+    """Within one floor (``dlibbridge.train``, ``dlibbridge.port``, …) the modules form a tree of
+    imports, function bodies included: a cycle means two modules are one room split in two
+    (each needs the other's internals), and its order of import decides what works."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        package = name.rpartition(".")[0]
+        for _, target in _imports(path):
+            if target != name and target.rpartition(".")[0] == package and package != "dlibbridge":
+                edges.setdefault(name, set()).add(target)
+    assert _cycle(edges) is None, "import cycle: " + " -> ".join(_cycle(edges))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}}) is None

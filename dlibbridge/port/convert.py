@@ -40,14 +40,9 @@ from ..codec import records
 from ..codec import tree as fmt
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
-from ..errors import DlibbridgeError
+from ..errors import ConversionError, DlibbridgeError
 from . import runtime
 from .arch import DlibBatchNorm2d, FaceResNet, dlib_padding
-
-
-class ConversionError(DlibbridgeError, ValueError):
-    """A dlib file or module that cannot be mapped exactly; the message names the dlib
-    layer (``layer<i>``) and/or the torch module concerned."""
 
 
 class ExportCheckError(DlibbridgeError, RuntimeError):

@@ -19,7 +19,7 @@ alone, layer by layer, with dlib's semantics (dlib-format.md §6):
 
 **Tags.** The bytes store no tag ids; the wiring by dlib's idioms lives in
 :mod:`dlibbridge.codec.graph` (shared with ``inspect``'s shapes).  A network those rules cannot
-wire raises :class:`~dlibbridge.convert.ConversionError`; the face ResNet (both residual idioms)
+wire raises :class:`~dlibbridge.errors.ConversionError`; the face ResNet (both residual idioms)
 and the DenseNet (``concat2`` over repeat groups) are checked against dlib in the tests.
 
 Export (:func:`to_dlib_tree`) starts from the source bytes the module keeps: an unchanged
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import graph, tree as fmt
+from ..errors import ConversionError
 from . import runtime
 from .arch import DlibAffine, DlibInput, add_prev
 from ..codec.records import affine_as_bn_variance, fold
@@ -49,11 +50,6 @@ LOSS_OUTPUTS = {          # loss record → what forward returns (the tensor dli
     "loss_multiclass_log_": "rows",
     "loss_mmod_": "map",
 }
-
-
-def _conversion_error(msg: str) -> Exception:
-    from .convert import ConversionError   # one error class for every converter
-    return ConversionError(msg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def _con(e, d: Details) -> list[nn.Module]:
     p = np.asarray(d["params"], np.float32).reshape(-1)
     nw = f * c * kh * kw
     if p.size != nw + (f if has_bias else 0):
-        raise _conversion_error(f"{e.path} {d.version}: params hold {p.size} values, filters {d['filters']} "
+        raise ConversionError(f"{e.path} {d.version}: params hold {p.size} values, filters {d['filters']} "
                                 f"and {'a' if has_bias else 'no'} bias need {nw + (f if has_bias else 0)}")
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(p[:nw].reshape(f, c, kh, kw)))
@@ -221,7 +217,7 @@ def _gamma_beta(e, d: Details) -> tuple[np.ndarray, np.ndarray, tuple]:
     g = int(np.prod(shape))
     p = np.asarray(d["params"], np.float32).reshape(-1)
     if p.size != 2 * g:
-        raise _conversion_error(f"{e.path} {d.version}: params hold {p.size} values, gamma {shape} needs {2 * g}")
+        raise ConversionError(f"{e.path} {d.version}: params hold {p.size} values, gamma {shape} needs {2 * g}")
     return p[:g], p[g:], shape
 
 
@@ -255,10 +251,10 @@ def _pool(e, d: Details) -> list[nn.Module]:
     if d["nr"] == 0 and d["nc"] == 0:
         return [GlobalPool(kind)]
     if d["nr"] == 0 or d["nc"] == 0:
-        raise _conversion_error(f"{e.path} {d.version}: a window of the whole input in one dimension only")
+        raise ConversionError(f"{e.path} {d.version}: a window of the whole input in one dimension only")
     k, s, p = (d["nr"], d["nc"]), (d["stride_y"], d["stride_x"]), (d["padding_y"], d["padding_x"])
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise _conversion_error(f"{e.path} {d.version}: padding {p} wider than half the window {k}")
+        raise ConversionError(f"{e.path} {d.version}: padding {p} wider than half the window {k}")
     if kind == "max":
         return [nn.MaxPool2d(k, s, p)]
     return [nn.AvgPool2d(k, s, p, count_include_pad=False)]
@@ -269,7 +265,7 @@ def _fc(e, d: Details) -> list[nn.Module]:
     has_bias = d["bias_mode"] == 0 and d.get("use_bias", True)
     p = np.asarray(d["params"], np.float32).reshape(-1)
     if p.size < (n_in + has_bias) * n_out:
-        raise _conversion_error(f"{e.path} {d.version}: params hold {p.size} values, need {(n_in + has_bias) * n_out}")
+        raise ConversionError(f"{e.path} {d.version}: params hold {p.size} values, need {(n_in + has_bias) * n_out}")
     fc = Linear4d(n_in, n_out, bias=has_bias)
     w = p[:n_in * n_out].reshape(n_in, n_out)
     with torch.no_grad():
@@ -308,12 +304,12 @@ def _layer_modules(e, d: Details) -> list[nn.Module]:
         return [Multiply(d["val"])]
     if d.version == "l2normalize_":
         return [L2Normalize(d["eps"])]
-    raise _conversion_error(f"{e.path}: layer {d.version!r} is not supported by the generic converter")
+    raise ConversionError(f"{e.path}: layer {d.version!r} is not supported by the generic converter")
 
 
 def _input_module(e, d: Details) -> DlibInput:
     if d.version not in INPUT_TYPES:
-        raise _conversion_error(f"{e.path}: input layer {d.version!r} is not supported")
+        raise ConversionError(f"{e.path}: input layer {d.version!r} is not supported")
     mean = (d["avg_red"], d["avg_green"], d["avg_blue"])
     size = (d["nr"], d["nc"]) if d.version == "input_rgb_image_sized" else None
     return DlibInput(size, mean)
@@ -324,7 +320,7 @@ def _loss_output(model: Model) -> tuple[str, dict]:
     if loss is None:
         return "map", {}
     if loss.version not in LOSS_OUTPUTS:
-        raise _conversion_error(f"layer<0>: loss layer {loss.version!r} is not supported")
+        raise ConversionError(f"layer<0>: loss layer {loss.version!r} is not supported")
     meta = {k: f.value for k, f in loss.items() if f.type not in ("tensor", "records")}
     if "detector_windows" in loss:
         meta["detector_windows"] = [{k: f.value for k, f in w.items()} for w in loss["detector_windows"]]
@@ -338,10 +334,10 @@ def build(model: Model) -> DlibNet:
     try:
         program = graph.wire(model)
     except graph.WiringError as exc:
-        raise _conversion_error(str(exc)) from None
+        raise ConversionError(str(exc)) from None
     inputs = [e for e in model.layers() if isinstance(e.node, (InputLayer, TagOnInput)) and e.node.input is not None]
     if not inputs:
-        raise _conversion_error("the network has no input_rgb_image* layer")
+        raise ConversionError("the network has no input_rgb_image* layer")
     input_layer = _input_module(inputs[0], inputs[0].node.input)
     layers: dict[str, nn.Module] = {}
     steps: list[Step] = []
@@ -444,7 +440,7 @@ def _new_params(e, d: Details, mods: list[nn.Module]) -> Details | None:
     elif t == "prelu":
         new["params"] = m.weight.detach().cpu().float().numpy().reshape(1, 1, 1, 1)
     else:
-        raise _conversion_error(f"{e.path} {d.version}: changed in torch, but has no numbers dlib stores")
+        raise ConversionError(f"{e.path} {d.version}: changed in torch, but has no numbers dlib stores")
     return new
 
 
