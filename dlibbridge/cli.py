@@ -119,6 +119,8 @@ class _EvaluateArgs:
 @dataclass
 class _FinetuneArgs:
     resume: str | None = option(None, "continue this run from its last checkpoint", metavar="RUN_DIR")
+    config: str | None = option(None, "start from the options of a run's config.json (reproduce it); the "
+                                "options given win; --out is still required", metavar="CONFIG_JSON")
 
 
 @dataclass
@@ -281,35 +283,39 @@ def _run_finetune(args) -> int:
     """Fine-tune dlib's face ResNet on DATA (a chip store, a folder of aligned 150x150 chips
     DATA/<person>/<chip>, or raw photos DATA/<person>/<photo>, aligned first) and write
     RUN_DIR/model.dat (dlib.face_recognition_model_v1), model_trainable.dat, model.pt, with
-    config.json, log.csv/val.csv/log.json, curves.png, checkpoint.pt, summary.json. Continue a
-    killed run with --resume RUN_DIR. Multi-GPU/multi-node: launch with torchrun."""
-    from .train.loop import finetune, load_resume_config
+    config.json, log.csv/val.csv/log.json, curves.png, checkpoint.pt, summary.json, threshold.json
+    and README.md (the model card). Continue a killed run with --resume RUN_DIR; reproduce one with
+    --config RUN_DIR/config.json. Multi-GPU/multi-node: launch with torchrun."""
+    from .train.loop import finetune, load_resume_config, load_run_config
     given = {k: v for k, v in given_fields(FinetuneConfig, args).items() if k != "data"}
+    origin = None
     if args.resume:
-        if args.data or "out" in given:
-            raise UsageError("--resume RUN_DIR takes DATA and --out from the run's config.json")
+        if args.data or "out" in given or args.config:
+            raise UsageError("--resume RUN_DIR takes DATA, --out and the options from the run's config.json")
         cfg, resume = load_resume_config(args.resume, given), True
     else:
-        if not args.data or "out" not in given:
-            raise UsageError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
-        cfg = (FinetuneConfig.for_camera(args.data, **given) if "camera" in given
-               else FinetuneConfig(data=args.data, **given))
+        start, start_origin = load_run_config(args.config) if args.config else (None, None)
+        if not (args.data or start) or "out" not in given:
+            raise UsageError("give DATA and --out RUN_DIR (or --resume RUN_DIR, or --config CONFIG_JSON and --out)")
+        if args.data:
+            given["data"] = args.data
+        cfg, origin = FinetuneConfig.compose(given, start, start_origin)
         resume = False
-    summary = finetune(cfg, resume=resume)
+    summary = finetune(cfg, resume=resume, origin=origin)
     if summary:
+        if summary.get("exports_base_model"):
+            print("note: the exported model is the base model (step 0): no training step beat it on the held-out "
+                  "identities, so model.dat is dlib's model unchanged; comparing it with the base compares dlib "
+                  "with itself (more held-out identities, --export last, or other settings)")
         best = summary.get("best") or {}
         print(f"{cfg.out}: exported step {summary['exported_step']} of {summary['final_step']}"
               + (f" ({best.get('metric')} {best.get('score'):.4f})" if best else "")
               + f"; dlib check max |diff| {summary['export_check']['max_abs_diff']:.2e}")
         thr = summary.get("recommended_threshold")
         if thr:
-            print(f"recommended distance threshold on this camera: {thr['threshold']:.3f} (accuracy "
+            print(f"recommended distance threshold ({thr['domain']} validation): {thr['threshold']:.3f} (accuracy "
                   f"{thr['accuracy_at_threshold']:.4f}; at dlib's 0.6: {thr['accuracy_at_0.6']:.4f}); "
                   f"written to {cfg.out}/threshold.json")
-        if summary["exported_step"] == 0:
-            print("note: the exported model is the base model (step 0): no training step beat it on the held-out "
-                  "identities, so model.dat is dlib's model unchanged; comparing it with the base compares dlib "
-                  "with itself (more held-out identities, --export last, or other settings)")
     return 0
 
 

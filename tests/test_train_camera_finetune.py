@@ -32,8 +32,8 @@ def camera_json(tmp_path_factory, johns_chips):
 def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     run = tmp_path / "run"
     args = ["finetune", str(johns_dir), "--out", str(run), "--camera", str(camera_json), "-P", "2", "-K", "2",
-            "--max-steps", "4", "--checkpoint-every", "2", "--camera-versions", "2", "--val-identities", "2",
-            "--match-threshold", "0.6", "--quiet"]
+            "--max-steps", "4", "--batches-per-epoch", "2", "--camera-versions", "2", "--val-identities", "2",
+            "--match-threshold", "0.6", "--onnx", "--optimizer", "sgd", "--lr", "1e-4", "--quiet"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "recommended distance threshold" in printed
@@ -54,20 +54,25 @@ def test_camera_finetune_end_to_end(tmp_path, johns_dir, camera_json, capsys):
     thr = json.loads((run / "threshold.json").read_text())
     assert 0 < thr["threshold"] < 2 and thr["domain"] == "camera"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["freeze_until"] == "none" and cfg["config"]["optimizer"] == "adamw"
-    assert cfg["recipe"]["train_from"] == "stem" and cfg["recipe"]["train_until"] is None
-    for f in ("model.dat", "model.pt", "curves.png", "log.csv", "feature_cache.pt"):
+    assert cfg["config"]["freeze_until"] == "none" and cfg["config"]["recipe"] == "camera"
+    assert cfg["origin"]["freeze_until"] == "recipe" and cfg["origin"]["optimizer"] == "user"
+    assert cfg["origin"]["recipe"] == "recipe" and cfg["origin"]["loss"] == "default"
+    assert cfg["derived"]["optimizer"] == "SGD" and cfg["config"]["lr"] == 1e-4
+    assert cfg["objective"]["cross_quality"]["train_from"] == "stem"
+    assert cfg["objective"]["cross_quality"]["train_until"] is None
+    for f in ("model.dat", "model_trainable.dat", "model.pt", "model.onnx", "threshold.json", "README.md",
+              "curves.png", "log.csv", "checkpoint.pt", "summary.json", "config.json"):
         assert (run / f).is_file(), f
+    # the caches are gone; what is left is the exports, one checkpoint and the records
+    assert not (run / "feature_cache.pt").exists() and not (run / "data.store").exists()
+    assert sum(p.stat().st_size for p in run.iterdir() if p.name != "model.onnx") < 100e6
+    # --onnx: a checked ONNX file; --optimizer sgd: trained with SGD
+    assert summary["onnx_max_abs_diff"] < 1e-4
+    assert "model.onnx" in summary["files"]
     # the exported descriptors are scaled so that 0.6 is the best threshold on the held-out people
-    from dlibbridge.port.checkpoint import load_torch
     scaling = summary["distance_scale"]
     assert scaling["match_threshold"] == 0.6 and scaling["domains"] == ["clean", "camera"]
     assert abs(scaling["scale"] - 0.6 / scaling["best_threshold_before"]) < 1e-12
-    exported = load_torch(run / "model.pt")
-    selected = torch.load(run / "best_state.pt", weights_only=True) if summary["exported_step"] == summary["best"]["step"] \
-        else torch.load(run / "checkpoint.pt", weights_only=False)["trainer"]["student"]
-    assert torch.allclose(exported.fc.weight, selected["fc.weight"] * scaling["scale"], rtol=1e-6, atol=0)
-    assert torch.equal(exported.stem.unit.conv.weight, selected["stem.unit.conv.weight"])
     # a finished run resumes to the same export
     assert cli.main(["finetune", "--resume", str(run), "--quiet"]) == 0
     again = json.loads((run / "summary.json").read_text())

@@ -1,35 +1,28 @@
-"""``dlibbridge finetune DATA --camera camera.json``: fine-tune dlib's face model for one camera.
+"""``dlibbridge finetune DATA --camera camera.json``: the camera recipe as an objective of the one loop.
 
-The run (all in RUN_DIR, resumable with ``--resume``):
+What it plugs into :mod:`.loop` (the loop does the rest: run folder, optimiser, schedule,
+checkpoints, validation, selection, export, logs):
 
-1. DATA is opened and split by identity exactly as a plain run (:func:`loop.split_identities`).
-2. The base model, in its deployed form, is the teacher.  With ``--target-photos DIR`` its
-   batch-norm affines are first re-derived from unlabeled target-camera chips
-   (:func:`xq.adapt_batchnorm`); that adapted model is what the student starts from.
-3. Every training chip is degraded ``--camera-versions`` times by samples of the camera profile
-   (:mod:`dlibbridge.data.camera`) and kept in ``RUN_DIR/feature_cache.pt`` with the teacher's
-   descriptors of the clean chips: the uint8 versions themselves, or, with ``--freeze-until``,
-   the frozen levels' output for each (:func:`xq.frozen_features`).
-4. :class:`xq.XQTrainer` trains the levels above ``--freeze-until`` (by default all of them):
-   identity + cross-quality + relational + same-input terms (docs/finetune.md).
-5. Validation on the held-out identities in each domain — ``clean`` and ``camera`` (the same
-   chips degraded by the profile, fixed per chip), and ``target`` (``--target-val DIR``: the
-   user's labeled chips from the camera itself) — at step 0 and every ``--checkpoint-every``
-   steps (their versions are cached the same way).
-   ``--select-metric DOMAIN:METRIC`` picks the exported step (default ``camera:tar@far``,
-   ``target:tar@far`` with ``--target-val``) among
-   the steps whose clean TAR@FAR is at most ``--clean-limit`` below the base's; step 0 (the base,
-   or the adapted base) is always a candidate.  The recipe's ``--export last-eligible`` exports
-   the last step unless it fails that guard, and the selected step only then.
-6. ``model.dat`` (deployed; checked in ``dlib.face_recognition_model_v1``), ``model.pt``,
-   ``threshold.json`` (the distance threshold that is best on the target domain when there is
-   one, else on the camera domain, beside dlib's 0.6), ``val.csv``/``curves.png``/``summary.json``
-   with every domain.
+* **model** — the base in its deployed form (dlib's batch-norm folded into affines, so step 0
+  is the deployed model exactly); with ``--target-photos DIR`` its affines are first re-derived
+  from unlabeled target-camera chips (:func:`xq.adapt_batchnorm`), and that adapted model is the
+  teacher and where the student starts.  Trained: the stages above ``--freeze-until`` up to
+  ``--train-until`` (by default all of them, and the fc).
+* **data** — every training chip degraded ``--camera-versions`` times by samples of the camera
+  profile (:mod:`dlibbridge.data.camera`), kept with the teacher's descriptors of the clean chips
+  in ``RUN_DIR/feature_cache.pt`` while the run lasts (removed when it ends; rebuilt, identical,
+  if a finished run is continued): the uint8 versions themselves, or, with ``--freeze-until``, the
+  frozen levels' output for each (:func:`xq.frozen_features`).  Step ``n``'s P×K chips, versions
+  and mirroring are drawn from a generator seeded by (seed, n).
+* **loss terms** — identity (``--loss`` on the degraded and clean views together), cross-quality,
+  relational and same-input (``--distill``) (:func:`xq.xq_losses`; docs/finetune.md).
+* **validation domains** — the held-out people's chips ``clean`` and ``camera`` (the same chips
+  degraded by the profile, fixed per chip), and ``target`` (``--target-val DIR``: the user's
+  labeled chips from the camera itself).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -37,45 +30,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import sha256_file, write_torch
-from ..assets import resolve_model
+from .._io import write_torch
 from . import xq
-from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, FinetuneConfig, FinetuneError
-from .dist import Dist
-from .rundir import write_logs, write_run_json
+from .config import FinetuneConfig, FinetuneError
+from .objective import CLEAN, Context, Objective
 
-__all__ = ["camera_finetune", "load_target_val", "DOMAINS"]
+__all__ = ["CrossQuality", "precheck", "load_target_val", "CAMERA", "TARGET"]
 
-DOMAINS = ("clean", "camera")
+CAMERA = "camera"
 TARGET = "target"
 CACHE_FILE = "feature_cache.pt"
-THRESHOLD_FILE = "threshold.json"
-STEP_FIELDS = ["step", "loss", "identity", "xq", "relational", "same", "lr", "elapsed_s"]
-
-
-def _train_from(cfg: FinetuneConfig, model) -> str:
-    """The first trained stage: the one above ``--freeze-until`` (the stem with ``none``)."""
-    names = ["none"] + xq.stages(model)
-    return names[names.index(cfg.freeze_until) + 1]
 
 
 def _degraded(chips: np.ndarray, degrade, seed: int, salt: int) -> np.ndarray:
     return np.stack([degrade(np.ascontiguousarray(c), np.random.default_rng((seed, salt, i))) for i, c in enumerate(chips)])
-
-
-def _fit_identities_per_batch(cfg: FinetuneConfig, store) -> FinetuneConfig:
-    """The recipe's 16 identities per batch need 18 people (two held out for validation); a
-    small photo set would be refused outright.  Lower -P to what its identities allow, two held
-    out, and say so (config.json records the -P used, so a resume keeps it)."""
-    labels = np.asarray(store.labels)
-    _, counts = np.unique(labels[labels >= 0], return_counts=True)
-    usable = int((counts >= 2).sum())
-    p = cfg.identities_per_batch
-    if usable >= p + 2 or usable - 2 < 2:
-        return cfg
-    print(f"note: -P lowered from {p} to {usable - 2}: the data has {usable} identities with 2+ images "
-          "and 2 are held out for validation", file=sys.stderr)
-    return dataclasses.replace(cfg, identities_per_batch=usable - 2)
 
 
 def load_target_val(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -110,255 +78,170 @@ def load_target_val(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return chips, labels, skipped
 
 
-class _CameraJob:
-    def __init__(self, cfg: FinetuneConfig, resume: bool, target: tuple | None = None):
-        from ..data import camera as camera_mod
-        from ..port.checkpoint import load_model
-        from .loop import _prepare_run_dir, open_data, split_identities
-        self.cfg = cfg
-        self.target = target
-        self.domains = DOMAINS + ((TARGET,) if cfg.target_val else ())
-        try:            # before the run folder exists: a bad profile costs nothing
-            self.profile = camera_mod.load_camera(cfg.camera)
-        except camera_mod.CameraError as e:
-            raise FinetuneError(f"--camera: {e}") from None
-        self.run_dir = _prepare_run_dir(cfg, resume, Dist())
-        self.resume = resume
-        self.degrade = self.profile.degradations()
-        self.store = open_data(cfg.data, self.run_dir, cfg.progress)
-        self.cfg = cfg = _fit_identities_per_batch(cfg, self.store)
-        self.split = split_identities(self.store, cfg, 1)
-        if cfg.target_val and not len(self.split.val_rows):
-            raise FinetuneError("--target-val: DATA leaves no held-out identities, so the clean-face guard "
-                                "(--clean-limit) cannot be checked; add people or raise --val-identities")
-        labels = np.asarray(self.store.labels)
-        self.train_labels = np.array([self.split.train_classes[int(l)] for l in labels[self.split.train_rows]])
-        self.base_path = resolve_model(cfg.base)
-        self.base = load_model(self.base_path, trainable=False)
-        self.train_from = _train_from(cfg, self.base)
+def precheck(cfg: FinetuneConfig) -> dict:
+    """The camera profile and the target chips, read before the run folder exists: a bad
+    profile or folder costs nothing."""
+    from ..data import camera as camera_mod
+    try:
+        profile = camera_mod.load_camera(cfg.camera)
+    except camera_mod.CameraError as e:
+        raise FinetuneError(f"--camera: {e}") from None
+    target = None
+    if cfg.target_val:
+        target = load_target_val(cfg.target_val)
+        if target[2]:
+            print(f"note: --target-val: {len(target[2])} unreadable files left out (first: {target[2][0]})",
+                  file=sys.stderr)
+    return {"profile": profile, "target": target}
+
+
+class CrossQuality(Objective):
+    """The camera recipe (module docstring): deployed student and teacher, cached degraded views,
+    identity + cross-quality + relational + same-input terms, clean/camera/target validation."""
+    TRAINABLE_FORM = False            # the deployed form: affines, step 0 = model.dat
+
+    def __init__(self, ctx: Context, pre: dict):
+        c, split = ctx.cfg, ctx.split
+        if ctx.dist.world > 1:
+            raise FinetuneError("--camera trains one process on cached views; launch it without torchrun")
+        self.cfg, self.store, self.split, self.device = c, ctx.store, split, ctx.device
+        self.run_dir = Path(ctx.run_dir)
+        self.degrade = pre["profile"].degradations()
+        self.profile = pre["profile"]
+        self.target = pre["target"]
+        base = ctx.base
+        names = xq.stages(base)
+        stages_all = ["none"] + names
+        self.train_from = stages_all[stages_all.index(c.freeze_until) + 1]
+        self.start, self.adaptation = self._start_model(base)
         self.xcfg = xq.XQConfig(
-            train_from=self.train_from, train_until=cfg.train_until, versions=cfg.camera_versions, steps=cfg.max_steps or CAMERA_RECIPE["max_steps"],
-            identities=cfg.identities_per_batch, per_identity=cfg.images_per_identity, lr=cfg.lr or CAMERA_RECIPE["lr"],
-            weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay,
-            warmup=20 if cfg.warmup_steps is None else cfg.warmup_steps, w_xq=cfg.xq_weight, xq_distance=cfg.xq_distance,
-            w_relational=cfg.relational_weight, w_same=cfg.distill, seed=cfg.seed)
+            train_from=self.train_from, train_until=c.train_until, versions=c.camera_versions,
+            identities=c.identities_per_batch, per_identity=c.images_per_identity, w_xq=c.xq_weight,
+            xq_distance=c.xq_distance, w_relational=c.relational_weight, w_same=c.distill, seed=c.seed)
+        self.model = copy.deepcopy(self.start)
+        trained = (names[names.index(self.train_from):] + ["fc"] if c.train_until is None
+                   else names[names.index(self.train_from):names.index(c.train_until) + 1])
+        self.frozen = [n for n in names + ["fc"] if n not in trained]
+        self.model.requires_grad_(False)
+        for n in trained:
+            getattr(self.model, n).requires_grad_(True)
+        self.model.to(ctx.device)
+        labels = np.asarray(ctx.store.labels)[split.train_rows]
+        self.train_labels = torch.as_tensor(np.array([split.train_classes[int(l)] for l in labels]))
+        from .losses import make_loss
+        self.loss_fn = make_loss(c.loss, len(split.train_classes), margin=c.margin, scale=c.scale).to(ctx.device)
+        lab = self.train_labels.numpy()
+        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab) if (lab == l).sum() >= 2}
+        self.ids = np.array(sorted(self.groups))
+        self.images_per_step = c.identities_per_batch * c.images_per_identity
+        self.steps_per_epoch = c.batches_per_epoch or max(1, len(split.train_rows) // self.images_per_step)
+        self.cache = self.val = None
         self.timings: dict[str, float] = {}
 
-    # -- pieces ---------------------------------------------------------------------------
-
-    def _log(self, msg: str) -> None:
-        if self.cfg.progress:
-            print(f"[finetune --camera] {msg}", flush=True)
-
-    def start_model(self):
+    def _start_model(self, base):
         """The base, or the base adapted to the target photos (unlabeled)."""
-        if not self.cfg.target_photos:
-            return self.base, None
+        c = self.cfg
+        if not c.target_photos:
+            return base.eval(), None
         from ..port.calibrate import BatchNormError, load_chips
-        t = time.perf_counter()
         try:
-            target, skipped = load_chips(self.cfg.target_photos, limit=500, seed=self.cfg.seed)
+            target, skipped = load_chips(c.target_photos, limit=500, seed=c.seed)
         except BatchNormError as e:
             raise FinetuneError(f"--target-photos: {e}") from None
         if len(target) < 16:
-            raise FinetuneError(f"--target-photos {self.cfg.target_photos}: {len(target)} readable chips; "
+            raise FinetuneError(f"--target-photos {c.target_photos}: {len(target)} readable chips; "
                                 "adaptation needs at least 16")
-        rng = np.random.default_rng((self.cfg.seed, 7))
+        rng = np.random.default_rng((c.seed, 7))
         rows = np.sort(rng.permutation(self.split.train_rows)[:len(target)])
         source = np.asarray(self.store.chips[rows])
-        adapted = xq.adapt_batchnorm(self.base, source, target)
-        self.timings["target_adaptation_s"] = time.perf_counter() - t
-        return adapted, {"target_chips": int(len(target)), "skipped": skipped[:20], "source_chips": int(len(source))}
+        adapted = xq.adapt_batchnorm(base, source, target)
+        return adapted.eval(), {"target_chips": int(len(target)), "skipped": skipped[:20],
+                                "source_chips": int(len(source))}
 
-    def features(self, start) -> tuple[dict, dict]:
-        """Training cache and validation features (built once; reused on --resume)."""
+    # -- the cache ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Training cache and validation features, built once per run (kept for a resume)."""
         path = self.run_dir / CACHE_FILE
         if path.is_file():
             got = torch.load(path, weights_only=True)
-            self.target_labels = got.get("target_labels")
-            return got["train"], got["val"]
+            self.cache, self.val = got["train"], got["val"]
+            return
         t = time.perf_counter()
+        log = (lambda s: print(f"finetune --camera: {s}", file=sys.stderr, flush=True)) if self.cfg.progress else None
         chips = np.asarray(self.store.chips[self.split.train_rows])
-        train = xq.build_cache(start, chips, self.degrade, self.xcfg, log=self._log)
-        val = {}
+        start = self.start.to("cpu")
+        self.cache = xq.build_cache(start, chips, self.degrade, self.xcfg, log=log)
+        self.val = {}
         if len(self.split.val_rows):
             vchips = np.asarray(self.store.chips[self.split.val_rows])
             with torch.no_grad():
-                val["clean"] = xq.frozen_features(start, torch.from_numpy(vchips), self.train_from)
-                val["camera"] = xq.frozen_features(start, torch.from_numpy(
+                self.val[CLEAN] = xq.frozen_features(start, torch.from_numpy(vchips), self.train_from)
+                self.val[CAMERA] = xq.frozen_features(start, torch.from_numpy(
                     _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from)
-        self.target_labels = None
-        if self.cfg.target_val:
-            chips, labels, skipped = self.target or load_target_val(self.cfg.target_val)
-            if skipped:
-                print(f"note: --target-val: {len(skipped)} unreadable files left out (first: {skipped[0]})",
-                      file=sys.stderr)
-            self.target_labels = torch.from_numpy(labels)
+        if self.target is not None and len(self.split.val_rows):
+            chips = self.target[0]
             with torch.no_grad():
-                val[TARGET] = torch.cat([xq.frozen_features(start, torch.from_numpy(c), self.train_from)
-                                         for c in np.array_split(chips, max(1, len(chips) // 128))])
+                self.val[TARGET] = torch.cat([xq.frozen_features(start, torch.from_numpy(c), self.train_from)
+                                              for c in np.array_split(chips, max(1, len(chips) // 128))])
+        self.start.to(self.device)
         self.timings["cache_s"] = time.perf_counter() - t
-        write_torch(path, {"train": train, "val": val, "target_labels": self.target_labels})
-        return train, val
+        write_torch(path, {"train": self.cache, "val": self.val})
 
-    def embed_validation(self, model, val: dict):
-        """(domain, descriptors, labels) of each validation domain under ``model``."""
+    def cleanup(self) -> None:
+        (self.run_dir / CACHE_FILE).unlink(missing_ok=True)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def batches(self, epoch: int, start: int):
+        first = epoch * self.steps_per_epoch
+        return range(first + start, first + self.steps_per_epoch)
+
+    def backward(self, n: int, scaler) -> dict[str, float]:
+        """Step ``n``: its chips, versions and mirroring drawn from (seed, n), so a resumed run
+        sees what an uninterrupted one would."""
+        c, cache = self.cfg, self.cache
+        rng = np.random.default_rng((c.seed, 104729, n))
+        idx = np.concatenate([rng.choice(self.groups[int(l)], size=c.images_per_identity,
+                                         replace=len(self.groups[int(l)]) < c.images_per_identity)
+                              for l in rng.choice(self.ids, size=c.identities_per_batch, replace=False)])
+        ver = rng.integers(0, cache["degraded"].shape[1], size=len(idx))
+        flip = ver % 2                                   # the clean view mirrored like the degraded one
+        views = torch.cat([cache["degraded"][idx, ver], cache["clean"][idx, flip]]).to(self.device)
+        s = xq.run_suffix(self.model, views, self.train_from).float()
+        teacher = cache["teacher"][idx, flip].to(self.device)
+        terms = xq.xq_losses(s[:len(idx)], s[len(idx):], teacher, self.train_labels[idx].to(self.device),
+                             self.xcfg, self.loss_fn)
+        scaler.scale(terms["total"]).backward()
+        return {"loss": float(terms["total"].detach()), "identity": float(terms["identity"].detach()),
+                "distill": float(terms["same"].detach()), "xq": float(terms["xq"].detach()),
+                "relational": float(terms["relational"].detach())}
+
+    # -- validation --------------------------------------------------------------------------
+
+    def domains(self) -> dict[str, np.ndarray]:
+        if not len(self.split.val_rows):
+            return {}
         held_out = np.asarray(self.store.labels)[self.split.val_rows]
-        with torch.no_grad():
-            for d in self.domains:
-                labels = np.asarray(self.target_labels) if d == TARGET else held_out
-                emb = torch.cat([xq.run_suffix(model, f, self.train_from) for f in val[d].split(128)]).numpy()
-                yield d, emb, labels
+        out = {CLEAN: held_out, CAMERA: held_out}
+        if self.target is not None:
+            out[TARGET] = np.asarray(self.target[1])
+        return out
 
-    def validate(self, model, val: dict, step: int) -> dict | None:
-        from .loop import verification_summary
-        if not val:
-            return None
-        rec = {"step": step}
-        for d, emb, labels in self.embed_validation(model, val):
-            for k, v in verification_summary(emb, labels, self.cfg.select_far).items():
-                rec[f"{d}.{k}"] = v
-        return rec
+    @torch.no_grad()
+    def embed(self, model, domain: str) -> np.ndarray:
+        model.eval()
+        return torch.cat([xq.run_suffix(model, f.to(self.device), self.train_from).float().cpu()
+                          for f in self.val[domain].split(128)]).numpy()
 
-    def match_distance_scale(self, model, val: dict) -> tuple[object, dict | None]:
-        """A copy of ``model`` whose descriptors are scaled (the fc, so ``model.dat`` carries it)
-        by ``s = T / t``: t is the best threshold on the pairs of every validation domain together,
-        T is ``--match-threshold``.  Whole-network training keeps the best threshold near the base's
-        (~0.56) but changes how accuracy falls off above it: measured, clean accuracy at 0.6 fell
-        0.14 points while at the best threshold it rose.  Distances scale, rankings do not: TAR at
-        any FAR is unchanged."""
-        from ..eval.metrics import best_threshold, pair_distances
-        if not self.cfg.match_threshold or not val:
-            return model, None
-        dist, same = [], []
-        for _, emb, labels in self.embed_validation(model, val):
-            iu, ju = np.triu_indices(len(emb), k=1)
-            dist.append(pair_distances(emb[iu], emb[ju]))
-            same.append(labels[iu] == labels[ju])
-        t, acc = best_threshold(np.concatenate(dist), np.concatenate(same))
-        scale = self.cfg.match_threshold / t
-        scaled = copy.deepcopy(model)
-        with torch.no_grad():
-            scaled.fc.weight.mul_(scale)
-        return scaled.eval(), {"scale": scale, "best_threshold_before": t, "accuracy_there": acc,
-                               "match_threshold": self.cfg.match_threshold, "domains": list(self.domains)}
-
-    def eligible(self, rec: dict, base_rec: dict) -> bool:
-        """A step may be exported when its clean TAR@FAR is at most clean_limit below the base's."""
-        return rec["clean.tar@far"] >= base_rec["clean.tar@far"] - self.cfg.clean_limit - 1e-12
-
-    # -- run ------------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        c = self.cfg
-        t0 = time.perf_counter()
-        start, adaptation = self.start_model()
-        train, val = self.features(start)
-        trainer = xq.XQTrainer(start, train, self.train_labels, self.xcfg)
-        domain, metric = c.select()
-        key = f"{domain}.{metric}"
-        steps_log, vals, best = [], [], None
-        ck = self.run_dir / CHECKPOINT_FILE
-        if self.resume and ck.is_file():
-            st = torch.load(ck, weights_only=False)
-            trainer.load_state_dict(st["trainer"])
-            steps_log, vals, best, self.timings = st["steps"], st["vals"], st["best"], st["timings"]
-            self._log(f"resumed at step {trainer.n}")
-        self.write_config(adaptation)
-        if not vals:
-            rec = self.validate(trainer.student, val, 0)
-            if rec:
-                vals.append(rec)
-                best = {"step": 0, "score": rec[key], "metric": key, "validation": rec}
-                write_torch(self.run_dir / "best_state.pt", trainer.student.state_dict())
-        t_train = time.perf_counter()
-        elapsed0 = self.timings.get("train_s", 0.0)
-        while trainer.n < self.xcfg.steps:
-            row = trainer.step()
-            row["loss"] = row.pop("total")
-            row["elapsed_s"] = elapsed0 + time.perf_counter() - t_train
-            steps_log.append(row)
-            if trainer.n % c.checkpoint_every == 0 or trainer.n == self.xcfg.steps:
-                rec = self.validate(trainer.student, val, trainer.n)
-                if rec:
-                    vals.append(rec)
-                    if self.eligible(rec, vals[0]) and rec[key] > best["score"]:
-                        best = {"step": trainer.n, "score": rec[key], "metric": key, "validation": rec}
-                        write_torch(self.run_dir / "best_state.pt", trainer.student.state_dict())
-                    self._log(f"step {trainer.n}: " + ", ".join(f"{d} TAR@FAR {rec[f'{d}.tar@far']:.4f}" for d in self.domains))
-                self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
-                write_torch(ck, {"trainer": trainer.state_dict(), "steps": steps_log, "vals": vals, "best": best,
-                                 "timings": self.timings})
-                write_logs(self.run_dir, steps_log, vals, step_fields=STEP_FIELDS)
-        self.timings["train_s"] = elapsed0 + time.perf_counter() - t_train
-        model = trainer.student
-        exported = trainer.n
-        fallback = c.export == "last-eligible" and len(vals) > 1 and not self.eligible(vals[-1], vals[0])
-        if (c.export == "best" or fallback) and best is not None and best["step"] != trainer.n:
-            model = copy.deepcopy(trainer.student)
-            model.load_state_dict(torch.load(self.run_dir / "best_state.pt", weights_only=True))
-            exported = best["step"]
-        summary = self.export(model.eval(), exported, trainer.n, best, vals, adaptation, val)
-        self.timings["wall_s"] = time.perf_counter() - t0
-        summary["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
-        write_run_json(self.run_dir / "summary.json", summary)
-        return summary
-
-    def write_config(self, adaptation) -> None:
-        c = self.cfg
-        write_run_json(self.run_dir / CONFIG_FILE, {
-            "config": c.to_json(), "recipe": self.xcfg.to_json(), "camera": self.degrade.describe(),
-            "target_adaptation": adaptation,
-            "target_val": None if self.target_labels is None else {
-                "folder": c.target_val, "chips": int(len(self.target_labels)),
-                "identities": int(len(np.unique(np.asarray(self.target_labels))))},
-            "data": {"train_chips": int(len(self.split.train_rows)), "train_identities": len(self.split.train_classes),
-                     "val_chips": int(len(self.split.val_rows)), "val_identities": self.split.val_identities,
-                     "dropped_single": self.split.dropped_single},
-            "base_sha256": sha256_file(self.base_path)})
-
-    def export(self, model, exported: int, final: int, best, vals, adaptation, val: dict) -> dict:
-        from ..port.checkpoint import save_torch
-        from ..port.convert import to_dlib
-        from .loop import dlib_export_check
-        out = self.run_dir
-        final_rec = next((v for v in vals if v["step"] == exported), None)
-        model, scaling = self.match_distance_scale(model, val)
-        if scaling and final_rec:     # the exported model's own figures: distances have moved
-            final_rec = self.validate(model, val, exported)
-        to_dlib(model, out / "model.dat", trainable=False)
-        save_torch(model, out / "model.pt")
-        rows = self.split.val_rows if len(self.split.val_rows) else self.split.train_rows
-        check = dlib_export_check(model, out / "model.dat", self.store, rows)
-        threshold = None
-        if final_rec:
-            d = self.domains[-1]
-            threshold = {"threshold": final_rec[f"{d}.best_threshold"], "domain": d,
-                         "accuracy_at_threshold": final_rec[f"{d}.accuracy"],
-                         "accuracy_at_0.6": final_rec[f"{d}.accuracy_at_0.6"],
-                         "note":
-                         ("distance threshold with the best accuracy on the labeled target-camera chips"
-                          if d == TARGET else "distance threshold with the best accuracy on the held-out "
-                          "identities as the camera takes them") + "; dlib's default is 0.6"}
-            write_run_json(out / THRESHOLD_FILE, threshold)
-        per_domain = {}
-        if vals:
-            for d in self.domains:
-                per_domain[d] = {"base": {k.split(".", 1)[1]: v for k, v in vals[0].items() if k.startswith(d + ".")},
-                                 "exported": None if not final_rec else
-                                 {k.split(".", 1)[1]: v for k, v in final_rec.items() if k.startswith(d + ".")}}
-        files = ["model.dat", "model.pt"] + ([THRESHOLD_FILE] if threshold else [])
-        return {"exported_step": exported, "final_step": final, "total_steps": self.xcfg.steps, "best": best,
-                "domains": per_domain, "recommended_threshold": threshold, "distance_scale": scaling,
-                "files": files, "export_check": check,
-                "target_adaptation": adaptation, "recipe": self.xcfg.to_json()}
-
-
-def camera_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
-    """Run (or continue) a camera fine-tune; returns the summary written to summary.json."""
-    cfg.validate()
-    if torch.cuda.is_available() and cfg.device not in ("auto", "cpu"):
-        raise FinetuneError("--camera runs on the CPU (cached features); use --device cpu or auto")
-    # A resumed run has the target features cached; it reads DIR again only if it died before.
-    target = load_target_val(cfg.target_val) if cfg.target_val and not resume else None
-    return _CameraJob(cfg, resume, target).run()
+    def describe(self) -> dict:
+        x = self.xcfg
+        return {"camera": self.degrade.describe(),
+                "cross_quality": {"train_from": x.train_from, "train_until": x.train_until, "versions": x.versions,
+                                  "w_xq": x.w_xq, "w_relational": x.w_relational, "w_same": x.w_same,
+                                  "xq_distance": x.xq_distance},
+                "target_adaptation": self.adaptation,
+                "target_val": None if self.target is None else {
+                    "folder": self.cfg.target_val, "chips": int(len(self.target[1])),
+                    "identities": int(len(np.unique(self.target[1])))},
+                "timings_s": {k: round(v, 1) for k, v in self.timings.items()}}

@@ -22,21 +22,26 @@ EXPORT_CHOICES = ("best", "last", "last-eligible")
 #: same chips degraded by the camera profile, and (``--target-val``) the user's labeled chips
 #: from the camera itself.
 SELECT_DOMAINS = ("camera", "clean", "target")
-#: What ``--camera`` changes in the defaults: the recipe measured in docs/benchmarks.md
-#: (cross-quality distillation of the whole network).  An option given explicitly wins over these.
-#: The whole network is trained at AdamW 3e-5: on people it never saw, it gained more on the
-#: camera than any frozen-lower-levels variant (those stop at 34-38 % camera-A TAR@1e-3: the
-#: lost detail cannot be recovered above the frozen part) and kept clean faces; with nothing
-#: frozen the cache holds the degraded chips themselves.  Validation runs at FAR 1e-2: with ~12
-#: held-out people, 1e-3 rests on ~21 impostor pairs and its clean guard refused good steps.
-#: Even so, the pick on ~12 people is noisy: of 8 benchmark runs where it chose an earlier step,
-#: the last step was better on new people in 7, so the export is the last step unless it fails
-#: the clean guard.
-CAMERA_RECIPE = {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 3e-5,
-                 "weight_decay": 1e-4, "freeze_until": "none", "train_until": None, "distill": 1.0,
-                 "xq_distance": "cosine", "max_steps": 300, "warmup_steps": 20, "select_metric": "camera:tar@far",
-                 "select_far": 1e-2, "export": "last-eligible",
-                 "checkpoint_every": 100}
+#: Recipes: named presets of ordinary options (``--recipe NAME``), applied over the defaults
+#: and under what is given explicitly; config.json records each value's origin.
+#:
+#: ``camera`` (chosen by ``--camera``) is the recipe measured in docs/benchmarks.md (round 3):
+#: cross-quality distillation of the whole network at AdamW 3e-5.  On people it never saw, it
+#: gained more on the camera than any frozen-lower-levels variant (those stop at 34-38 % camera-A
+#: TAR@1e-3: the lost detail cannot be recovered above the frozen part) and kept clean faces; with
+#: nothing frozen the cache holds the degraded chips themselves.  Three epochs of 100 steps: a
+#: validation every 100 steps.  Validation runs at FAR 1e-2: with ~12 held-out people, 1e-3 rests
+#: on ~21 impostor pairs and its clean guard refused good steps.  Even so, the pick on ~12 people
+#: is noisy: of 8 benchmark runs where it chose an earlier step, the last step was better on new
+#: people in 7, so the export is the last step unless it fails the clean guard.  The jitter
+#: augmentation is off: the camera's degradations are the augmentation (cached per chip).
+RECIPES = {
+    "camera": {"identities_per_batch": 16, "images_per_identity": 4, "optimizer": "adamw", "lr": 3e-5,
+               "weight_decay": 1e-4, "freeze_until": "none", "distill": 1.0, "xq_distance": "cosine",
+               "epochs": 3, "batches_per_epoch": 100, "warmup_steps": 20, "select_metric": "camera:tar@far",
+               "select_far": 1e-2, "export": "last-eligible", "checkpoint_every": 100, "augment": False},
+}
+ORIGINS = ("default", "recipe", "user", "derived")
 # Config fields that may differ on --resume without changing what is computed.
 RESUME_OVERRIDABLE = ("workers", "progress")
 
@@ -109,9 +114,11 @@ class FinetuneConfig:
     val_every: int = option(1, "validate every E epochs", metavar="E", group=_DATA)
     val_max_images: int = 2000
     select_metric: str = option(
-        "tar@far", "best-checkpoint metric: tar@far (default; at FAR 1e-3, 1e-2 in camera runs), auc or accuracy; with --camera prefixed "
-        "by the domain, camera: (default), clean: or target: (the default with --target-val), within --clean-limit", metavar="[DOMAIN:]METRIC", group=_DATA)
-    select_far: float = 1e-3
+        "tar@far", "selection metric: tar@far (at --select-far; default), auc or accuracy, optionally after the "
+        "validation domain: clean: (default), camera: or target: (--camera runs); among the steps within --clean-limit", metavar="[DOMAIN:]METRIC", group=_DATA)
+    select_far: float = option(1e-3, "the FAR of tar@far (selection and the validation figures); one the "
+                               "validation pairs cannot resolve is replaced by one they can, said before step 1",
+                               metavar="FAR", group=_DATA)
     patience: int | None = option(None, "stop after N validations without improvement", type=int, metavar="N",
                                   group=_DATA)
     export: str = option("best", "which weights to export: best = the selected step; last; last-eligible (camera "
@@ -126,9 +133,14 @@ class FinetuneConfig:
     seed: int = option(0, group=_RUN)
     onnx: bool = option(False, "also write model.onnx", action="store_true", group=_RUN)
     progress: bool = option(True, "no progress bar", flags=("--quiet", "-q"), action="store_false", group=_RUN)
+    recipe: str | None = option(
+        None, "a named preset of the options above, under what is given explicitly; " + "; ".join(
+            f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+            for name, values in RECIPES.items()) + " (chosen by --camera)",
+        choices=tuple(RECIPES), group=_RUN)
     camera: str | None = option(
-        None, "fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation with the "
-        "measured recipe as the defaults; validation in the clean and camera domains (and target)", metavar="CAMERA_JSON",
+        None, "fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation with "
+        "--recipe camera; validation in the clean and camera domains (and target)", metavar="CAMERA_JSON",
         group=_CAMERA)
     target_photos: str | None = option(
         None, "unlabeled aligned chips from the target camera: adapt batch-norm to them first", metavar="DIR",
@@ -154,19 +166,41 @@ class FinetuneConfig:
         "(docs/finetune.md); default 0: keep the trained scale", metavar="T", group=_CAMERA)
 
     @classmethod
-    def for_camera(cls, data: str, out: str, camera: str, **given) -> "FinetuneConfig":
-        """A camera run: :data:`CAMERA_RECIPE` under whatever is given explicitly; with labeled
-        target-camera chips (``target_val``) the selection is made on them unless told otherwise."""
-        recipe = dict(CAMERA_RECIPE)
-        if given.get("target_val"):
-            recipe["select_metric"] = "target:" + recipe["select_metric"].partition(":")[2]
-        return cls(data=data, out=out, camera=camera, **{**recipe, **given})
+    def compose(cls, given: dict, start: dict | None = None, start_origin: dict | None = None
+                ) -> tuple["FinetuneConfig", dict]:
+        """A config from the defaults, a recipe and what the user gave, with each field's
+        origin (``default``, ``recipe``, ``user``).  The recipe is ``given["recipe"]``, else
+        ``camera`` when a camera is given.  ``start`` (a run's config.json, ``--config``) replaces
+        the defaults with its values and origins; what is given still wins."""
+        values = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        origin = {name: "default" for name in values}
+        if start is not None:
+            unknown = set(start) - set(values) - {"data", "out"}
+            if unknown:
+                raise FinetuneError(f"--config: unknown fields {sorted(unknown)} (written by a newer version?)")
+            values.update(start)
+            origin.update({k: (start_origin or {}).get(k, "user") for k in start})
+        recipe = given.get("recipe") or (None if start is not None else ("camera" if given.get("camera") else None))
+        if recipe is not None and recipe not in RECIPES:
+            raise FinetuneError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        if recipe is not None:
+            preset = dict(RECIPES[recipe])
+            if given.get("target_val") or values.get("target_val"):
+                # labeled target-camera chips: select on them unless told otherwise
+                preset["select_metric"] = "target:" + preset["select_metric"].partition(":")[2]
+            values.update(preset)
+            origin.update({k: "recipe" for k in preset})
+            values["recipe"] = recipe
+            origin["recipe"] = "user" if given.get("recipe") else "recipe"
+        values.update(given)
+        origin.update({k: "user" for k in given})
+        return cls(**values), origin
 
     def select(self) -> tuple[str | None, str]:
-        """``select_metric`` split into (domain, metric); the domain is None outside camera runs."""
+        """``select_metric`` split into (domain, metric); without a domain: ``clean`` (the
+        held-out people's chips as they are)."""
         domain, _, metric = self.select_metric.rpartition(":")
-        default = None if not self.camera else "target" if self.target_val else "camera"
-        return (domain or default), metric
+        return (domain or "clean"), metric
 
     def resolved(self, has_head: bool, cuda: bool, total_steps: int | None = None) -> "FinetuneConfig":
         """A copy with every ``None`` default filled in from the run's facts (a classifier
@@ -212,11 +246,15 @@ class FinetuneConfig:
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             bad(f"--amp {self.amp!r}: choose auto, off, bf16 or fp16")
         domain, metric = self.select()
-        if metric not in SELECT_METRICS or (domain is not None and not self.camera):
-            bad(f"--select-metric {self.select_metric!r}: choose one of {', '.join(SELECT_METRICS)}"
-                + (f", optionally after a domain ({'/'.join(SELECT_DOMAINS)}:) with --camera" if not self.camera else ""))
-        if domain is not None and domain not in SELECT_DOMAINS:
+        if metric not in SELECT_METRICS:
+            bad(f"--select-metric {self.select_metric!r}: choose one of {', '.join(SELECT_METRICS)}, optionally "
+                f"after a domain ({'/'.join(SELECT_DOMAINS)}:)")
+        if domain not in SELECT_DOMAINS:
             bad(f"--select-metric {self.select_metric!r}: the domain is one of {', '.join(SELECT_DOMAINS)}")
+        if domain == "camera" and not self.camera:
+            bad(f"--select-metric {self.select_metric!r}: the camera domain needs --camera camera.json")
+        if not 0 < self.select_far < 1:
+            bad("--select-far must be between 0 and 1")
         if self.target_photos and not self.camera:
             bad("--target-photos adapts a camera run: give --camera camera.json too")
         if self.target_val and not self.camera:
@@ -244,8 +282,11 @@ class FinetuneConfig:
                     "--match-threshold >= 0")
         if self.export not in EXPORT_CHOICES:
             bad(f"--export {self.export!r}: choose one of {', '.join(EXPORT_CHOICES)}")
-        if self.export == "last-eligible" and not self.camera:
-            bad("--export last-eligible applies to camera runs (the clean guard): give --camera camera.json too")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            bad(f"--recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+        if self.recipe == "camera" and not self.camera:
+            bad("--recipe camera trains for a camera: give --camera camera.json")
+        self._refuse_what_the_path_cannot_honour(bad)
         for name in ("epochs", "identities_per_batch", "images_per_identity", "accumulate",
                      "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:
@@ -265,6 +306,24 @@ class FinetuneConfig:
             parse_degradations(self.degrade)
         except ValueError as e:                   # says which item and why
             bad(f"--degrade: {e}")
+
+    def _refuse_what_the_path_cannot_honour(self, bad) -> None:
+        """An option that a run's path would silently ignore is refused before any work."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.camera:
+            if self.bn == "train":
+                bad("--bn train: a camera run trains the deployed network (batch-norm folded into affines, "
+                    "step 0 = model.dat); use --bn frozen")
+            if self.degrade:
+                bad("--degrade: a camera run's degradations are the camera profile's (--camera)")
+            if self.augment:
+                bad("a camera run does not jitter (its cached camera views are the augmentation); use --no-augment")
+            if self.accumulate != 1:
+                bad("--accumulate: a camera run takes whole batches of cached views; use --accumulate 1")
+        else:
+            for name in ("xq_weight", "xq_distance", "relational_weight", "camera_versions"):
+                if getattr(self, name) != defaults[name]:
+                    bad(f"--{name.replace('_', '-')} applies to camera runs: give --camera camera.json too")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,42 +1,42 @@
-"""Fine-tuning dlib's face ResNet on one's own faces, and exporting the result back to dlib.
+"""The one fine-tuning loop: ``setup → fit → validate → export`` for every run.
 
-``finetune(config)`` (behind ``dlibbridge finetune``) runs the whole job in a RUN_DIR:
+``finetune(config)`` (behind ``dlibbridge finetune``) runs a job in a RUN_DIR.  What a recipe
+changes — the model's form, the batches, the loss terms, the validation domains — is an
+:class:`~.objective.Objective` (:class:`~.objective.PlainObjective`, or the camera recipe's
+:class:`~.camera_finetune.CrossQuality`); everything else is here, once:
 
 * **data** — a chip store (``data.pack``), a folder of aligned 150×150 chips (packed into
-  ``RUN_DIR/data.store`` first) or raw photos (aligned through ``align`` first).  Identities are
-  split into training and held-out validation identities (never the same person in both).
-* **batches** — P identities × K images (``data.PKBatchSampler``), every rank's share of a batch
-  again whole identities, so each share holds positive and negative pairs: dlib's trainer
-  aborts on a batch without both; we check the data and settings up front and say what to
-  change.  Each image's augmentation is seeded by (seed, epoch, batch, position), so the data a
-  step sees does not depend on worker count, world size or on having been resumed.
-* **model** — the base converted to the trainable (batch-norm) form.  ``--bn frozen`` (default)
-  keeps batch-norm on its running statistics, so step 0 computes exactly the deployed model;
-  ``--bn train`` first calibrates the statistics on training data (the deployed file lost them,
-  dlib-format.md §6.7) and then trains them as dlib would.
-* **forgetting guards** — ``--freeze-until LEVEL``, a learning-rate scale for the pretrained
-  layers, and ``--distill W`` (W · mean ‖e − e₀‖² to the base model's embedding of the same
-  augmented batch).
-* **optimisation** — SGD (dlib's update rule: the same step as dlib's ``sgd`` at constant
-  learning rate) or AdamW; linear warmup then cosine or step decay; no weight decay on biases and
-  normalisation parameters; AMP (bf16/fp16) and channels_last on CUDA; DDP under ``torchrun``.
-* **bookkeeping** — resolved ``config.json``; ``log.csv`` (per step) and ``val.csv`` (per
-  validation) plus ``log.json``; ``curves.png``; an atomic ``checkpoint.pt`` every N steps from
-  which ``--resume RUN_DIR`` continues with the same data order (bit-identical on CPU);
-  ``best.pt`` by validation metric; early stopping.
-* **outputs** — ``model.dat`` (deployed, for ``dlib.face_recognition_model_v1``),
-  ``model_trainable.dat`` (dlib's bn_con ``net_type``), ``model.pt``, optionally ``model.onnx``;
-  ``summary.json`` says which step was exported and how close dlib's descriptors of the written
-  file are to the torch model's.
+  ``RUN_DIR/data.store`` while the run lasts) or raw photos (aligned into ``RUN_DIR/chips``
+  first).  Identities are split into training and held-out validation identities (never the
+  same person in both); the split is checked against the batches asked for, and the
+  **pre-flight** (:func:`preflight`) prints it with the pairs each validation domain has, the
+  smallest FAR they resolve and the selection metric, before step 1.
+* **optimisation** — SGD (dlib's update rule) or AdamW over the objective's trainable
+  parameters (no weight decay on biases and normalisation parameters), linear warm-up then
+  cosine or step decay (one ``LambdaLR``, :func:`lr_factor`), AMP and channels_last on CUDA,
+  DDP under ``torchrun`` (plain runs).
+* **validation and selection** — every ``--val-every`` epochs and at the end, each domain's
+  all-pairs metrics; the selected step has the best ``--select-metric`` among the steps whose
+  clean TAR@FAR is at most ``--clean-limit`` below the base's (step 0, the base, is always a
+  candidate); ``--export best|last|last-eligible`` says which weights are exported.
+* **bookkeeping** — ``config.json`` (every option with its origin: default, recipe or user);
+  ``log.csv`` (one schema: the total and every loss term) and ``val.csv`` per validation, plus
+  ``log.json``; ``curves.png``; one atomic ``checkpoint.pt`` (weights, optimiser, schedule,
+  the selected step's weights, logs) from which ``--resume RUN_DIR`` continues bit-identically
+  on CPU.  A finished run keeps the run state only: its weights are the exports.
+* **outputs** — ``model.dat`` (deployed, checked in ``dlib.face_recognition_model_v1``),
+  ``model_trainable.dat`` (dlib's bn_con ``net_type``), ``model.pt``, ``model.onnx`` with
+  ``--onnx`` (checked against torch), ``threshold.json``, ``summary.json`` and ``README.md``
+  (the model card).  Caches and packed data are removed when the run ends.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -49,21 +49,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import Augment, Jitter, parse_degradations
-from ..port.checkpoint import save_torch
-from ..port.convert import dlib_check
-from ..port.infer import embed_chips
-from .._io import sha256_file
+from .._io import sha256_file, write_torch
 from ..assets import resolve_model
-from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
+from ..port.checkpoint import load_model, save_torch
+from .config import (CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
 from .dist import Dist, init_distributed
-from .losses import make_loss
-from .rundir import write_logs, write_run_json
-from .._io import write_torch
+from .objective import CLEAN, Context, Objective, PlainObjective, Split, verification_labels
+from .rundir import write_logs, write_model_card, write_run_json
 
 if TYPE_CHECKING:
-    from ..data.store import ChipDataset, ChipStore, PKBatchSampler
+    from ..data.store import ChipStore
 
 __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "load_resume_config", "load_base_model",
            "split_identities", "lr_factor", "FREEZE_LEVELS"]
@@ -72,15 +68,18 @@ __all__ = ["FinetuneConfig", "FinetuneError", "finetune", "load_resume_config", 
 # Model: base loading, freezing, parameter groups, export
 # ------------------------------------------------------------------------------------------
 
-def load_base_model(spec: str | None) -> nn.Module:
-    """The base as a trainable (batch-norm form) ``FaceResNet``: a dlib .dat (deployed affine
-    or trainable bn_con) or a torch checkpoint (``model.pt``).  None = dlib's own model."""
-    from .. import assets
-    from ..port.checkpoint import load_model
-    path = assets.resolve_model(spec, "--base")
+def base_path(spec: str | None) -> Path:
+    """``--base`` as a file (None = dlib's own model), resolved once per run."""
+    path = resolve_model(spec, "--base")
     if not path.is_file():
         raise FinetuneError(f"--base {path} does not exist")
-    return load_model(path, trainable=True)
+    return path
+
+
+def load_base_model(spec: str | None) -> nn.Module:
+    """The base as a trainable (batch-norm form) ``FaceResNet``: a dlib .dat (deployed affine
+    or trainable bn_con) or a model.pt this package wrote.  None = dlib's own model."""
+    return load_model(base_path(spec), trainable=True)
 
 
 def check_data(data: str) -> None:
@@ -89,32 +88,6 @@ def check_data(data: str) -> None:
     if not (src / "index.json").is_file() and not src.is_dir():
         raise FinetuneError(f"DATA {src} " + ("is a file, not a chip store or a folder" if src.exists()
                                                 else "does not exist"))
-
-
-def freeze_until(model: nn.Module, level: str) -> list[str]:
-    """Freeze the stem and the levels from the input side up to and including ``level``
-    (``none`` freezes nothing).  Returns the frozen module names.  Frozen parts also keep
-    their batch-norm statistics (see :func:`set_train_mode`)."""
-    if level == "none":
-        return []
-    order = ["stem"] + list(model.level_names)
-    if level not in order:
-        raise FinetuneError(f"--freeze-until {level}: this model has {', '.join(order)}")
-    frozen = order[: order.index(level) + 1]
-    for name in frozen:
-        for p in getattr(model, name).parameters():
-            p.requires_grad_(False)
-    return frozen
-
-
-def set_train_mode(model: nn.Module, bn_trainable: bool, frozen: list[str]) -> None:
-    """train() for dropout-free layers, but batch-norm stays on running statistics when its
-    statistics are frozen (``--bn frozen``) or its module is frozen."""
-    model.train()
-    frozen_mods = {id(m) for name in frozen for m in getattr(model, name).modules()}
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (not bn_trainable or id(m) in frozen_mods):
-            m.eval()
 
 
 def param_groups(model: nn.Module, loss_fn: nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -156,22 +129,6 @@ def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
     span = max(1, total - (warm or 0))
     t = min(1.0, (step - (warm or 0)) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-class TrainModule(nn.Module):
-    """Network + loss (with its head, if any) as one module, so DDP synchronises the head's
-    gradients too; returns (loss, embeddings)."""
-
-    def __init__(self, net: nn.Module, loss_fn: nn.Module):
-        super().__init__()
-        self.net = net
-        self.loss_fn = loss_fn
-
-    def forward(self, chips: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None):
-        with torch.autocast(chips.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            emb = self.net(chips)
-        emb = emb.float()
-        return self.loss_fn(emb, labels), emb
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,16 +180,6 @@ def _align_photos(src: Path, chips_dir: Path, progress: bool) -> Path:
     return chips_dir
 
 
-@dataclass
-class Split:
-    """Training / held-out items of a store, and the training class index of each label."""
-    train_rows: np.ndarray            # store rows usable for training
-    val_rows: np.ndarray              # store rows of the held-out identities
-    train_classes: dict[int, int]     # store label -> 0..C-1
-    dropped_single: list[str]         # identities left out of training (one image)
-    val_identities: list[str]
-
-
 def split_identities(store, cfg: FinetuneConfig, world: int) -> Split:
     """Hold out whole identities for validation and check that what remains can form the
     batches asked for — on every rank.  Refuses (FinetuneError) with the numbers and what to
@@ -275,23 +222,6 @@ def split_identities(store, cfg: FinetuneConfig, world: int) -> Split:
     val_rows = np.flatnonzero(np.isin(labels, val_ids))
     return Split(train_rows, val_rows, {int(l): i for i, l in enumerate(train_ids)},
                  [names[i] for i in single], [names[i] for i in val_ids])
-
-
-# ------------------------------------------------------------------------------------------
-# Validation
-# ------------------------------------------------------------------------------------------
-
-def verification_summary(emb: np.ndarray, labels: np.ndarray, far: float) -> dict:
-    """All-pairs verification metrics (evaluation module) on held-out identities."""
-    from ..eval.metrics import DLIB_THRESHOLD, far_key, pair_distances, verification_metrics
-    iu, ju = np.triu_indices(len(emb), k=1)
-    dist = pair_distances(emb[iu], emb[ju])
-    same = labels[iu] == labels[ju]
-    m = verification_metrics(dist, same, far_targets=(far,))
-    return {"accuracy": m["accuracy_at_best_threshold"], "best_threshold": m["best_threshold"],
-            "accuracy_at_0.6": m[f"accuracy_at_{DLIB_THRESHOLD}"], "auc": m["auc"], "eer": m["eer"],
-            "tar@far": m["tar_at_far"][far_key(far)], "far": far,
-            "pairs_same": m["n_same"], "pairs_different": m["n_different"]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,16 +277,26 @@ def _never_trained(run_dir: Path) -> bool:
     return True
 
 
-def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None) -> FinetuneConfig:
-    """The config of an existing run, with only :data:`RESUME_OVERRIDABLE` fields changed."""
-    path = Path(run_dir) / CONFIG_FILE
+def load_run_config(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(options, their origins) of a run's config.json (a run folder or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
     if not path.is_file():
-        raise FinetuneError(f"{run_dir} is not a fine-tuning run (no {CONFIG_FILE})")
+        raise FinetuneError(f"{path} is not a fine-tuning run's {CONFIG_FILE}")
     try:
         saved = json.loads(path.read_text())
-        cfg = FinetuneConfig.from_json(saved["config"])
+        FinetuneConfig.from_json(saved["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise FinetuneError(f"{path} is damaged or not a dlibbridge run config ({type(e).__name__}: {e})") from None
+    return saved["config"], saved.get("origin") or {}
+
+
+def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None) -> FinetuneConfig:
+    """The config of an existing run, with only :data:`RESUME_OVERRIDABLE` fields changed."""
+    if not (Path(run_dir) / CONFIG_FILE).is_file():
+        raise FinetuneError(f"{run_dir} is not a fine-tuning run (no {CONFIG_FILE})")
+    cfg = FinetuneConfig.from_json(load_run_config(run_dir)[0])
     cfg.out = str(run_dir)
     for k, v in (overrides or {}).items():
         if k not in RESUME_OVERRIDABLE:
@@ -365,25 +305,45 @@ def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None
     return cfg
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
-    """Run (or continue) a fine-tuning job; returns the summary written to summary.json."""
-    if cfg.camera:
-        from .camera_finetune import camera_finetune
-        return camera_finetune(cfg, resume)
+def finetune(cfg: FinetuneConfig, resume: bool = False, origin: dict | None = None) -> dict:
+    """Run (or continue) a fine-tuning job; returns the summary written to summary.json.
+    ``origin`` says where each option's value came from (``default``/``recipe``/``user``;
+    :meth:`FinetuneConfig.compose`), for config.json."""
     cfg.validate()
-    if not resume:
+    if resume:
+        done = finished_summary(Path(cfg.out))
+        if done is not None:
+            return done
+    else:
         check_data(cfg.data)
     if cfg.onnx:
         from ..port.export import check_onnx_installed
         check_onnx_installed()
-    base = load_base_model(cfg.base)       # a bad --base fails before the run folder exists
+    objective_cls, pre = PlainObjective, None
+    if cfg.camera:
+        from .camera_finetune import CrossQuality, precheck
+        objective_cls, pre = CrossQuality, precheck(cfg)
+    # --base is resolved here once; a bad one fails before the run folder exists.
+    path = base_path(cfg.base)
+    base = load_model(path, trainable=objective_cls.TRAINABLE_FORM)
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     dist = init_distributed(device_kind)
     try:
-        return _run(setup(cfg, resume, dist, base))
+        return _run(setup(cfg, resume, dist, base, path, objective_cls, pre, origin))
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary (its checkpoint says so): continuing it has nothing to do."""
+    ckpt, summary = run_dir / CHECKPOINT_FILE, run_dir / "summary.json"
+    if not (ckpt.is_file() and summary.is_file()):
+        return None
+    if not torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("finished"):
+        return None
+    print(f"finetune: {run_dir} is finished; its exports are in place", file=sys.stderr)
+    return json.loads(summary.read_text())
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,36 +354,48 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
 class Job:
     """What a run is made of, fixed once :func:`setup` has built it.  Everything that changes
     while training (step counters, logs, best score) is the plain dict of :func:`new_state`;
-    a checkpoint is that dict plus the model, loss, optimiser, scheduler and scaler states."""
+    a checkpoint is that dict plus the model, loss, optimiser, scheduler and scaler states
+    and the selected step's weights."""
     cfg: FinetuneConfig               # resolved: what config.json records
+    origin: dict
     dist: Dist
     device: torch.device
     run_dir: Path
     resume: bool
     store: "ChipStore"
     split: Split
-    model: nn.Module
-    loss_fn: nn.Module
-    module: nn.Module                 # TrainModule, DDP-wrapped under torchrun
-    teacher: nn.Module | None         # the frozen base, for --distill
-    frozen: list[str]
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    sampler: "PKBatchSampler"
-    dataset: "ChipDataset"            # the training rows, augmented, labelled by training class
-    steps_per_epoch: int
     total_steps: int
-    share: slice                      # this rank's part of each global batch
-    micro: int                        # images per accumulation micro-batch
     amp_dtype: torch.dtype | None
+    base_path: Path
     base_sha: str
+    best_weights: dict | None = None  # the selected step's state dict (CPU)
 
 
-def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module) -> Job:
-    """Open the data, split it, resolve the config and build model, loss, optimiser and
+def _fit_identities_per_batch(cfg: FinetuneConfig, store, origin: dict) -> FinetuneConfig:
+    """A recipe's or the default -P may exceed what a small photo set allows (P people in
+    training, two held out): lower it to what the data allows and say so (config.json then
+    records the -P used, so a resume keeps it).  A -P the user gave is checked, not changed."""
+    if origin.get("identities_per_batch") == "user":
+        return cfg
+    labels = np.asarray(store.labels)
+    _, counts = np.unique(labels[labels >= 0], return_counts=True)
+    usable = int((counts >= 2).sum())
+    p = cfg.identities_per_batch
+    if usable >= p + 2 or usable - 2 < 2:
+        return cfg
+    print(f"note: -P lowered from {p} to {usable - 2}: the data has {usable} identities with 2+ images "
+          "and 2 are held out for validation", file=sys.stderr)
+    return dataclasses.replace(cfg, identities_per_batch=usable - 2)
+
+
+def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module, base_file: Path,
+          objective_cls: type, pre, origin: dict | None) -> Job:
+    """Open the data, split it, resolve the config and build the objective, optimiser and
     schedule (rank 0 packs or aligns the data; the others wait and open the result)."""
-    from ..data.store import ChipDataset, PKBatchSampler
     device = _pick_device(cfg.device, dist)
     run_dir = _prepare_run_dir(cfg, resume, dist)
     torch.manual_seed(cfg.seed)
@@ -433,50 +405,27 @@ def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module) -> Job
     dist.barrier()
     if not dist.main:
         store = open_data(cfg.data, run_dir, False)
+    origin = origin or {}
+    cfg = _fit_identities_per_batch(cfg, store, origin)
     split = split_identities(store, cfg, dist.world)
-    loss_fn = make_loss(cfg.loss, len(split.train_classes), margin=cfg.margin, scale=cfg.scale)
-
-    rows = split.train_rows
-    store_labels = np.asarray(store.labels)
-    classes = np.array([split.train_classes[int(l)] for l in store_labels[rows]], np.int64)
-    sampler = PKBatchSampler(store_labels[rows], cfg.identities_per_batch, cfg.images_per_identity,
-                             batches=cfg.batches_per_epoch, seed=cfg.seed)
-    steps_per_epoch = len(sampler)
-    total = cfg.epochs * steps_per_epoch
-    total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
-    c = cfg.resolved(has_head=any(True for _ in loss_fn.parameters()), cuda=device.type == "cuda",
-                     total_steps=total_steps)
-
+    has_head = cfg.loss in ("arcface", "cosface")
+    c = cfg.resolved(has_head=has_head, cuda=device.type == "cuda")
     amp_dtype = _amp_dtype(c.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed 150x150 input: pick the fastest kernels
     if amp_dtype is not None and device.type != "cuda":
         raise FinetuneError(f"--amp {c.amp} is for CUDA; use --amp off on {device}")
-    teacher = copy.deepcopy(base).eval().requires_grad_(False).to(device) if c.distill > 0 else None
-    frozen = freeze_until(base, c.freeze_until)
-    share_ids = c.identities_per_batch // dist.world
-    k = c.images_per_identity
-    augment = (Augment(Jitter() if c.augment else None, parse_degradations(c.degrade))
-               if (c.augment or c.degrade) else None)
-
-    base.to(device)
-    loss_fn.to(device)
-    if c.channels_last:
-        base.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(param_groups(base, loss_fn, c), c)
+    ctx = Context(c, store, split, dist, device, amp_dtype, base, run_dir)
+    objective = objective_cls(ctx, pre) if pre is not None else objective_cls(ctx)
+    total = c.epochs * objective.steps_per_epoch
+    total_steps = min(total, c.max_steps) if c.max_steps else total
+    c = c.resolved(has_head=has_head, cuda=device.type == "cuda", total_steps=total_steps)
+    optimizer = make_optimizer(param_groups(objective.model, objective.loss_fn, c), c)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, c))
-    module = TrainModule(base, loss_fn)
-    if dist.world > 1:
-        module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-    return Job(cfg=c, dist=dist, device=device, run_dir=run_dir, resume=resume, store=store, split=split,
-               model=base, loss_fn=loss_fn, module=module, teacher=teacher, frozen=frozen, optimizer=optimizer,
-               scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=c.amp == "fp16"),
-               sampler=sampler, dataset=ChipDataset(store, rows, augment, seed=c.seed, targets=classes),
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               share=slice(dist.rank * share_ids * k, (dist.rank + 1) * share_ids * k),
-               micro=share_ids // c.accumulate * k, amp_dtype=amp_dtype,
-               base_sha=sha256_file(resolve_model(c.base)))
+    return Job(cfg=c, origin=origin, dist=dist, device=device, run_dir=run_dir, resume=resume, store=store,
+               split=split, objective=objective, optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler(device.type, enabled=c.amp == "fp16"), total_steps=total_steps,
+               amp_dtype=amp_dtype, base_path=base_file, base_sha=sha256_file(base_file))
 
 
 def new_state() -> dict:
@@ -487,41 +436,60 @@ def new_state() -> dict:
             "calibration": None}
 
 
-_MODULE_STATES = ("model", "loss_fn", "optimizer", "scheduler", "scaler")
+CHECKPOINT_FORMAT = "dlibbridge.finetune"
+CHECKPOINT_VERSION = 2
+_MODULE_STATES = ("optimizer", "scheduler", "scaler")
 
 
-def checkpoint(job: Job, state: dict) -> None:
+def checkpoint(job: Job, state: dict, finished: bool = False) -> None:
+    """The one checkpoint: the run state, and (unless ``finished``: its weights are the
+    exports then) the model, loss, optimiser, schedule and the selected step's weights."""
     if job.dist.main:
-        write_torch(job.run_dir / CHECKPOINT_FILE,
-                    {**state, **{k: getattr(job, k).state_dict() for k in _MODULE_STATES},
-                     "config": job.cfg.to_json()})
+        obj = job.objective
+        ck = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "state": state,
+              "config": job.cfg.to_json(), "finished": finished}
+        if not finished:
+            ck.update({k: getattr(job, k).state_dict() for k in _MODULE_STATES})
+            ck["model"] = obj.model.state_dict()
+            ck["loss_fn"] = obj.loss_fn.state_dict()
+            best = state["best"]
+            ck["best_model"] = job.best_weights if best is not None and best["step"] != state["step"] else None
+        write_torch(job.run_dir / CHECKPOINT_FILE, ck)
         write_logs(job.run_dir, state["step_log"], state["val_log"])
     job.dist.barrier()
 
 
 def load_checkpoint(job: Job, saved: dict) -> dict:
     """Restore the module states into ``job``; returns the state dict."""
+    if saved.get("format") != CHECKPOINT_FORMAT or saved.get("format_version") != CHECKPOINT_VERSION:
+        raise FinetuneError(f"{job.run_dir / CHECKPOINT_FILE} was written by another version of dlibbridge "
+                            f"(format {saved.get('format')} {saved.get('format_version')}); start a new run")
     now = job.cfg.to_json()
     if any(saved["config"].get(k) != v for k, v in now.items() if k not in RESUME_OVERRIDABLE):
         raise FinetuneError("checkpoint.pt was written with a different config than config.json")
+    obj = job.objective
+    obj.model.load_state_dict(saved["model"])
+    obj.loss_fn.load_state_dict(saved["loss_fn"])
     for k in _MODULE_STATES:
-        if k in saved:
-            getattr(job, k).load_state_dict(saved[k])
-    if "scheduler" not in saved:
-        # Written before the schedule was a LambdaLR (it saved the optimiser's lr only): the
-        # schedule is a function of the step, so put it at the saved one.
-        job.scheduler.last_epoch = saved["step"]
-        for g, base in zip(job.optimizer.param_groups, job.scheduler.base_lrs):
-            g["lr"] = base * lr_factor(saved["step"], job.total_steps, job.cfg)
-    return {k: saved[k] for k in new_state()}
+        getattr(job, k).load_state_dict(saved[k])
+    state = saved["state"]
+    if state["best"] is not None:
+        job.best_weights = saved["best_model"] if saved["best_model"] is not None else _cpu_state(obj.model)
+    return state
 
 
-def write_config(job: Job) -> None:
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in model.state_dict().items()}
+
+
+def write_config(job: Job, state: dict) -> None:
     if not job.dist.main:
         return
     c, split = job.cfg, job.split
     write_run_json(job.run_dir / CONFIG_FILE, {
         "config": c.to_json(),
+        "origin": {k: job.origin.get(k, "default") for k in c.to_json()},
         "data": {"store": str(job.store.path), "images": int(len(job.store.labels)),
                  "identities": len(job.store.identities),
                  "train_identities": len(split.train_classes),
@@ -529,28 +497,80 @@ def write_config(job: Job) -> None:
                  "val_identities": split.val_identities,
                  "val_images": int(len(split.val_rows)),
                  "dropped_single_image_identities": split.dropped_single},
-        "derived": {"steps_per_epoch": job.steps_per_epoch, "total_steps": job.total_steps,
+        "selection": state["selection"],
+        "derived": {"steps_per_epoch": job.objective.steps_per_epoch, "total_steps": job.total_steps,
                     "warmup_steps": c.warmup_steps, "world_size": job.dist.world,
-                    "images_per_step": c.identities_per_batch * c.images_per_identity,
-                    "frozen": job.frozen, "base_sha256": job.base_sha,
-                    "augment": None if job.dataset.transform is None else job.dataset.transform.describe()},
+                    "images_per_step": job.objective.images_per_step,
+                    "optimizer": type(job.optimizer).__name__,
+                    "frozen": job.objective.frozen, "base": str(job.base_path), "base_sha256": job.base_sha},
+        "objective": job.objective.describe(),
         "environment": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
                         "device": str(job.device), "threads": torch.get_num_threads()},
     })
 
 
-def loader(job: Job, epoch: int, start: int):
-    """Batches ``start``.. of ``epoch``: this rank's share of each global batch, every image
-    keyed by (epoch, batch, position in the global batch) for its augmentation."""
-    from ..data.store import ChipDataset
-    job.sampler.set_epoch(epoch)
-    batches = [[(item, (epoch, j, pos)) for pos, item in enumerate(batch)][job.share]
-               for j, batch in enumerate(job.sampler)][start:]
-    workers = job.cfg.workers if len(batches) > 1 else 0
-    return torch.utils.data.DataLoader(
-        job.dataset, batch_sampler=batches, collate_fn=ChipDataset.collate, num_workers=workers,
-        pin_memory=job.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
+# ------------------------------------------------------------------------------------------
+# Pre-flight: what the run will be able to tell, said before step 1
+# ------------------------------------------------------------------------------------------
 
+#: The FARs selection may fall back to, finest first, when the asked one cannot be resolved.
+_RESOLVABLE_FARS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def preflight(job: Job) -> dict:
+    """Print the split, each validation domain's pairs and the smallest FAR they resolve, and
+    the selection metric; returns the selection record (config.json, summary.json).  A
+    TAR@FAR measured on fewer than 1/FAR different pairs is TAR at FAR 0 in disguise: the
+    selection then uses the finest FAR the pairs resolve (AUC under ten different pairs), and
+    the resolved config records it.  No held-out people at all is said with what to do."""
+    c, split, store = job.cfg, job.split, job.store
+    labels = np.asarray(store.labels)
+    people = len(np.unique(labels[labels >= 0]))
+    say = (lambda s: print(f"finetune: {s}", file=sys.stderr)) if job.dist.main else (lambda s: None)
+    say(f"data: {people} people, {len(labels)} chips; training {len(split.train_classes)} people "
+        f"({len(split.train_rows)} chips), validation {len(split.val_identities)} people ({len(split.val_rows)} chips)"
+        + (f"; {len(split.dropped_single)} people with one chip left out" if split.dropped_single else ""))
+    domains = job.objective.domains()
+    sel_domain, metric = c.select()
+    record = {"asked": {"metric": c.select_metric, "far": c.select_far}, "domains": {}}
+    if not domains:
+        say("WARNING: no validation: no people are held out, so the run cannot tell whether a step is better "
+            "than the base model, and it exports the last step. To validate, hold people out "
+            "(--val-identities 2 and a -P that leaves them out of the batches) or add people; "
+            "--export last says that exporting the last step is intended.")
+        record.update(metric=None, far=None, resolvable=False)
+        return record
+    for d, dl in domains.items():
+        same, diff = verification_labels(dl)
+        record["domains"][d] = {"chips": int(len(dl)), "people": int(len(np.unique(dl))), "pairs_same": same,
+                                "pairs_different": diff, "smallest_far": 1.0 / diff if diff else None}
+        say(f"validation {d}: {len(dl)} chips of {len(np.unique(dl))} people, {same} same / {diff} different "
+            f"pairs; the smallest FAR they resolve is {1.0 / diff:.1e}" if diff else
+            f"validation {d}: {len(dl)} chips, no different pairs")
+    diff = record["domains"][sel_domain]["pairs_different"]
+    far = c.select_far
+    if metric == "tar@far" and far * diff < 1:
+        finer = [f for f in _RESOLVABLE_FARS if f * diff >= 1]
+        if finer:
+            asked, job.cfg.select_far = far, finer[0]
+            far = finer[0]
+            say(f"note: TAR at FAR {asked:g} needs {math.ceil(1 / asked)} different pairs and the {sel_domain} "
+                f"validation has {diff}: selecting by TAR at FAR {far:g} instead")
+        else:
+            job.cfg.select_metric = f"{sel_domain}:auc"
+            metric = "auc"
+            say(f"note: the {sel_domain} validation has {diff} different pairs, too few for any TAR@FAR: "
+                "selecting by AUC instead")
+    record.update(metric=f"{sel_domain}.{metric}", far=far, resolvable=True)
+    say(f"selection: {sel_domain} {metric}" + (f" at FAR {far:g}" if metric == "tar@far" else "")
+        + f", among the steps whose clean TAR@FAR is at most {c.clean_limit:g} below the base's; "
+        f"export: {c.export}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------
+# Validation and selection
+# ------------------------------------------------------------------------------------------
 
 def calibrate_bn(job: Job, state: dict) -> None:
     """--bn train starts from statistics measured on training data (un-augmented)."""
@@ -562,7 +582,7 @@ def calibrate_bn(job: Job, state: dict) -> None:
     pick = np.sort(rng.choice(rows, size=n, replace=False))
     # The report (training- vs inference-mode descriptors) is measured on one batch of the
     # run's size: the deviation a training step will actually see, at bounded cost.
-    report = calibrate(job.model, np.asarray(job.store.chips[pick]), batch_size=min(batch, n),
+    report = calibrate(job.objective.model, np.asarray(job.store.chips[pick]), batch_size=min(batch, n),
                        report_max=batch, seed=c.seed, device=job.device)
     state["calibration"] = dataclasses.asdict(report)
     if job.dist.main and c.progress:
@@ -573,101 +593,102 @@ def init_head(job: Job, per_class: int = 4) -> None:
     """Classifier heads (arcface/cosface) start at each training identity's mean base
     embedding over up to ``per_class`` un-augmented images (see
     ``NormalizedClassifier.init_from_centres``).  Every rank computes the same centres."""
-    head = getattr(job.loss_fn, "head", None)
+    from ..port.infer import embed_chips
+    head = getattr(job.objective.loss_fn, "head", None)
     if head is None:
         return
     rows = job.split.train_rows
+    labels = np.asarray(job.store.labels)[rows]
+    targets = np.array([job.split.train_classes[int(l)] for l in labels])
     rng = np.random.default_rng([job.cfg.seed, 1299709])
     pick, owner = [], []
     for cls in range(len(job.split.train_classes)):
-        mine = rows[job.dataset.targets == cls]
+        mine = rows[targets == cls]
         chosen = np.sort(rng.choice(mine, size=min(per_class, len(mine)), replace=False))
         pick.extend(chosen.tolist())
         owner.extend([cls] * len(chosen))
-    emb = embed_chips(job.model, job.store.chips, job.device, rows=np.asarray(pick), amp_dtype=job.amp_dtype)
+    emb = embed_chips(job.objective.model, job.store.chips, job.device, rows=np.asarray(pick),
+                      amp_dtype=job.amp_dtype)
     emb = F.normalize(torch.from_numpy(emb), dim=1)
     centres = torch.zeros(head.weight.shape).index_add_(0, torch.tensor(owner), emb)
     head.init_from_centres(centres.to(head.weight.device))
 
 
-def validate(job: Job, state: dict) -> dict | None:
-    """Verification metrics on the held-out identities (rank 0 measures, every rank gets them)."""
-    if len(job.split.val_rows) == 0:
+def validate(job: Job, state: dict, model: nn.Module | None = None) -> dict | None:
+    """Verification metrics of every validation domain, keys ``DOMAIN.METRIC`` (rank 0
+    measures, every rank gets them)."""
+    from ..eval.metrics import verification_summary
+    domains = job.objective.domains()
+    if not domains:
         return None
     rec = None
     if job.dist.main:
-        c, rows = job.cfg, job.split.val_rows
-        if len(rows) > c.val_max_images:
-            rng = np.random.default_rng([c.seed, 15485863])
-            rows = np.sort(rng.choice(rows, c.val_max_images, replace=False))
-        emb = embed_chips(job.model, job.store.chips, job.device, rows=rows, amp_dtype=job.amp_dtype)
-        rec = {"step": state["step"], "epoch": state["epoch"],
-               **verification_summary(emb, np.asarray(job.store.labels)[rows], c.select_far)}
+        rec = {"step": state["step"], "epoch": state["epoch"]}
+        for d, labels in domains.items():
+            emb = job.objective.embed(model or job.objective.model, d)
+            rec.update({f"{d}.{k}": v for k, v in verification_summary(emb, labels, job.cfg.select_far).items()})
+        job.objective.train_mode()
     return job.dist.broadcast_obj(rec)
 
 
+def _selection_key(cfg: FinetuneConfig) -> str:
+    domain, metric = cfg.select()
+    return f"{domain}.{metric}"
+
+
+def eligible(job: Job, rec: dict, base_rec: dict) -> bool:
+    """A step may be selected when its clean TAR@FAR is at most ``--clean-limit`` below the base's."""
+    key = f"{CLEAN}.tar@far"
+    return rec[key] >= base_rec[key] - job.cfg.clean_limit - 1e-12
+
+
 def record_validation(job: Job, state: dict, rec: dict) -> bool:
-    """Record, keep the best, and say whether to stop early."""
+    """Record, keep the selected step (and its weights), and say whether to stop early."""
     c = job.cfg
     state["val_log"].append(rec)
-    score = rec[c.select_metric]
-    if state["best"] is None or score > state["best"]["score"]:
-        state["best"] = {"score": score, "step": state["step"], "metric": c.select_metric, "validation": rec}
+    key = _selection_key(c)
+    score = rec[key]
+    best = state["best"]
+    if best is None or (eligible(job, rec, state["val_log"][0]) and score > best["score"]):
+        state["best"] = {"score": score, "step": state["step"], "metric": key, "validation": rec}
         state["stale_validations"] = 0
-        if job.dist.main:
-            save_torch(job.model, job.run_dir / BEST_FILE)
+        job.best_weights = _cpu_state(job.objective.model)
     else:
         state["stale_validations"] += 1
     return c.patience is not None and state["stale_validations"] >= c.patience
 
 
-def train_step(job: Job, state: dict, chips: torch.Tensor, labels: torch.Tensor) -> dict:
-    """One optimiser step over a global batch (this rank's share, in ``accumulate`` micro-batches)."""
-    c = job.cfg
-    chips = chips.to(job.device, non_blocking=True)
-    labels = labels.to(job.device, non_blocking=True)
-    task_total, distill_total = 0.0, 0.0
-    n_micro = c.accumulate
-    for m in range(n_micro):
-        x = chips[m * job.micro:(m + 1) * job.micro]
-        y = labels[m * job.micro:(m + 1) * job.micro]
-        last = m == n_micro - 1
-        sync = job.module.no_sync() if (job.dist.world > 1 and not last) else contextlib.nullcontext()
-        with sync:
-            task, emb = job.module(x, y, job.amp_dtype)
-            loss = task
-            if job.teacher is not None:
-                with torch.no_grad(), torch.autocast(job.device.type, dtype=job.amp_dtype or torch.float32,
-                                                     enabled=job.amp_dtype is not None):
-                    target = job.teacher(x).float()
-                dl = ((emb - target) ** 2).sum(1).mean()
-                loss = loss + c.distill * dl
-                distill_total += float(dl.detach())
-            job.scaler.scale(loss / n_micro).backward()
-        task_total += float(task.detach())
-    if not math.isfinite(task_total):
-        raise FinetuneError(f"loss became {task_total} at step {state['step']}; lower --lr "
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+def train_step(job: Job, state: dict, batch) -> dict:
+    """One optimiser step over a global batch: the objective's gradients, then the update."""
+    terms = job.objective.backward(batch, job.scaler)
+    if not math.isfinite(terms["loss"]):
+        raise FinetuneError(f"loss became {terms['loss']} at step {state['step']}; lower --lr "
                             "(the last checkpoint is intact, fix the config and start a new run)")
     job.scaler.step(job.optimizer)
     job.scaler.update()
     job.optimizer.zero_grad(set_to_none=True)
     job.scheduler.step()
-    task_mean = job.dist.mean(task_total / n_micro)
-    distill_mean = job.dist.mean(distill_total / n_micro) if job.teacher is not None else None
-    return {"task_loss": task_mean, "distill_loss": distill_mean,
-            "loss": task_mean + (c.distill * distill_mean if distill_mean is not None else 0.0)}
+    return terms
 
 
 def _run(job: Job) -> dict:
-    """The whole job: resume or start (baseline validation), fit, final validation, export."""
+    """The whole job: resume or start (pre-flight, baseline validation), fit, final
+    validation, export, then the run folder reduced to what it delivers."""
     ckpt_path = job.run_dir / CHECKPOINT_FILE
+    selection = preflight(job)
     state = new_state()
     if job.resume and ckpt_path.is_file():
         state = load_checkpoint(job, torch.load(ckpt_path, map_location=job.device, weights_only=True))
     elif job.resume and job.dist.main:
         print(f"dlibbridge finetune: {job.run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
+    state["selection"] = selection
+    job.objective.prepare()
     if not state["initialised"]:
-        write_config(job)
+        write_config(job, state)
         if job.cfg.bn == "train":
             calibrate_bn(job, state)
         init_head(job)
@@ -687,34 +708,38 @@ def _run(job: Job) -> dict:
     checkpoint(job, state)
     summary = export(job, state) if job.dist.main else {}
     job.dist.barrier()
+    checkpoint(job, state, finished=True)
+    if job.dist.main:
+        job.objective.cleanup()
+        for cache in ("data.store", "chips"):
+            shutil.rmtree(job.run_dir / cache, ignore_errors=True)
     return summary
 
 
 def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
     """Train from ``state`` to the last step: checkpoints every N steps and at epoch ends,
     validation every E epochs, early stopping; a stop request checkpoints and interrupts."""
-    c, dist = job.cfg, job.dist
+    c, dist, obj = job.cfg, job.dist, job.objective
     bar = None
     if dist.main and c.progress:
         from tqdm import tqdm
         bar = tqdm(total=job.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="finetune")
-    images_per_step = c.identities_per_batch * c.images_per_identity
     stop = state["step"] >= job.total_steps
     try:
         while not stop:
-            set_train_mode(job.model, c.bn == "train", job.frozen)
+            obj.train_mode()
             t_last = time.perf_counter()
-            for chips, labels in loader(job, state["epoch"], state["batch_in_epoch"]):
+            for batch in obj.batches(state["epoch"], state["batch_in_epoch"]):
                 lr = c.lr * lr_factor(state["step"], job.total_steps, c)
-                rec = train_step(job, state, chips, labels)
+                rec = train_step(job, state, batch)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 state["elapsed"] += dt
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 rec.update(step=state["step"], epoch=state["epoch"], lr=lr,
-                           images_per_s=images_per_step / dt if dt > 0 else None,
+                           images_per_s=obj.images_per_step / dt if dt > 0 else None,
                            elapsed_s=round(state["elapsed"], 3))
                 state["step_log"].append(rec)
                 if bar is not None:
@@ -727,9 +752,9 @@ def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
                 if dist.any(stop_request.requested):
                     checkpoint(job, state)
                     raise KeyboardInterrupt
-                if state["step"] % c.checkpoint_every == 0 and state["batch_in_epoch"] < job.steps_per_epoch:
+                if state["step"] % c.checkpoint_every == 0 and state["batch_in_epoch"] < obj.steps_per_epoch:
                     checkpoint(job, state)
-            if state["batch_in_epoch"] >= job.steps_per_epoch:
+            if state["batch_in_epoch"] >= obj.steps_per_epoch:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 if state["epoch"] % c.val_every == 0 and not stop:
@@ -737,7 +762,7 @@ def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
                     if rec is not None and record_validation(job, state, rec):
                         if dist.main:
                             print(f"dlibbridge finetune: early stop: {c.patience} validation(s) "
-                                  f"without improvement of {c.select_metric}", file=sys.stderr)
+                                  f"without improvement of {_selection_key(c)}", file=sys.stderr)
                         stop = True
                 checkpoint(job, state)
     finally:
@@ -745,39 +770,109 @@ def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
             bar.close()
 
 
+# ------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def _exported_weights(job: Job, state: dict) -> tuple[nn.Module, int]:
+    """The model ``--export`` asks for: the selected step (``best``; ``last-eligible`` when the
+    last step fails the clean guard) or the last one."""
+    c, best, vals, obj = job.cfg, state["best"], state["val_log"], job.objective
+    step = state["step"]
+    fallback = c.export == "last-eligible" and len(vals) > 1 and not eligible(job, vals[-1], vals[0])
+    if (c.export == "best" or fallback) and best is not None and best["step"] != step:
+        model = copy.deepcopy(obj.model)
+        model.load_state_dict(job.best_weights)
+        return model.eval(), best["step"]
+    return obj.model.eval(), step
+
+
+def match_distance_scale(job: Job, model: nn.Module, state: dict) -> tuple[nn.Module, dict | None]:
+    """A copy of ``model`` whose descriptors are scaled (the fc, so ``model.dat`` carries it)
+    by ``s = T / t``: t is the best threshold on the pairs of every validation domain together,
+    T is ``--match-threshold``.  Whole-network training keeps the best threshold near the base's
+    (~0.56) but changes how accuracy falls off above it: measured, clean accuracy at 0.6 fell
+    0.14 points while at the best threshold it rose.  Distances scale, rankings do not: TAR at
+    any FAR is unchanged."""
+    from ..eval.metrics import best_threshold, pair_distances
+    domains = job.objective.domains()
+    if not job.cfg.match_threshold or not domains:
+        return model, None
+    dist, same = [], []
+    for d, labels in domains.items():
+        emb = job.objective.embed(model, d)
+        iu, ju = np.triu_indices(len(emb), k=1)
+        dist.append(pair_distances(emb[iu], emb[ju]))
+        same.append(labels[iu] == labels[ju])
+    t, acc = best_threshold(np.concatenate(dist), np.concatenate(same))
+    scale = job.cfg.match_threshold / t
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.fc.weight.mul_(scale)
+    return scaled.eval(), {"scale": scale, "best_threshold_before": t, "accuracy_there": acc,
+                           "match_threshold": job.cfg.match_threshold, "domains": list(domains)}
+
+
 def export(job: Job, state: dict) -> dict:
-    """model.dat, model_trainable.dat, model.pt (and model.onnx) of the best or last weights,
-    checked in dlib; returns the summary written to summary.json."""
-    from ..port.export import export_onnx
-    from ..port.checkpoint import load_torch
+    """model.dat, model_trainable.dat, model.pt (and model.onnx) of the selected or last
+    weights, checked in dlib (and onnxruntime); threshold.json, summary.json, README.md."""
     from ..port.convert import to_dlib
-    c, best, step = job.cfg, state["best"], state["step"]
-    model, exported_step = job.model, step
-    if c.export == "best" and best is not None and best["step"] != step:
-        model = load_torch(job.run_dir / BEST_FILE)
-        exported_step = best["step"]
+    c, obj, vals, out = job.cfg, job.objective, state["val_log"], job.run_dir
+    model, exported = _exported_weights(job, state)
+    model, scaling = match_distance_scale(job, model, state)
+    final_rec = next((v for v in vals if v["step"] == exported), None)
+    if scaling and final_rec:       # the exported model's own figures: distances have moved
+        final_rec = validate(job, {"step": exported, "epoch": state["epoch"]}, model)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    out = job.run_dir
     to_dlib(model, out / "model.dat", trainable=False)
     to_dlib(model, out / "model_trainable.dat", trainable=True)
     save_torch(model, out / "model.pt")
     files = ["model.dat", "model_trainable.dat", "model.pt"]
     onnx_diff = None
     if c.onnx:
-        # export_onnx writes the deployed form (batch-norm folded exactly as model.dat holds it).
+        from ..port.export import export_onnx
+        # export_onnx writes the deployed form (batch-norm folded exactly as model.dat holds it)
+        # and checks the written file against the torch model before it replaces anything.
         onnx_diff = export_onnx(model, out / "model.onnx")
         files.append("model.onnx")
     check = dlib_export_check(model, out / "model.dat", job.store,
                               job.split.val_rows if len(job.split.val_rows) else job.split.train_rows)
-    images = step * c.identities_per_batch * c.images_per_identity
-    val_log, elapsed = state["val_log"], state["elapsed"]
-    summary = {"exported_step": exported_step, "final_step": step, "total_steps": job.total_steps,
-               "epochs_completed": state["epoch"], "best": best, "files": files,
-               "export_check": check, "onnx_max_abs_diff": onnx_diff, "bn_calibration": state["calibration"],
-               "train_elapsed_s": round(elapsed, 3),
+    domains = list(obj.domains())
+    threshold = None
+    if final_rec:
+        d = domains[-1]        # the domain nearest the deployment: target, else camera, else clean
+        threshold = {"threshold": final_rec[f"{d}.best_threshold"], "domain": d,
+                     "accuracy_at_threshold": final_rec[f"{d}.accuracy"],
+                     "accuracy_at_0.6": final_rec[f"{d}.accuracy_at_0.6"],
+                     "note": f"distance threshold with the best accuracy on the held-out {d} validation pairs "
+                             f"({final_rec[f'{d}.pairs_same']} same, {final_rec[f'{d}.pairs_different']} "
+                             "different); dlib's default is 0.6"}
+        write_run_json(out / THRESHOLD_FILE, threshold)
+        files.append(THRESHOLD_FILE)
+    per_domain = {}
+    if vals:
+        for d in domains:
+            pick = lambda rec: {k.split(".", 1)[1]: v for k, v in rec.items() if k.startswith(d + ".")}  # noqa: E731
+            per_domain[d] = {"base": pick(vals[0]), "exported": pick(final_rec) if final_rec else None}
+    adaptation = obj.describe().get("target_adaptation")
+    exports_base = exported == 0 and scaling is None and adaptation is None
+    step, best = state["step"], state["best"]
+    images = step * obj.images_per_step
+    elapsed = state["elapsed"]
+    summary = {"exports_base_model": exports_base, "exported_step": exported, "final_step": step,
+               "total_steps": job.total_steps, "epochs_completed": state["epoch"], "best": best,
+               "selection": state["selection"], "domains": per_domain, "recommended_threshold": threshold,
+               "distance_scale": scaling, "files": files + ["README.md"], "export_check": check,
+               "onnx_max_abs_diff": onnx_diff, "bn_calibration": state["calibration"],
+               "target_adaptation": adaptation, "train_elapsed_s": round(elapsed, 3),
                "train_images_per_s": images / elapsed if elapsed > 0 else None,
-               "baseline": val_log[0] if val_log and val_log[0]["step"] == 0 else None}
+               "baseline": vals[0] if vals and vals[0]["step"] == 0 else None}
     write_run_json(out / "summary.json", summary)
+    write_model_card(out, summary, job.cfg, job.origin, {"path": str(job.base_path), "sha256": job.base_sha},
+                     json.loads((out / CONFIG_FILE).read_text()))
     return summary
 
 
@@ -785,6 +880,7 @@ def dlib_export_check(model: nn.Module, dat_path: Path, store, rows: np.ndarray,
     """Load the written model.dat in dlib itself and compare its descriptors with the torch
     model's on a few chips: proof the exported file is the trained network."""
     import dlib
+    from ..port.convert import dlib_check
     rows = np.asarray(rows)[:n]
     diff = dlib_check(dat_path, model, chips=np.asarray(store.chips[np.sort(rows)]))
     return {"images": int(len(rows)), "max_abs_diff": diff,
