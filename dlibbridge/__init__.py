@@ -9,6 +9,7 @@ from .codec.tree import (  # noqa: F401
     DlibFormatError, Details, Field, Model, AddLayer, InputLayer, TagOrSkip, TagOnInput,
     Repeat, Loss, ShapePredictor, load, loads, dumps, save,
 )
+from .errors import ConversionError, DlibbridgeError  # noqa: F401
 from .port import threads as _threads
 
 _threads.prefer_passive_openmp()
@@ -16,12 +17,21 @@ _threads.prefer_passive_openmp()
 __version__ = "0.1.0"
 
 _LAZY = {
-    "to_torch": "port.convert",
+    "to_torch": "port.checkpoint",
     "to_dlib": "port.convert",
     "cnn_face_detector": "port.mmod",
     "set_threads": "port.threads",
     "threads": "port.threads",
 }
+
+
+#: The public API: ``help(dlibbridge)`` lists these (the lazy ones load torch when first used).
+__all__ = ["load", "loads", "dumps", "save", "Model", "DlibFormatError", "DlibbridgeError", "ConversionError",
+           *_LAZY]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name):

@@ -87,3 +87,14 @@ def default_output_path(model: os.PathLike | str, suffix: str) -> Path:
     if stem.endswith(".dat"):
         stem = stem[:-4]
     return Path.cwd() / f"{stem}{suffix}.dat"
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a zip archive — torch.save's format (a model.pt this package
+    wrote, or TorchScript) — rather than a dlib file; torch-free, so commands that read dlib
+    files can tell the two apart without importing torch."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False

@@ -191,8 +191,14 @@ class _Command:
 
 
 def _run_inspect(args) -> int:
+    from .assets import is_torch_file
     from .codec import inspect as describe
-    return describe.main(args.file, as_json=args.json, input_size=args.input_size)
+    data = None
+    if args.file not in (None, "-") and is_torch_file(resolve_model(args.file)):
+        # a model.pt: described as the dlib file it exports to (torch only on this path)
+        from .port.checkpoint import dlib_bytes
+        data = dlib_bytes(resolve_model(args.file))
+    return describe.main(args.file, as_json=args.json, input_size=args.input_size, data=data)
 
 
 def _run_align(args) -> int:

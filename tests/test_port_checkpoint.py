@@ -25,3 +25,35 @@ def test_checkpoint_loads_weights_only_and_round_trips(tmp_path, trainable, face
     for other in ("other.pt", "arrays.npz"):
         with pytest.raises(convert.ConversionError, match="not a dlibbridge FaceResNet checkpoint"):
             checkpoint.load_model(tmp_path / other)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_to_torch_and_inspect_accept_every_model_file_we_write(tmp_path, trainable, capsys):
+    """``dlibbridge.to_torch`` and ``dlibbridge inspect`` take a model.pt (either form) as they
+    take .dat files: the same descriptors, and inspect describes the dlib file it exports to."""
+    import dlib
+    from dlibbridge import cli
+    base = convert.to_torch("default", trainable)
+    checkpoint.save_torch(base, tmp_path / "model.pt")
+    convert.to_dlib(base, tmp_path / "model.dat", trainable=trainable)
+    chips = np.ascontiguousarray(np.random.default_rng(0).integers(0, 256, (2, 150, 150, 3), dtype=np.uint8))
+    with torch.no_grad():
+        got = dlibbridge.to_torch(str(tmp_path / "model.pt"))(torch.from_numpy(chips)).numpy()
+    net = dlib.face_recognition_model_v1(str(tmp_path / "model.dat"))
+    want = np.array([net.compute_face_descriptor(c) for c in chips])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not dlibbridge.to_torch(str(tmp_path / "model.pt")).trainable
+    assert dlibbridge.to_torch(str(tmp_path / "model.pt"), trainable=True).trainable
+    assert cli.main(["inspect", str(tmp_path / "model.pt")]) == 0
+    listing = capsys.readouterr().out
+    assert ("bn_con" in listing) == trainable and "fc" in listing
+
+
+def test_the_public_api_is_listed_and_documented():
+    import pydoc
+    assert {"load", "save", "to_torch", "to_dlib", "DlibbridgeError"} <= set(dlibbridge.__all__)
+    for name in dlibbridge.__all__:
+        obj = getattr(dlibbridge, name)
+        assert (obj.__doc__ or "").strip(), name
+    text = pydoc.render_doc(dlibbridge, renderer=pydoc.plaintext)
+    assert all(name in text for name in dlibbridge.__all__)

@@ -88,8 +88,15 @@ def test_camera_finetune_refusals(tmp_path, johns_dir, camera_json, capsys):
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r2"), "--target-photos", str(johns_dir)]) == 2
     assert "--camera" in capsys.readouterr().err
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r3"), "--select-metric", "camera:tar@far"]) == 2
-    assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r6"), "--export", "last-eligible"]) == 2
-    assert "last-eligible" in capsys.readouterr().err
+    # what a path cannot honour is refused before any work (nothing written)
+    for i, (argv, said) in enumerate((
+            (["--xq-weight", "2"], "--xq-weight"), (["--recipe", "camera"], "--recipe camera"),
+            (["--camera", str(camera_json), "--bn", "train"], "--bn train"),
+            (["--camera", str(camera_json), "--degrade", "gray=0.5"], "--degrade"),
+            (["--camera", str(camera_json), "--accumulate", "2"], "--accumulate"))):
+        assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / f"r6-{i}"), *argv]) == 2, argv
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / f"r6-{i}").exists()
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
                      "--freeze-until", "level0"]) == 2
     assert "level0" in capsys.readouterr().err
@@ -100,15 +107,19 @@ def test_camera_finetune_refusals(tmp_path, johns_dir, camera_json, capsys):
 
 
 def test_a_small_set_lowers_the_recipes_identities_per_batch(capsys):
-    """8 people cannot fill the recipe's 16 per batch with 2 held out: 6, said; 30 people keep 16."""
+    """8 people cannot fill the recipe's 16 per batch with 2 held out: 6, said; 30 people keep 16;
+    a -P the user gave is left to the split's check."""
     from types import SimpleNamespace
-    from dlibbridge.train.camera_finetune import _fit_identities_per_batch
+    from dlibbridge.train.loop import _fit_identities_per_batch
     from dlibbridge.train.config import FinetuneConfig
-    cfg = FinetuneConfig.for_camera("data", "run", "camera.json")
-    small = _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(8), 5)))
+    cfg, origin = FinetuneConfig.compose({"data": "data", "out": "run", "camera": "camera.json"})
+    assert origin["identities_per_batch"] == "recipe" and cfg.identities_per_batch == 16
+    small = _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(8), 5)), origin)
     assert small.identities_per_batch == 6
     assert "note: -P lowered from 16 to 6" in capsys.readouterr().err
-    assert _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(30), 5))) is cfg
+    assert _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(30), 5)), origin) is cfg
+    assert _fit_identities_per_batch(cfg, SimpleNamespace(labels=np.repeat(np.arange(8), 5)),
+                                     dict(origin, identities_per_batch="user")) is cfg
 
 
 def _chip_folder(root, johns_dir, people, chips):
@@ -130,7 +141,7 @@ def test_target_val_is_a_validation_and_selection_domain(tmp_path, johns_dir, ca
     target = _chip_folder(tmp_path / "target", johns_dir, people[:2], slice(7, None))
     run = tmp_path / "run"
     args = ["finetune", str(data), "--out", str(run), "--camera", str(camera_json), "--target-val", str(target),
-            "-P", "2", "-K", "2", "--max-steps", "4", "--checkpoint-every", "2", "--camera-versions", "2",
+            "-P", "2", "-K", "2", "--max-steps", "4", "--batches-per-epoch", "2", "--camera-versions", "2",
             "--val-identities", "2", "--quiet"]
     assert cli.main(args) == 0
     summary = json.loads((run / "summary.json").read_text())
@@ -154,8 +165,8 @@ def test_target_val_is_a_validation_and_selection_domain(tmp_path, johns_dir, ca
     assert summary["best"]["score"] == pytest.approx(max(float(r["target.tar@far"]) for r in eligible))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["select_metric"] == "target:tar@far"
-    assert cfg["target_val"] == {"folder": str(target), "chips": n, "identities": 2}
-    # a finished run resumes from its cached target features to the same export
+    assert cfg["objective"]["target_val"] == {"folder": str(target), "chips": n, "identities": 2}
+    # continuing a finished run has nothing to do: the same export
     assert cli.main(["finetune", "--resume", str(run), "--quiet"]) == 0
     again = json.loads((run / "summary.json").read_text())
     assert again["domains"] == summary["domains"] and again["best"] == summary["best"]

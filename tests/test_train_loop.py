@@ -267,7 +267,8 @@ def test_sgd_steps_match_dlib_dnn_trainer(tmp_path, johns_chips):
     from driver import DlibOracle
     from dlibbridge.port.convert import to_dlib, to_torch
     from dlibbridge.train.losses import MetricLoss
-    from dlibbridge.train.loop import load_base_model, make_optimizer, param_groups, set_train_mode
+    from dlibbridge.train.loop import load_base_model, make_optimizer, param_groups
+    from dlibbridge.train.objective import set_train_mode
 
     _, people, all_chips = johns_chips
     pick = [i for p in sorted(set(people))[:3] for i in np.flatnonzero(np.asarray(people) == p)[:2]]
@@ -366,3 +367,53 @@ def test_exporting_the_base_model_says_so(johns_store, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["exported_step"] == 0, summary
     assert "note: the exported model is the base model (step 0)" in out
+    assert summary["exports_base_model"] is True
+    assert out.index("note: the exported model is the base model") < out.index("exported step")
+    assert "exported model is the base model" in (run / "README.md").read_text()
+
+
+def test_a_five_person_set_is_warned_before_step_1(johns_dir, tmp_path, capsys):
+    """5 people and 5 per batch leave nobody to validate on: said in the pre-flight, with what
+    to do, before the first step (the progress bar), and the run exports its last step."""
+    run = tmp_path / "run"
+    assert _finetune(johns_dir, "--out", run, "-K", "2", "--workers", "0", "--max-steps", "1",
+                     "--margin", "0.3") == 0
+    err = capsys.readouterr().err
+    warning = err.index("WARNING: no validation")
+    import re
+    assert warning < re.search(r"finetune:\s+\d+%", err).start()     # the progress bar
+    assert "--val-identities" in err[warning:] and "--export last" in err[warning:]
+    assert "data: 5 people" in err[:warning]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["exported_step"] == 1 and summary["selection"]["metric"] is None
+
+
+def test_preflight_chooses_a_far_the_pairs_resolve(johns_store, tmp_path, capsys):
+    """Two held-out johns (3 chips each): 9 different pairs resolve no FAR of 1e-3..1e-1, so the
+    selection uses AUC, says so before step 1, and config.json records it."""
+    run = tmp_path / "run"
+    assert _finetune(johns_store, "--out", run, "-P", "2", *TINY, "--max-steps", "1",
+                     "--val-identities", "2", "--margin", "0.3") == 0
+    err = capsys.readouterr().err
+    assert "9 different pairs" in err and "selecting by AUC instead" in err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["select_metric"] == "clean:auc"
+    assert cfg["selection"]["asked"] == {"metric": "tar@far", "far": 1e-3}
+    assert cfg["selection"]["domains"]["clean"]["pairs_different"] == 9
+
+
+def test_config_json_reproduces_a_run(johns_store, tmp_path):
+    """`finetune --config RUN/config.json --out NEW` trains the same model, byte for byte; a
+    finished run folder holds the exports, one small checkpoint and its records."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _finetune(johns_store, "--out", a, "-P", "2", *TINY, "--max-steps", "2", "--val-identities", "0",
+                     "--margin", "0.3", "--optimizer", "adamw") == 0
+    assert _finetune("--config", a / "config.json", "--out", b) == 0
+    assert (a / "model.dat").read_bytes() == (b / "model.dat").read_bytes()
+    cfg = json.loads((b / "config.json").read_text())
+    assert cfg["origin"]["optimizer"] == "user" and cfg["origin"]["loss"] == "default"
+    assert cfg["derived"]["optimizer"] == "AdamW"
+    assert (a / "checkpoint.pt").stat().st_size < 1e6
+    assert {p.name for p in a.iterdir()} == {
+        "config.json", "checkpoint.pt", "log.csv", "val.csv", "log.json", "curves.png", "summary.json",
+        "README.md", "model.dat", "model_trainable.dat", "model.pt"}

@@ -26,7 +26,7 @@ def test_loss_terms_match_numpy_reference(seed):
     g = np.random.default_rng(seed)
     sd, sc, tc = (g.normal(0, 0.1, (8, 128)).astype(np.float32) for _ in range(3))
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    cfg = xq.XQConfig(w_identity=0.5, w_xq=2.0, w_relational=3.0, w_same=0.25)
+    cfg = xq.XQConfig(w_identity=0.5, w_xq=2.0, w_relational=3.0, w_same=0.25, xq_distance="squared")
     t = xq.xq_losses(torch.from_numpy(sd), torch.from_numpy(sc), torch.from_numpy(tc), labels, cfg, MetricLoss())
     r_xq, r_rel, r_same = _ref_terms(sd.astype(np.float64), sc.astype(np.float64), tc.astype(np.float64))
     assert float(t["xq"]) == pytest.approx(r_xq, rel=1e-5)
@@ -43,7 +43,7 @@ def test_worked_example_of_docs():
     tc = torch.tensor([[0.0, 0.0], [0.6, 0.0]])
     sc = torch.tensor([[0.0, 0.1], [0.6, 0.0]])
     sd = torch.tensor([[0.3, 0.0], [0.6, 0.4]])
-    cfg = xq.XQConfig()
+    cfg = xq.XQConfig(xq_distance="squared")
     t = xq.xq_losses(sd, sc, tc, torch.tensor([0, 1]), cfg, lambda e, l: torch.zeros(()))
     assert float(t["xq"]) == pytest.approx((0.09 + 0.16) / 2)
     assert float(t["same"]) == pytest.approx(0.01 / 2)
@@ -68,7 +68,7 @@ def test_bank_term_matches_numpy_reference():
     got = xq.bank_loss(torch.from_numpy(s), torch.from_numpy(bank), torch.from_numpy(bank_labels),
                        torch.from_numpy(own), torch.from_numpy(labels), tau)
     assert float(got) == pytest.approx(float(np.mean(ref)), rel=1e-6)
-    cfg = xq.XQConfig(w_identity=0.0, w_xq=0.0, w_relational=0.0, w_bank=2.0, bank_tau=tau)
+    cfg = xq.XQConfig(w_identity=0.0, w_xq=0.0, w_relational=0.0, w_same=0.0, w_bank=2.0, bank_tau=tau)
     t = xq.xq_losses(torch.from_numpy(s), torch.from_numpy(s), torch.from_numpy(bank[own]), torch.from_numpy(labels),
                      cfg, lambda e, l: torch.zeros(()),
                      bank=(torch.from_numpy(bank), torch.from_numpy(bank_labels), torch.from_numpy(own)))

@@ -24,7 +24,6 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -46,6 +45,7 @@ from dlibbridge.eval.metrics import (accuracy_at, best_threshold, kfold_accuracy
 from dlibbridge.eval.pairs import generate_pairs  # noqa: E402
 
 WORK = Path(os.environ.get("DLIBBRIDGE_BENCH_WORK", "/work/cache/xq"))
+from dlibbridge.train.xq import XQConfig as XQ  # noqa: E402
 
 
 # ---- target cameras (known parameters) ------------------------------------------------------
@@ -403,21 +403,22 @@ def product(args) -> None:
                 cv2.imwrite(str(folder / f"{i:05d}.png"),
                             cv2.cvtColor(f(tr_c[i], np.random.default_rng((7, int(i)))), cv2.COLOR_RGB2BGR))
         extra["target_photos"] = str(folder)
-    cfg = FinetuneConfig.for_camera(str(train_store()), str(run_dir), str(WORK / f"camera-{args.camera}{'-photos' if args.profile == 'photos' else ''}.json"),
-                                    seed=args.seed, progress=True, **extra)
+    cfg, origin = FinetuneConfig.compose({
+        "data": str(train_store()), "out": str(run_dir), "seed": args.seed, "progress": True,
+        "camera": str(WORK / f"camera-{args.camera}{'-photos' if args.profile == 'photos' else ''}.json"), **extra})
     t = time.perf_counter()
-    summary = finetune(cfg, resume=(run_dir / "config.json").is_file())
+    summary = finetune(cfg, resume=(run_dir / "config.json").is_file(), origin=origin)
     wall = time.perf_counter() - t
     _, _, te_c, te_l = load_data()
     model = load_torch(run_dir / "model.pt")
-    res = {"name": args.name, "args": vars(args), "times": {"wall_s": wall, **summary.get("timings_s", {})},
+    res = {"name": args.name, "args": vars(args), "times": {"wall_s": wall, "train_s": summary["train_elapsed_s"]},
            "exported_step": summary["exported_step"], "export_check": summary["export_check"],
            "recommended_threshold": summary.get("recommended_threshold"),
            "metrics": evaluate(model, domains(te_c), te_l)}
-    # The last step's weights too: selection on a small validation set may hand back the base.
-    last = copy.deepcopy(model)
-    last.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainer"]["student"])
-    res["metrics_last_step"] = evaluate(last.eval(), domains(te_c), te_l)
+    # A finished run keeps only the exported weights: the last step's figures are the exported
+    # ones when it exported the last step (as every round-3 run did), else unknown here.
+    if summary["exported_step"] == summary["final_step"]:
+        res["metrics_last_step"] = res["metrics"]
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), res["times"])
 
@@ -528,10 +529,12 @@ def main() -> int:
     p.add_argument("--spread", type=float, default=0.25)
     p.add_argument("--train-from", default="level1")
     p.add_argument("--train-until", default=None, help="last trained stage (default: all above, and the fc)")
-    p.add_argument("--versions", type=int, default=4)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("-P", type=int, default=16)
-    p.add_argument("-K", type=int, default=4)
+    # The recipe's batches, versions and length (finetune --recipe camera, through XQConfig);
+    # the ablation baseline of rounds 1-2 below (level1, 1e-4, squared, no same-input term).
+    p.add_argument("--versions", type=int, default=XQ.versions)
+    p.add_argument("--steps", type=int, default=XQ.steps)
+    p.add_argument("-P", type=int, default=XQ.identities)
+    p.add_argument("-K", type=int, default=XQ.per_identity)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--w-id", type=float, default=1.0)
     p.add_argument("--w-xq", type=float, default=1.0)

@@ -129,11 +129,15 @@ def _summary(d) -> str:
     return " ".join(parts)
 
 
-def describe(path: str | os.PathLike, input_size: tuple[int, int] | None = None) -> dict[str, Any]:
+def describe(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
+             data: bytes | None = None) -> dict[str, Any]:
     """Everything ``inspect`` reports, as the JSON-ready dict of docs/inspect-json.md;
-    ``input_size`` (nr, nc) is the image the output shapes are computed for."""
+    ``input_size`` (nr, nc) is the image the output shapes are computed for; ``data``: the
+    dlib bytes to describe in place of the file's (a model.pt's dlib form)."""
     path = Path(path)
-    if path.is_file():
+    if data is not None:
+        model, size, sha = loads(data), len(data), hashlib.sha256(data).hexdigest()
+    elif path.is_file():
         model, size, sha = load(path), path.stat().st_size, sha256_file(path)
     else:                      # a pipe or stream ("-" = stdin): read once, describe the bytes
         data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
@@ -212,9 +216,10 @@ def format_listing(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(file: str | None, as_json: bool = False, input_size: tuple[int, int] | None = None) -> int:
+def main(file: str | None, as_json: bool = False, input_size: tuple[int, int] | None = None,
+         data: bytes | None = None) -> int:
     path = assets.resolve_model(file)
-    info = describe(path, input_size)
+    info = describe(path, input_size, data)
     if as_json:
         json.dump(info, sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")

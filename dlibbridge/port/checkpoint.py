@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from .._io import write_torch
+from ..assets import is_torch_file, resolve_model
+from ..codec import tree as fmt
+from . import convert
 from .arch import FaceResNet
-from .convert import ConversionError, _channels_last, _unwrap, to_dlib_tree, to_torch
+from .convert import ConversionError, _channels_last, _unwrap, to_dlib_tree
 
 CHECKPOINT_FORMAT = "dlibbridge.FaceResNet"
 CHECKPOINT_VERSION = 1
@@ -60,9 +63,8 @@ def sniff(path: str | os.PathLike) -> str:
     format, :func:`save_torch` or not) or ``"dat"`` (anything else: dlib's format, checked by
     the codec when it is read)."""
     import zipfile
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return "dat"
+    if not is_torch_file(path):
+        return "dat"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
@@ -76,9 +78,28 @@ def load_model(path: str | os.PathLike, trainable: bool | None = None) -> FaceRe
     if sniff(path) != "dat":
         module = load_torch(path)
         if trainable is not None and bool(trainable) != module.trainable:
-            module = to_torch(to_dlib_tree(module, bool(trainable)), bool(trainable))
+            module = convert.to_torch(to_dlib_tree(module, bool(trainable)), bool(trainable))
         return module
-    return to_torch(path, bool(trainable))
+    return convert.to_torch(path, bool(trainable))
+
+
+def to_torch(src, trainable: bool = False) -> nn.Module:
+    """Any face model file this package reads or writes → a module in eval mode: a dlib file
+    (path, bytes or parsed tree; :func:`dlibbridge.port.convert.to_torch`) or a model.pt
+    checkpoint (:func:`save_torch`: what ``finetune`` and ``export --checkpoint`` write).
+    ``trainable`` picks the form: the deployed affines (False) or batch-norm layers (True)."""
+    if isinstance(src, (str, os.PathLike)):
+        path = resolve_model(src)
+        if is_torch_file(path):
+            return load_model(path, trainable)
+    return convert.to_torch(src, trainable)
+
+
+def dlib_bytes(path: str | os.PathLike) -> bytes:
+    """The dlib file a model.pt checkpoint exports to (in its own form): what ``inspect``
+    describes for one."""
+    module = load_model(path)
+    return fmt.dumps(to_dlib_tree(module, module.trainable))
 
 
 def open_model(path: str | os.PathLike) -> nn.Module:
@@ -99,5 +120,6 @@ def load_torchscript(path) -> nn.Module:
         return torch.jit.load(path if hasattr(path, "read") else os.fspath(path), map_location="cpu")
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_torch", "load_torch", "load_model", "sniff",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_torch", "load_torch", "load_model", "sniff", "to_torch",
+           "dlib_bytes",
            "open_model", "load_torchscript"]

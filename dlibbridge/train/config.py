@@ -233,6 +233,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         def bad(msg):
             raise FinetuneError(msg)
+        if self.recipe is not None and self.recipe not in RECIPES:
+            bad(f"--recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+        if self.recipe == "camera" and not self.camera:
+            bad("--recipe camera trains for a camera: give --camera camera.json")
         if self.loss not in LOSSES:
             bad(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.optimizer not in ("sgd", "adamw"):
@@ -282,10 +286,6 @@ class FinetuneConfig:
                     "--match-threshold >= 0")
         if self.export not in EXPORT_CHOICES:
             bad(f"--export {self.export!r}: choose one of {', '.join(EXPORT_CHOICES)}")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            bad(f"--recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
-        if self.recipe == "camera" and not self.camera:
-            bad("--recipe camera trains for a camera: give --camera camera.json")
         self._refuse_what_the_path_cannot_honour(bad)
         for name in ("epochs", "identities_per_batch", "images_per_identity", "accumulate",
                      "checkpoint_every", "val_every"):

@@ -376,10 +376,10 @@ class Job:
 
 
 def _fit_identities_per_batch(cfg: FinetuneConfig, store, origin: dict) -> FinetuneConfig:
-    """A recipe's or the default -P may exceed what a small photo set allows (P people in
-    training, two held out): lower it to what the data allows and say so (config.json then
-    records the -P used, so a resume keeps it).  A -P the user gave is checked, not changed."""
-    if origin.get("identities_per_batch") == "user":
+    """A recipe's -P may exceed what a small photo set allows (P people in training, two held
+    out): lower it to what the data allows and say so (config.json then records the -P used, so a
+    resume keeps it).  A -P the user gave, or the default, is checked by the split, not changed."""
+    if origin.get("identities_per_batch") != "recipe":
         return cfg
     labels = np.asarray(store.labels)
     _, counts = np.unique(labels[labels >= 0], return_counts=True)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..port.arch import DlibAffine, FaceResNet
+from .config import RECIPES, FinetuneConfig
 from .losses import MetricLoss
 
 __all__ = ["XQConfig", "stages", "run_prefix", "frozen_features", "run_suffix", "build_cache", "xq_losses",
@@ -92,28 +93,32 @@ def run_suffix(model: FaceResNet, feats: torch.Tensor, train_from: str) -> torch
     return model.fc(torch.flatten(x.mean((2, 3)), 1))
 
 
+_RECIPE = RECIPES["camera"]
+
+
 @dataclass
 class XQConfig:
-    """Settings of a cross-quality run (every field has the default the benchmark chose)."""
-    train_from: str = "level1"       # first trained stage; the ones below are frozen and cached
+    """Settings of a cross-quality run.  Defaults: ``finetune --recipe camera``'s (the one
+    place they are written is :data:`~.config.RECIPES`; ``--freeze-until none`` = train from the stem)."""
+    train_from: str = "stem"         # first trained stage; the ones below are frozen and cached
     train_until: str | None = None   # last trained stage (None: every stage from train_from, and the fc);
                                      # the stages above it stay the base's (gradients pass through them)
-    versions: int = 4                # degraded versions cached per training chip
-    steps: int = 600
-    identities: int = 16             # P identities × K chips per step
-    per_identity: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup: int = 20
+    versions: int = FinetuneConfig.camera_versions      # degraded versions cached per training chip
+    steps: int = _RECIPE["epochs"] * _RECIPE["batches_per_epoch"]
+    identities: int = _RECIPE["identities_per_batch"]   # P identities × K chips per step
+    per_identity: int = _RECIPE["images_per_identity"]
+    lr: float = _RECIPE["lr"]
+    weight_decay: float = _RECIPE["weight_decay"]
+    warmup: int = _RECIPE["warmup_steps"]
     w_identity: float = 1.0
-    w_xq: float = 1.0
-    w_relational: float = 1.0
-    w_same: float = 0.0
+    w_xq: float = FinetuneConfig.xq_weight
+    w_relational: float = FinetuneConfig.relational_weight
+    w_same: float = _RECIPE["distill"]
     w_bank: float = 0.0              # cross-quality retrieval among every training chip's teacher descriptor
     w_xrel: float = 0.0              # degraded batch's distance matrix vs the teacher's clean one
     w_bankrel: float = 0.0           # degraded face's distances to every bank descriptor vs its clean teacher's
     bank_tau: float = 0.05           # its temperature, in squared descriptor distance
-    xq_distance: str = "squared"     # cross-quality distance: squared | cosine
+    xq_distance: str = _RECIPE["xq_distance"]   # cross-quality distance: squared | cosine
     clean_in_identity: bool = True   # the clean versions also go through the identity loss
     seed: int = 0
 
