@@ -479,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command.  Every error about the input or the request — a
     :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
     ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
-    bug still shows its traceback."""
+    bug still shows its traceback.  The command owns its process, so it first applies the CPU
+    settings a library call leaves alone (:func:`~dlibbridge.port.runtime.tune_cpu`), before
+    any handler imports torch."""
+    from .port.runtime import tune_cpu
+    tune_cpu()
     args = build_parser().parse_args(argv)
     bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:

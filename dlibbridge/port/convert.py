@@ -41,7 +41,6 @@ from ..codec import tree as fmt
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
 from ..errors import DlibbridgeError
-from . import runtime
 from .arch import DlibBatchNorm2d, FaceResNet, dlib_padding
 
 
@@ -386,7 +385,6 @@ def to_torch(path_or_tree, trainable: bool = False) -> nn.Module:
     are kept on the module (``dlib_source``) so :func:`to_dlib` can write unchanged records
     back byte for byte.
     """
-    runtime.prepare_cpu()
     model, data = _as_model(path_or_tree)
     try:
         struct = parse_structure(model)
