@@ -317,8 +317,9 @@ def _run_export(args) -> int:
     """MODEL (a dlib .dat in affine or bn_con form, a dlibbridge torch checkpoint, or 'default' for
     the installed dlib model) -> the deployed dlib file that dlib.face_recognition_model_v1 loads
     (-o), checked by loading it in dlib; with --trainable the bn_con form for dlib's trainer.
-    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take float32 N x 3 x
-    150 x 150 RGB 0-255 (dynamic N) and are checked against the torch module."""
+    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take uint8 RGB chips
+    N x 150 x 150 x 3 (dynamic N), as the torch module does, record that in the file, and are
+    checked against the torch module."""
     import os
     from pathlib import Path
     from .port import convert

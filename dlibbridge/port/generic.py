@@ -190,6 +190,11 @@ class DlibNet(nn.Module):
                 trace.append((s, tuple(x.shape[1:])))
         return x.flatten(1) if self.output == "rows" else x
 
+    @property
+    def input_spec(self) -> dict:
+        """What ``forward`` takes: :attr:`~dlibbridge.port.arch.DlibInput.input_spec`."""
+        return self.input.input_spec
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(self.input(x))
 
