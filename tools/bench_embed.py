@@ -390,13 +390,12 @@ class Runner:
             so.intra_op_num_threads = torch.get_num_threads()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-            self.nchw_float = True
         self.module = m
         self.setup_s = time.perf_counter() - t
 
     def prepare(self, chips: np.ndarray):
         if self.name == "onnxruntime":
-            return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
+            return np.ascontiguousarray(chips)     # the export takes the module's uint8 NHWC chips
         x = torch.from_numpy(chips).to(self.device)
         if self.nchw_float:
             x = x.permute(0, 3, 1, 2).float().contiguous()
