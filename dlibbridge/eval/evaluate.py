@@ -107,7 +107,7 @@ class ChipSource:
         self.chips_dir.mkdir(parents=True, exist_ok=True)
         if self._sources is None:
             self._sources = {s.rel: s for s in list_sources(self.data_root)}
-        return Journal(self.data_root, self.chips_dir, self.settings)
+        return Journal(self.data_root, self.chips_dir, self.settings, command="dlibbridge evaluate")
 
     def _task(self, path: Path, chip_sized: bool, journal) -> tuple:
         """What a worker does for ``path`` (see :func:`_load`); photos an earlier run aligned
