@@ -51,11 +51,12 @@ def _holder(fd: int) -> str:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, command: str, *, lock_file: str | os.PathLike | None = None,
                 create: bool = True) -> Iterator[Path]:
-    """Hold ``folder`` (created when ``create``) for this process, or raise :class:`LockedError`
-    naming the holder.  ``lock_file`` overrides where the lock lives (for a folder that does not
+    """Hold ``folder`` (created when ``create``, and removed again at the end if it is still
+    empty) for this process, or raise :class:`LockedError` naming the holder.  ``lock_file`` overrides where the lock lives (for a folder that does not
     exist yet and appears by a rename, e.g. a chip store: a file beside it)."""
     folder = Path(folder)
-    if create and lock_file is None:
+    made = create and lock_file is None and not folder.exists()
+    if made:
         folder.mkdir(parents=True, exist_ok=True)
     path = Path(lock_file) if lock_file is not None else folder / LOCK_NAME
     while True:
@@ -85,10 +86,9 @@ def folder_lock(folder: str | os.PathLike, command: str, *, lock_file: str | os.
         with contextlib.suppress(OSError):
             os.unlink(path)       # still ours: we hold the lock on this very inode
         os.close(fd)
+        if made:                  # a job refused before it wrote anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
-def is_lock_file(name: str) -> bool:
-    return name == LOCK_NAME
-
-
-__all__ = ["LOCK_NAME", "LockedError", "folder_lock", "is_lock_file"]
+__all__ = ["LOCK_NAME", "LockedError", "folder_lock"]

@@ -37,7 +37,7 @@ def resolved(path: str | os.PathLike, what: str = "") -> Path:
     try:
         r = p.resolve()
     except (RuntimeError, OSError) as e:      # 3.11/3.12: RuntimeError("Symlink loop ..."); 3.13: OSError(ELOOP)
-        raise BadPathError(f"{label} is a symlink loop ({e})") from None
+        raise BadPathError(f"{label} is a symlink loop") from None
     return r
 
 

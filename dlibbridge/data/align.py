@@ -34,7 +34,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import multiprocessing
 import os
 import pickle
 import sys
@@ -49,9 +48,9 @@ import numpy as np
 
 from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
-from .prefetch import children_ignore_sigint, cores
+from .prefetch import children_ignore_sigint, cores, worker_pool
 from .._lock import folder_lock
-from .._paths import confined
+from .._paths import check_link, confined, resolved
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
 from ..options import option
@@ -506,9 +505,10 @@ def write_manifest(out_dir: Path, rows: list[dict]) -> None:
 
 
 def _check_folders(raw: Path, out: Path) -> None:
+    check_link(raw, "RAW_DIR")
     if not raw.is_dir():
         raise AlignError(f"{raw} is not a folder")
-    r, o = raw.resolve(), out.resolve()
+    r, o = resolved(raw, "RAW_DIR"), resolved(out, "OUT_DIR")
     if r == o or r in o.parents or o in r.parents:
         raise AlignError(f"the output folder {out} must not be, contain or lie inside the input folder {raw}")
 
@@ -625,10 +625,7 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             results: Iterable = map(_work, tasks)
         else:
             hog = hog_detector_pickle() if settings.detector == "hog" else None
-            # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
-            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker,
-                                       initargs=(settings, str(raw), str(out), policy, hog, cnn_factory))
+            pool = worker_pool(jobs, _init_worker, (settings, str(raw), str(out), policy, hog, cnn_factory))
             results = _unordered(pool, _work, tasks, window=4 * jobs)
         for src, sha, rows in results:
             for r in rows:

@@ -57,7 +57,7 @@ from .images import CHIP_SHAPE, ImageReadError, read_image, walk_files
 from ..errors import DlibbridgeError
 from .._io import write_json
 from .._lock import LOCK_NAME, folder_lock
-from .._paths import confined
+from .._paths import confined, resolved
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
@@ -179,7 +179,7 @@ def _pack(chips_dir: Path, store: Path, overwrite: bool, progress: bool,
         if not is_store(store):
             raise StoreError(f"{store} exists and is not a chip store; --overwrite only "
                              f"replaces a store written by pack (left untouched)")
-    if store.resolve() == chips_dir.resolve() or chips_dir.resolve() in store.resolve().parents:
+    if resolved(store, "-o") == resolved(chips_dir, "CHIPS_DIR") or chips_dir.resolve() in store.resolve().parents:
         raise StoreError("the store must be outside the chips folder")
     entries = chip_entries(chips_dir)
     if not entries:
