@@ -131,8 +131,8 @@ class _ExportArgs:
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
     pt2: str | None = option(None, "also write a torch.export program (load: torch.export.load(OUT.pt2).module())",
                              metavar="OUT.pt2")
-    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (loads with "
-                                    "torch.load(weights_only=True))", metavar="OUT.pt")
+    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (plain torch loads it "
+                                    "with weights_only=True)", metavar="OUT.pt")
     atol: float = option(1e-5, "largest accepted max |diff| of the checks")
 
 

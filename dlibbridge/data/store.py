@@ -56,6 +56,7 @@ from .align import STATE_DIR as ALIGN_STATE_DIR
 from .images import CHIP_SHAPE, ImageReadError, read_image, walk_files
 from ..errors import DlibbridgeError
 from .._io import write_json
+from .._load import read_npz
 from .._lock import LOCK_NAME, folder_lock
 from .._paths import confined, resolved
 
@@ -341,7 +342,8 @@ class ChipStore:
         if actual != expected:
             raise StoreError(f"{self.path / _CHIPS} has {actual} bytes, expected {expected}")
         self.chips = np.memmap(self.path / _CHIPS, dtype=np.uint8, mode="r", shape=shape)
-        self.labels = np.load(self.path / _LABELS, allow_pickle=False)
+        self.labels = read_npz(self.path / _LABELS, what="chip store labels file",
+                               advice="pack the store again")[""]
         self.identities: list[str] = index["identities"]
         self.paths: list[str] = index["paths"]
         self.sources: list[str] = index["sources"]

@@ -176,9 +176,10 @@ def image_path(root: Path, identities: dict[str, list[str]], name: str, ref: int
     """The file a pair reference points at: a name is taken literally; a number n is LFW's
     ``name/name_%04d.jpg`` when that exists, else the n-th image (1-based, sorted) of the
     folder, which is what LFW's numbering is for its own layout."""
-    if isinstance(ref, str):    # a pairs file may come from anywhere: it names files inside the data folder only
-        return confined(root, f"{name}/{ref}", source="the pairs file", links=False)
-    confined(root, name, source="the pairs file", links=False)
+    # a pairs file may come from anywhere: it names files inside the data folder only
+    folder = confined(root, name, source="the pairs file", links=False)
+    if isinstance(ref, str):
+        return confined(folder, ref, source="the pairs file", links=False)
     lfw = root / name / f"{name}_{ref:04d}.jpg"
     if lfw.is_file():
         return lfw

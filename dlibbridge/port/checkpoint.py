@@ -35,7 +35,7 @@ def save_torch(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FaceResNet:
-    """Inverse of :func:`save_torch` (``torch.load(weights_only=True)``), in eval mode."""
+    """Inverse of :func:`save_torch` (read with ``weights_only``: no code runs), in eval mode."""
     try:
         ckpt = read_torch(path, what="torch file", map_location=map_location)
     except DamagedFileError as e:     # TorchScript archives, other zips (e.g. .npz), truncated files
