@@ -189,6 +189,12 @@ def test_cnn_bfloat16_via_the_cli_is_recorded_and_refused_where_it_cannot_apply(
     face = face_crop(shared_dir)
     cv2.imwrite(str(raw / "face.png"), face[:, :, ::-1])
     out = tmp_path / "out"
+    from dlibbridge.port.mmod import cpu_runs_bfloat16
+    if not cpu_runs_bfloat16():           # an AVX2 machine: refused before any photo, in one line
+        capsys.readouterr()
+        assert cli_main(["align", str(raw), str(out), "--detector", "cnn", "--cnn-precision", "bfloat16", "-q"]) == 2
+        assert "need a CPU with AVX-512" in capsys.readouterr().err
+        return
     assert cli_main(["align", str(raw), str(out), "--detector", "cnn", "--upsample", "0",
                      "--cnn-precision", "bfloat16", "-q"]) == 0
     (row,) = read_manifest(out / "manifest.csv")
