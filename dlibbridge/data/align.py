@@ -50,7 +50,7 @@ from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
 from .prefetch import children_ignore_sigint, cores, worker_pool
 from .._lock import folder_lock
-from .._paths import check_link, confined, resolved
+from .._paths import Folder, check_link, resolved
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
 from ..options import option
@@ -535,6 +535,8 @@ def _read_journal(path: Path, raw: Path, out: Path) -> dict[str, dict]:
     """source → last record.  A line cut short by an interruption is ignored; a record naming
     a photo or a chip outside its folder is refused (:func:`~dlibbridge._paths.confined`)."""
     records = {}
+    folders = {"source": Folder(raw, path, links=False), "duplicate_of": Folder(raw, path, links=False),
+               "chip": Folder(out, path)}
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -544,18 +546,13 @@ def _read_journal(path: Path, raw: Path, out: Path) -> dict[str, dict]:
                     source = rec["source"]
                 except (ValueError, KeyError, TypeError):
                     continue
-                confined(raw, source, source=path, line=n, links=False)
+                folders["source"].path(source, n)
                 for row in rows:
-                    _confine_row(row, raw, out, path, n)
+                    for key, folder in folders.items():
+                        if row.get(key):
+                            folder.path(row[key], n)
                 records[source] = rec
     return records
-
-
-def _confine_row(row: dict, raw: Path, out: Path, file: Path, line: int) -> None:
-    """A manifest or journal row's photo and chip, which later runs read, copy or pack."""
-    for key, root in (("source", raw), ("chip", out), ("duplicate_of", raw)):
-        if row.get(key):
-            confined(root, row[key], source=file, line=line, links=root is out)
 
 
 def _remove_stale_temporaries(tmp: Path) -> None:

@@ -58,7 +58,7 @@ from ..errors import DlibbridgeError
 from .._io import write_json
 from .._load import read_npz
 from .._lock import LOCK_NAME, folder_lock
-from .._paths import confined, resolved
+from .._paths import Folder, resolved
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
@@ -104,9 +104,10 @@ def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
     if manifest.is_file():
         with open(manifest, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
+            folder = Folder(root, manifest)
             for row in reader:
                 if row.get("chip"):
-                    confined(root, row["chip"], source=manifest, line=reader.line_num)
+                    folder.path(row["chip"], reader.line_num)
                     entries.append(ChipEntry(row["chip"], row.get("identity", ""), row.get("source", "")))
     else:
         for rel in walk_files(root):
