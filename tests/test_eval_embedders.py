@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -74,7 +75,9 @@ def test_torchscript_exports_run_and_archives_without_an_input_record_are_refuse
     assert np.abs(ts.embed(chips) - torch_embedder.embed(chips)).max() <= 1e-5
     # a TorchScript archive that does not say it takes uint8 NHWC chips (an older export took
     # float NCHW): it would run and give wrong descriptors, so it is refused up front
-    torch.jit.save(torch.jit.trace(torch.nn.Flatten(), torch.zeros(1, 3, 150, 150)), str(tmp_path / "old.ts"))
+    with warnings.catch_warnings():          # torch ≥ 2.13 marks TorchScript deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(torch.nn.Flatten(), torch.zeros(1, 3, 150, 150)), str(tmp_path / "old.ts"))
     with pytest.raises(ValueError, match="does not record its input.*export the model again"):
         emb.make_embedder(emb.ModelSpec.parse(str(tmp_path / "old.ts")))
 
