@@ -143,6 +143,54 @@ def load_data():
     return d["train_chips"], d["train_labels"], d["test_chips"], d["test_labels"]
 
 
+def prepare_lfw(args) -> None:
+    """LFW people as extra training data (``WORK/lfw.npz``): ``dlibbridge align --fallback
+    center`` output of LFW deep-funneled (status ``ok`` or ``fallback``: its photos are centred
+    on the face); people with more than ``--cap`` chips keep a seeded pick of them (George W
+    Bush alone has 530), people with one chip are flagged ``single``.  Only ever trained on:
+    the test people are celeba-dev's."""
+    chips_dir = Path(args.chips)
+    people: dict[str, list[Path]] = {}
+    with open(chips_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") in ("ok", "fallback") and row.get("chip") and row.get("identity"):
+                people.setdefault(row["identity"], []).append(chips_dir / row["chip"])
+    rng = np.random.default_rng(args.seed)
+    chips, labels, single = [], [], []
+    for li, name in enumerate(sorted(people)):
+        ps = sorted(people[name])
+        if len(ps) > args.cap:
+            ps = sorted(rng.permutation(ps)[: args.cap].tolist())
+        chips += [load_png(Path(c)) for c in ps]
+        labels += [li] * len(ps)
+        single.append(len(ps) == 1)
+    np.savez(WORK / "lfw.npz", chips=np.stack(chips), labels=np.array(labels), single=np.array(single))
+    print(f"LFW: {len(single) - sum(single)} people with 2+ chips, {sum(single)} with one; {len(chips)} chips")
+
+
+def training_set(args, tr_c: np.ndarray, tr_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(pool chips, pool labels, the pool rows this run trains on, what they are).  The pool is
+    the celeba-dev training chips, and with ``--lfw`` or ``--shared-cache`` every LFW chip of
+    ``prepare-lfw`` after them (one cache serves every run on it).  The run trains on the first
+    ``--people`` celeba-dev training identities of a fixed shuffle (a smaller set is part of every
+    larger one), then the ``--lfw`` people (``multi``: those with 2+ chips; ``all``: the one-chip
+    people too)."""
+    ids = np.random.default_rng(0).permutation(np.unique(tr_l))
+    if args.people:
+        ids = ids[: args.people]
+    keep = np.isin(tr_l, ids)
+    info = {"celeba_people": int(len(ids)), "celeba_chips": int(keep.sum()), "lfw_people": 0, "lfw_single": 0, "lfw_chips": 0}
+    if args.lfw == "none" and not args.shared_cache:
+        return tr_c, tr_l, np.flatnonzero(keep), info
+    d = np.load(WORK / "lfw.npz")
+    chips = np.concatenate([tr_c, d["chips"]])
+    labels = np.concatenate([tr_l, d["labels"] + int(tr_l.max()) + 1])
+    people = {"none": [], "multi": np.flatnonzero(~d["single"]), "all": np.arange(len(d["single"]))}[args.lfw]
+    lk = np.isin(d["labels"], people)
+    info.update(lfw_people=int(len(people)), lfw_single=int(d["single"][people].sum()), lfw_chips=int(lk.sum()))
+    return chips, labels, np.flatnonzero(np.concatenate([keep, lk])), info
+
+
 # ---- metrics --------------------------------------------------------------------------------
 
 def domains(test_chips: np.ndarray) -> dict[str, np.ndarray]:
@@ -195,6 +243,11 @@ def run(args) -> None:
         print(f"{out} done"); return
     out.mkdir(parents=True, exist_ok=True)
     tr_c, tr_l, te_c, te_l = load_data()
+    pooled = args.lfw != "none" or args.shared_cache
+    tr_c, tr_l, train_rows, data_info = training_set(args, tr_c, tr_l)
+    if not pooled:                    # the cache holds exactly the run's chips
+        tr_c, tr_l, train_rows = tr_c[train_rows], tr_l[train_rows], np.arange(len(train_rows))
+    print(f"[{args.name}] training data {data_info}", flush=True)
     doms = domains(te_c)
     base = base_model()
     t0 = time.perf_counter()
@@ -228,7 +281,8 @@ def run(args) -> None:
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
-        key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}"
+        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people else "")
+        key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}{data_tag}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
             cache = torch.load(WORK / key)
@@ -239,9 +293,11 @@ def run(args) -> None:
             torch.save(cache, WORK / (key + ".partial"))
             os.replace(WORK / (key + ".partial"), WORK / key)
             times["cache_s"] = cache["seconds"]
+        cache = {k: (v[train_rows] if k != "seconds" else v) for k, v in cache.items()}
+        labels = tr_l[train_rows]
         t = time.perf_counter()
-        model, rows = (train_affines_only(model, cache, tr_l, cfg, log) if args.affine_only
-                       else xq.train_xq(model, cache, tr_l, cfg, log=log))
+        model, rows = (train_affines_only(model, cache, labels, cfg, log) if args.affine_only
+                       else xq.train_xq(model, cache, labels, cfg, log=log))
         times["train_s"] = time.perf_counter() - t
         with open(out / "log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -249,7 +305,8 @@ def run(args) -> None:
         del cache
     times["wall_s"] = time.perf_counter() - t0
     torch.save(model.state_dict(), out / "model_state.pt")
-    res = {"name": args.name, "args": vars(args), "times": times, "metrics": evaluate(model, doms, te_l)}
+    res = {"name": args.name, "args": vars(args), "data": data_info, "times": times,
+           "metrics": evaluate(model, doms, te_l)}
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
 
@@ -494,6 +551,10 @@ def main() -> int:
     p.add_argument("--test-ids", type=int, default=69)
     p.add_argument("--test-per-id", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("prepare-lfw")
+    p.add_argument("--chips", required=True, help="dlibbridge align output of LFW")
+    p.add_argument("--cap", type=int, default=4, help="chips kept per person with more")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("eval-base")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("table")
@@ -550,8 +611,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
+    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all)")
+    p.add_argument("--lfw", default="none", choices=["none", "multi", "all"],
+                   help="add LFW people (`prepare-lfw`): those with 2+ chips, or all, one-chip people too")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="one cache of every celeba-dev training chip and every LFW chip for all runs on them")
     args = ap.parse_args()
-    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
+    {"prepare": prepare, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
     return 0
 
 
