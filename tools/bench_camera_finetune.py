@@ -222,9 +222,29 @@ def metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0, pairs: int = 300
             "best_threshold": thr, "accuracy_at_best": acc}
 
 
+def enrolled_metrics(clean: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> dict:
+    """The deployment: clean enrolment photos against the camera's pictures.  Verification on
+    every (clean, camera) pair of different source photos; identification of each camera
+    picture against a gallery of one clean photo per person (its own photo's pictures left out)."""
+    from dlibbridge.eval.metrics import cross_verification, gallery_identification, one_per_person
+    src = np.arange(len(labels))
+    v = cross_verification(clean, labels, probe, labels, src, src, far_targets=(1e-3,))
+    gallery = one_per_person(labels)
+    probes = np.setdiff1d(src, gallery)
+    ident = gallery_identification(clean[gallery], labels[gallery], probe[probes], labels[probes])
+    return {"tar_at_far_1e-3": v["tar_at_far"]["1e-3"], "accuracy_at_0.6": v["accuracy_at_0.6"],
+            "accuracy_at_best": v["accuracy_at_best_threshold"], "best_threshold": v["best_threshold"],
+            "rank1": ident["rank1"], "tpir_at_fpir_1e-2": ident["tpir"]}
+
+
 def evaluate(model, doms: dict, labels: np.ndarray) -> dict:
+    """Per domain, every pair within it; per camera, also clean enrolment vs that camera
+    (``clean>X``)."""
     from dlibbridge.port.infer import embed_chips
-    return {k: metrics(embed_chips(model, v), labels) for k, v in doms.items()}
+    emb = {k: embed_chips(model, v) for k, v in doms.items()}
+    out = {k: metrics(e, labels) for k, e in emb.items()}
+    out.update({f"clean>{k}": enrolled_metrics(emb["clean"], e, labels) for k, e in emb.items() if k != "clean"})
+    return out
 
 
 def base_model():
@@ -512,6 +532,9 @@ def fit(args) -> None:
 
 COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
            ("accuracy_10fold", "10-fold", 100), ("accuracy_at_best", "acc@best", 100), ("best_threshold", "thr", 1))
+#: clean enrolment vs a camera (``clean>X``): no 10-fold, identification instead
+ENROLLED_COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
+                    ("rank1", "rank-1", 100), ("tpir_at_fpir_1e-2", "TPIR@1e-2", 100))
 
 
 def table(args) -> None:
@@ -524,9 +547,10 @@ def table(args) -> None:
         rows = [r for r in rows if not r["name"].startswith("prod")]
     if args.last:
         rows = [dict(r, metrics=r.get("metrics_last_step", r["metrics"])) for r in rows]
-    doms = list(rows[0]["metrics"])
-    print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in COLUMNS) + " | wall s |")
-    print("|" + "---|" * (2 + len(COLUMNS) * len(doms)))
+    doms = list(dict.fromkeys(d for r in rows for d in r["metrics"]))
+    cols = {d: ENROLLED_COLUMNS if d.startswith("clean>") else COLUMNS for d in doms}
+    print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in cols[d]) + " | wall s |")
+    print("|" + "---|" * (2 + sum(len(c) for c in cols.values())))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         name = r["name"].rsplit("-s", 1)[0] if args.seeds and r["name"] != "base" else r["name"]
@@ -534,13 +558,68 @@ def table(args) -> None:
     for name, rs in groups.items():
         cells = []
         for d in doms:
-            for key, _, scale in COLUMNS:
+            for key, _, scale in cols[d]:
+                if not all(d in r["metrics"] for r in rs):
+                    cells.append("-")
+                    continue
                 v = np.array([r["metrics"][d][key] for r in rs]) * scale
                 fmt = "{:.3f}" if scale == 1 else "{:.2f}"
                 cells.append(fmt.format(v.mean()) + (f" ± {fmt.format(v.std(ddof=1))}" if len(v) > 1 else ""))
         wall = np.array([r.get("times", {}).get("wall_s", 0) for r in rs])
         label = f"{name} (n={len(rs)})" if len(rs) > 1 else name
         print(f"| {label} | " + " | ".join(cells) + f" | {wall.mean():.0f} |")
+
+
+def scaling(args) -> None:
+    """The scaling curve: runs whose name starts with ``--only``, by the number of people they
+    trained on, beside the base — a Markdown table and a plot (``--plot``) of TAR@FAR=1e-3 on
+    the test people (camera A, camera B, clean, and clean enrolment vs camera A)."""
+    runs = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob(f"{args.only}*/result.json"))]
+    runs = sorted((r for r in runs if "data" in r), key=lambda r: (r["data"]["celeba_people"] + r["data"]["lfw_people"],
+                                                                r["data"]["lfw_single"], r["name"]))
+    base = json.loads((WORK / "runs" / "base" / "result.json").read_text())["metrics"]
+    series = (("A", "tar_at_far_1e-3", "camera A"), ("B", "tar_at_far_1e-3", "camera B"),
+              ("clean", "tar_at_far_1e-3", "clean"), ("clean>A", "tar_at_far_1e-3", "clean enrolment vs camera A"))
+    extra = (("clean", "accuracy_at_0.6", "clean acc@0.6"), ("clean>A", "rank1", "clean>A rank-1"),
+             ("clean>A", "tpir_at_fpir_1e-2", "clean>A TPIR@FPIR=1e-2"))
+
+    def cell(m, d, k):
+        return f"{100 * m[d][k]:.2f}" if d in m else "-"
+    head = ["run", "people (celeba + LFW 2+ photos + LFW one photo)", "chips"] + [f"{t} TAR@1e-3" for *_, t in series] + [t for *_, t in extra] + ["wall s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    print("| base | 0 | 0 | " + " | ".join(cell(base, d, k) for d, k, _ in series + extra) + " | 0 |")
+    for r in runs:
+        dd = r["data"]
+        people = f"{dd['celeba_people'] + dd['lfw_people']} ({dd['celeba_people']} + {dd['lfw_people'] - dd['lfw_single']} + {dd['lfw_single']})"
+        print(f"| {r['name']} | {people} | {dd['celeba_chips'] + dd['lfw_chips']} | "
+              + " | ".join(cell(r["metrics"], d, k) for d, k, _ in series + extra) + f" | {r['times']['wall_s']:.0f} |")
+    if not args.plot:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    x = [r["data"]["celeba_people"] + r["data"]["lfw_people"] for r in runs]
+    for (d, k, title), colour in zip(series, ("#cc3311", "#0077bb", "#009988", "#ee7733")):
+        if not all(d in r["metrics"] for r in runs):
+            continue
+        ax.plot(x, [100 * r["metrics"][d][k] for r in runs], "o-", color=colour, label=title)
+        if d in base:
+            ax.axhline(100 * base[d][k], color=colour, ls=":", lw=1)
+    for xi, r in zip(x, runs):
+        if r["data"]["lfw_single"]:
+            ax.annotate("+1-photo", (xi, 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("training people (celeba-dev, then + LFW)")
+    ax.set_ylabel("TAR @ FAR=1e-3 on 69 unseen people (%)")
+    ax.set_title(args.title, fontsize=9)
+    ax.legend(fontsize=8, loc="center right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+    print(f"plot: {args.plot}")
 
 
 def main() -> int:
@@ -561,6 +640,10 @@ def main() -> int:
     p.add_argument("--only", help="runs whose name starts with this (and the base)")
     p.add_argument("--seeds", action="store_true", help="mean ± std over NAME-sN runs")
     p.add_argument("--last", action="store_true", help="product runs: the last step's model, not the exported one")
+    p = sub.add_parser("scaling")
+    p.add_argument("--only", default="scale-", help="runs whose name starts with this")
+    p.add_argument("--plot", help="write the curve here (PNG)")
+    p.add_argument("--title", default="scaling: camera-A fine-tuning at a fixed budget (dotted: base)")
     p = sub.add_parser("product")
     p.add_argument("name")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
@@ -617,7 +700,8 @@ def main() -> int:
     p.add_argument("--shared-cache", action="store_true",
                    help="one cache of every celeba-dev training chip and every LFW chip for all runs on them")
     args = ap.parse_args()
-    {"prepare": prepare, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
+    {"prepare": prepare, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table,
+     "scaling": scaling}[args.cmd](args)
     return 0
 
 
