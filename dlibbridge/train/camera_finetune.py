@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .._io import write_torch
+from .._load import read_torch
 from . import xq
 from .config import FinetuneConfig, FinetuneError
 from .objective import CLEAN, Context, Objective
@@ -131,7 +132,9 @@ class CrossQuality(Objective):
         from .losses import make_loss
         self.loss_fn = make_loss(c.loss, len(split.train_classes), margin=c.margin, scale=c.scale).to(ctx.device)
         lab = self.train_labels.numpy()
-        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab) if (lab == l).sum() >= 2}
+        # A person with one photo is drawn like any other: its K chips are that photo under K
+        # camera draws and mirrorings, positives of each other and negatives of everyone else.
+        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab)}
         self.ids = np.array(sorted(self.groups))
         self.images_per_step = c.identities_per_batch * c.images_per_identity
         self.steps_per_epoch = c.batches_per_epoch or max(1, len(split.train_rows) // self.images_per_step)
@@ -164,7 +167,7 @@ class CrossQuality(Objective):
         """Training cache and validation features, built once per run (kept for a resume)."""
         path = self.run_dir / CACHE_FILE
         if path.is_file():
-            got = torch.load(path, weights_only=True)
+            got = read_torch(path, what="feature cache", advice=f"delete {path} to rebuild it")
             self.cache, self.val = got["train"], got["val"]
             return
         t = time.perf_counter()
