@@ -206,3 +206,15 @@ def test_a_camera_run_trains_on_one_photo_people():
     assert cam.dropped_single == [] and {4, 5, 6} <= set(labels[cam.train_rows])
     assert np.array_equal(cam.val_rows, plain.val_rows) and not set(labels[cam.val_rows]) & {4, 5, 6}
     assert set(cam.train_classes) == set(labels[cam.train_rows])
+
+
+def test_help_shows_the_recipe(capsys):
+    """`finetune --help` lists the camera recipe as the options it sets (from RECIPES, the one
+    place they are written)."""
+    from dlibbridge.train.config import RECIPES
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--recipe {camera}" in text
+    for k in ("lr", "select_far", "identities_per_batch"):
+        assert f"--{k.replace('_', '-')} {format(RECIPES['camera'][k], 'g')}".replace("- ", "-") in text.replace("- ", "-")

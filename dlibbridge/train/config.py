@@ -44,7 +44,16 @@ RECIPES = {
                "epochs": 3, "batches_per_epoch": 100, "warmup_steps": 20, "select_metric": "camera:tar@far",
                "select_far": 1e-2, "export": "last-eligible", "checkpoint_every": 100, "augment": False},
 }
-ORIGINS = ("default", "recipe", "user", "derived")
+
+
+def _as_options(values: dict) -> str:
+    """A recipe as the command line that would give it (for ``--help``)."""
+    def one(k, v):
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            return flag if v else "--no-" + k.replace("_", "-")
+        return f"{flag} {format(v, 'g') if isinstance(v, float) else v}"
+    return " ".join(one(k, v) for k, v in values.items())
 # Config fields that may differ on --resume without changing what is computed.
 RESUME_OVERRIDABLE = ("workers", "progress")
 
@@ -138,8 +147,7 @@ class FinetuneConfig:
     progress: bool = option(True, "no progress bar", flags=("--quiet", "-q"), action="store_false", group=_RUN)
     recipe: str | None = option(
         None, "a named preset of the options above, under what is given explicitly; " + "; ".join(
-            f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
-            for name, values in RECIPES.items()) + " (chosen by --camera)",
+            f"{name}: {_as_options(values)}" for name, values in RECIPES.items()) + " (chosen by --camera)",
         choices=tuple(RECIPES), group=_RUN)
     camera: str | None = option(
         None, "fine-tune for this camera (`dlibbridge camera` profile): cross-quality distillation with "
