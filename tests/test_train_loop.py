@@ -417,3 +417,13 @@ def test_config_json_reproduces_a_run(johns_store, tmp_path):
     assert {p.name for p in a.iterdir()} == {
         "config.json", "checkpoint.pt", "log.csv", "val.csv", "log.json", "curves.png", "summary.json",
         "README.md", "model.dat", "model_trainable.dat", "model.pt"}
+    # every model file a run writes is a --base: step 0 of a run from it is that model
+    for name in ("model.pt", "model_trainable.dat"):
+        c = tmp_path / f"c-{name}"
+        assert _finetune(johns_store, "--out", c, "--base", a / name, "-P", "2", *TINY, "--max-steps", "1",
+                         "--val-identities", "2", "--margin", "0.3", "--export", "best") == 0
+        cfg_c = json.loads((c / "config.json").read_text())
+        assert cfg_c["derived"]["base"] == str(a / name)
+        summary = json.loads((c / "summary.json").read_text())
+        assert summary["exported_step"] == 0 and summary["export_check"]["max_abs_diff"] < 1e-5
+    assert (tmp_path / "c-model.pt" / "model.dat").read_bytes() == (a / "model.dat").read_bytes()

@@ -105,7 +105,7 @@ class CrossQuality(Objective):
         c, split = ctx.cfg, ctx.split
         if ctx.dist.world > 1:
             raise FinetuneError("--camera trains one process on cached views; launch it without torchrun")
-        self.cfg, self.store, self.split, self.device = c, ctx.store, split, ctx.device
+        self.cfg, self.store, self.split, self.device, self.amp_dtype = c, ctx.store, split, ctx.device, ctx.amp_dtype
         self.run_dir = Path(ctx.run_dir)
         self.degrade = pre["profile"].degradations()
         self.profile = pre["profile"]
@@ -135,7 +135,6 @@ class CrossQuality(Objective):
         # A person with one photo is drawn like any other: its K chips are that photo under K
         # camera draws and mirrorings, positives of each other and negatives of everyone else.
         self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab)}
-        self.ids = np.array(sorted(self.groups))
         self.images_per_step = c.identities_per_batch * c.images_per_identity
         self.steps_per_epoch = c.batches_per_epoch or max(1, len(split.train_rows) // self.images_per_step)
         self.cache = self.val = None
@@ -204,14 +203,11 @@ class CrossQuality(Objective):
         """Step ``n``: its chips, versions and mirroring drawn from (seed, n), so a resumed run
         sees what an uninterrupted one would."""
         c, cache = self.cfg, self.cache
-        rng = np.random.default_rng((c.seed, 104729, n))
-        idx = np.concatenate([rng.choice(self.groups[int(l)], size=c.images_per_identity,
-                                         replace=len(self.groups[int(l)]) < c.images_per_identity)
-                              for l in rng.choice(self.ids, size=c.identities_per_batch, replace=False)])
-        ver = rng.integers(0, cache["degraded"].shape[1], size=len(idx))
-        flip = ver % 2                                   # the clean view mirrored like the degraded one
+        idx, ver, flip = xq.draw_batch(self.groups, cache["degraded"].shape[1], c.identities_per_batch,
+                                       c.images_per_identity, c.seed, n)
         views = torch.cat([cache["degraded"][idx, ver], cache["clean"][idx, flip]]).to(self.device)
-        s = xq.run_suffix(self.model, views, self.train_from).float()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            s = xq.run_suffix(self.model, views, self.train_from).float()
         teacher = cache["teacher"][idx, flip].to(self.device)
         terms = xq.xq_losses(s[:len(idx)], s[len(idx):], teacher, self.train_labels[idx].to(self.device),
                              self.xcfg, self.loss_fn)

@@ -14,16 +14,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # What to do when a run's checkpoint cannot be read (truncated by a full disk, edited, foreign).
 RESUME_ADVICE = ("it cannot be resumed: restore checkpoint.pt from a backup, or start the run again "
                  "with a new --out (the files exported so far are intact)")
-BEST_FILE = "best.pt"
 #: The losses of :func:`.losses.make_loss` (torch-free here, so the command line can list them).
 LOSSES = ("metric", "arcface", "cosface", "triplet")
 PAIR_LOSSES = ("metric", "triplet")
 FREEZE_LEVELS = ("none", "stem", "level4", "level3", "level2", "level1", "level0")
 SELECT_METRICS = ("tar@far", "auc", "accuracy")
 EXPORT_CHOICES = ("best", "last", "last-eligible")
-#: Validation domains of a camera run (``--camera``): the held-out identities' clean chips, the
-#: same chips degraded by the camera profile, and (``--target-val``) the user's labeled chips
-#: from the camera itself.
+#: Validation domains: the held-out identities' chips as they are (every run), and in a camera
+#: run (``--camera``) the same chips degraded by the camera profile and (``--target-val``) the
+#: user's labeled chips from the camera itself.
 SELECT_DOMAINS = ("camera", "clean", "target")
 #: Recipes: named presets of ordinary options (``--recipe NAME``), applied over the defaults
 #: and under what is given explicitly; config.json records each value's origin.

@@ -159,6 +159,20 @@ def build_cache(base: FaceResNet, chips: np.ndarray, degrade: Callable[[np.ndarr
             "seconds": time.perf_counter() - t0}
 
 
+def draw_batch(groups: dict[int, np.ndarray], versions: int, identities: int, per_identity: int, seed: int,
+               n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step ``n``'s batch of a cross-quality run: (cache rows, degraded version, mirrored) of
+    ``identities`` people × ``per_identity`` chips, drawn from a generator seeded by (seed, n)
+    alone, so a resumed run sees what an uninterrupted one would.  A person with fewer chips than
+    ``per_identity`` repeats them (each under its own camera draw)."""
+    rng = np.random.default_rng((seed, 104729, n))
+    ids = np.array(sorted(groups))
+    idx = np.concatenate([rng.choice(groups[int(l)], size=per_identity, replace=len(groups[int(l)]) < per_identity)
+                          for l in rng.choice(ids, size=identities, replace=False)])
+    ver = rng.integers(0, versions, size=len(idx))
+    return idx, ver, ver % 2                 # the clean view mirrored like the degraded one
+
+
 def _pdist(e: torch.Tensor) -> torch.Tensor:
     d2 = (e[:, None, :] - e[None, :, :]).pow(2).sum(-1)
     iu = torch.triu_indices(len(e), len(e), 1)
@@ -251,12 +265,8 @@ class XQTrainer:
 
     def step(self) -> dict:
         c = self.cfg
-        rng = np.random.default_rng((c.seed, 104729, self.n))
-        idx = np.concatenate([rng.choice(self.groups[int(l)], size=c.per_identity,
-                                         replace=len(self.groups[int(l)]) < c.per_identity)
-                              for l in rng.choice(self.ids, size=c.identities, replace=False)])
-        ver = rng.integers(0, self.cache["degraded"].shape[1], size=len(idx))
-        flip = ver % 2                                   # the clean view mirrored like the degraded one
+        idx, ver, flip = draw_batch(self.groups, self.cache["degraded"].shape[1], c.identities, c.per_identity,
+                                    c.seed, self.n)
         lr = self.schedule.get_last_lr()[0]
         self.student.train()
         s = run_suffix(self.student, torch.cat([self.cache["degraded"][idx, ver], self.cache["clean"][idx, flip]]),
