@@ -218,3 +218,32 @@ def test_help_shows_the_recipe(capsys):
     assert "--recipe {camera}" in text
     for k in ("lr", "select_far", "identities_per_batch"):
         assert f"--{k.replace('_', '-')} {format(RECIPES['camera'][k], 'g')}".replace("- ", "-") in text.replace("- ", "-")
+
+
+def test_a_camera_step_of_the_loop_is_the_research_trainers_step(tmp_path, johns_dir, camera_json):
+    """The camera recipe through the one loop computes what the benchmark's research trainer
+    (``xq.XQTrainer``, rounds 1-3) computes: the same batch of step 0 and the same loss terms."""
+    from dlibbridge.data.store import pack
+    from dlibbridge.port.checkpoint import load_model
+    from dlibbridge.train import xq
+    from dlibbridge.train.camera_finetune import CrossQuality, precheck
+    from dlibbridge.train.config import FinetuneConfig
+    from dlibbridge.train.dist import Dist
+    from dlibbridge.train.loop import base_path, setup
+    people = sorted(p.name for p in johns_dir.iterdir() if p.is_dir())
+    store = pack(_chip_folder(tmp_path / "data", johns_dir, people[:3], slice(0, 3)), tmp_path / "s.store",
+                 progress=False).path
+    cfg, origin = FinetuneConfig.compose({"data": str(store), "out": str(tmp_path / "run"), "camera": str(camera_json),
+                                          "identities_per_batch": 2, "images_per_identity": 2, "camera_versions": 2,
+                                          "val_identities": 0, "progress": False})
+    path = base_path(None)
+    job = setup(cfg, False, Dist(), load_model(path, trainable=False), path, CrossQuality, precheck(cfg), origin)
+    obj = job.objective
+    obj.prepare()
+    ours = obj.backward(0, job.scaler)
+    research = xq.XQTrainer(load_model(path, trainable=False), obj.cache, obj.train_labels.numpy(),
+                            xq.XQConfig(versions=2, identities=2, per_identity=2)).step()
+    for term, theirs in (("loss", "total"), ("identity", "identity"), ("xq", "xq"), ("relational", "relational"),
+                         ("distill", "same")):
+        assert ours[term] == pytest.approx(research[theirs], rel=1e-5, abs=1e-7), term
+    assert ours["xq"] > 0
