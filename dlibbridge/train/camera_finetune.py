@@ -34,7 +34,7 @@ from .._io import write_torch
 from .._load import read_torch
 from . import xq
 from .config import FinetuneConfig, FinetuneError
-from .objective import CLEAN, Context, Objective
+from .objective import CLEAN, Context, Objective, validation_rows
 
 __all__ = ["CrossQuality", "precheck", "load_target_val", "CAMERA", "TARGET"]
 
@@ -127,6 +127,9 @@ class CrossQuality(Objective):
         for n in trained:
             getattr(self.model, n).requires_grad_(True)
         self.model.to(ctx.device)
+        if c.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.val_rows = validation_rows(split, c)
         labels = np.asarray(ctx.store.labels)[split.train_rows]
         self.train_labels = torch.as_tensor(np.array([split.train_classes[int(l)] for l in labels]))
         from .losses import make_loss
@@ -175,13 +178,13 @@ class CrossQuality(Objective):
         start = self.start.to("cpu")
         self.cache = xq.build_cache(start, chips, self.degrade, self.xcfg, log=log)
         self.val = {}
-        if len(self.split.val_rows):
-            vchips = np.asarray(self.store.chips[self.split.val_rows])
+        if len(self.val_rows):
+            vchips = np.asarray(self.store.chips[self.val_rows])
             with torch.no_grad():
                 self.val[CLEAN] = xq.frozen_features(start, torch.from_numpy(vchips), self.train_from)
                 self.val[CAMERA] = xq.frozen_features(start, torch.from_numpy(
                     _degraded(vchips, self.degrade, self.cfg.seed, 31337)), self.train_from)
-        if self.target is not None and len(self.split.val_rows):
+        if self.target is not None and len(self.val_rows):
             chips = self.target[0]
             with torch.no_grad():
                 self.val[TARGET] = torch.cat([xq.frozen_features(start, torch.from_numpy(c), self.train_from)
@@ -219,9 +222,9 @@ class CrossQuality(Objective):
     # -- validation --------------------------------------------------------------------------
 
     def domains(self) -> dict[str, np.ndarray]:
-        if not len(self.split.val_rows):
+        if not len(self.val_rows):
             return {}
-        held_out = np.asarray(self.store.labels)[self.split.val_rows]
+        held_out = np.asarray(self.store.labels)[self.val_rows]
         out = {CLEAN: held_out, CAMERA: held_out}
         if self.target is not None:
             out[TARGET] = np.asarray(self.target[1])

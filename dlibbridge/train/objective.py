@@ -122,6 +122,16 @@ def set_train_mode(model: nn.Module, bn_trainable: bool, frozen: list[str]) -> N
             m.eval()
 
 
+def validation_rows(split: Split, cfg: FinetuneConfig) -> np.ndarray:
+    """The held-out rows validated on: all of them, or a seeded sample of ``val_max_images``
+    (all-pairs metrics grow with the square of the count)."""
+    rows = split.val_rows
+    if len(rows) > cfg.val_max_images:
+        rng = np.random.default_rng([cfg.seed, 15485863])
+        rows = np.sort(rng.choice(rows, cfg.val_max_images, replace=False))
+    return rows
+
+
 def verification_labels(labels: np.ndarray) -> tuple[int, int]:
     """(same, different) pair counts of all pairs of chips with these labels."""
     _, counts = np.unique(labels, return_counts=True)
@@ -186,10 +196,7 @@ class PlainObjective(Objective):
         k = c.images_per_identity
         self.share = slice(dist.rank * share_ids * k, (dist.rank + 1) * share_ids * k)
         self.micro = share_ids // c.accumulate * k
-        self.val_rows = split.val_rows
-        if len(self.val_rows) > c.val_max_images:
-            rng = np.random.default_rng([c.seed, 15485863])
-            self.val_rows = np.sort(rng.choice(self.val_rows, c.val_max_images, replace=False))
+        self.val_rows = validation_rows(split, c)
 
     def train_mode(self) -> None:
         set_train_mode(self.model, self.cfg.bn == "train", self.frozen)
