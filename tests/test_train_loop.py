@@ -400,7 +400,8 @@ def test_preflight_chooses_a_far_the_pairs_resolve(johns_store, tmp_path, capsys
     err = capsys.readouterr().err
     assert "9 different pairs" in err and "selecting by AUC instead" in err
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["select_metric"] == "clean:auc"
+    assert cfg["config"]["select_metric"] == "clean:auc" and cfg["origin"]["select_metric"] == "derived"
+    assert cfg["origin"]["lr"] == "derived" and cfg["origin"]["loss"] == "default"     # sgd's default lr
     assert cfg["selection"]["asked"] == {"metric": "tar@far", "far": 1e-3}
     assert cfg["selection"]["domains"]["clean"]["pairs_different"] == 9
 

@@ -391,6 +391,7 @@ class Job:
     amp_dtype: torch.dtype | None
     base_path: Path
     base_sha: str
+    requested: dict                   # the config as given (before resolution and the pre-flight)
     best_weights: dict | None = None  # the selected step's state dict (CPU)
 
 
@@ -415,6 +416,7 @@ def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module, base_f
           objective_cls: type, pre, origin: dict | None) -> Job:
     """Open the data, split it, resolve the config and build the objective, optimiser and
     schedule (rank 0 packs or aligns the data; the others wait and open the result)."""
+    requested = cfg.to_json()
     device = _pick_device(cfg.device, dist)
     run_dir = _prepare_run_dir(cfg, resume, dist)
     torch.manual_seed(cfg.seed)
@@ -444,7 +446,7 @@ def setup(cfg: FinetuneConfig, resume: bool, dist: Dist, base: nn.Module, base_f
     return Job(cfg=c, origin=origin, dist=dist, device=device, run_dir=run_dir, resume=resume, store=store,
                split=split, objective=objective, optimizer=optimizer, scheduler=scheduler,
                scaler=torch.amp.GradScaler(device.type, enabled=c.amp == "fp16"), total_steps=total_steps,
-               amp_dtype=amp_dtype, base_path=base_file, base_sha=sha256_file(base_file))
+               amp_dtype=amp_dtype, base_path=base_file, base_sha=sha256_file(base_file), requested=requested)
 
 
 def new_state() -> dict:
@@ -508,7 +510,10 @@ def write_config(job: Job, state: dict) -> None:
     c, split = job.cfg, job.split
     write_run_json(job.run_dir / CONFIG_FILE, {
         "config": c.to_json(),
-        "origin": {k: job.origin.get(k, "default") for k in c.to_json()},
+        # "derived": filled in or changed by the run from its facts (a default lr for the optimiser,
+        # a -P the data cannot fill, a FAR the validation cannot resolve)
+        "origin": {k: "derived" if v != job.requested.get(k) else job.origin.get(k, "default")
+                   for k, v in c.to_json().items()},
         "data": {"store": str(job.store.path), "images": int(len(job.store.labels)),
                  "identities": len(job.store.identities),
                  "train_identities": len(split.train_classes),
