@@ -20,6 +20,7 @@ from ._writable import check_output_dir, check_output_file
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
+from .data.camera import DetectionSearch
 from .errors import DlibbridgeError
 from .eval.evaluate import EvalConfig
 from .options import add_options, given_fields, option
@@ -81,6 +82,12 @@ class _InspectArgs:
 class _AlignPaths:
     raw_dir: str = option(positional=True, metavar="RAW_DIR")
     out_dir: str = option(positional=True, metavar="OUT_DIR")
+
+
+@dataclass
+class _AlignCamera:
+    camera: str | None = option(None, "camera profile (dlibbridge camera): detect with the detector and upsampling "
+                                "it chose (--detector/--upsample given here win)", metavar="CAMERA_JSON")
 
 
 @dataclass
@@ -198,7 +205,8 @@ def _run_align(args) -> int:
     dlib.get_face_chip(img, shape, 150, 0.25) in OUT_DIR (mirrored tree), plus manifest.csv and
     summary.json. Resumable: rerun to continue."""
     from .data import align as al
-    settings = al.AlignSettings(**given_fields(al.AlignSettings, args))
+    given = given_fields(al.AlignSettings, args)
+    settings = al.AlignSettings.for_camera(args.camera, **given) if args.camera else al.AlignSettings(**given)
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     cnn_factory = None
@@ -238,7 +246,10 @@ def _run_camera(args) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise UsageError("--max-images must be at least 1")
     camera.check_output(args.out, args.photos_dir, args.overwrite)
-    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images)
+    from .port.mmod import cnn_face_detector
+    search = camera.DetectionSearch(**given_fields(camera.DetectionSearch, args))
+    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images,
+                                    search=search, cnn_factory=cnn_face_detector)
     out, png = camera.write_camera(profile, args.out)
     print(profile.summary())
     print(f"wrote {out} and {png}")
@@ -429,7 +440,7 @@ _COMMANDS = (
     _Command("freeze", "trainable dlib file (bn_con2) -> deployable model (affine_), as dlib converts it",
              (_FreezeArgs,), _run_freeze),
     _Command("align", "detect, align and save 150x150 face chips exactly as dlib does",
-             (_AlignPaths, AlignSettings, _AlignRun), _run_align),
+             (_AlignPaths, AlignSettings, _AlignCamera, _AlignRun), _run_align, given_only=(AlignSettings,)),
     _Command("pack", "pack aligned chips into one memory-mapped array for training", (_PackArgs,), _run_pack),
     # Only options given on the command line reach the config: the dataclass's defaults, or
     # --camera's recipe, or a resumed run's config fill the rest.
@@ -441,7 +452,7 @@ _COMMANDS = (
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
-             (_CameraArgs,), _run_camera),
+             (_CameraArgs, DetectionSearch), _run_camera),
 )
 
 
