@@ -56,7 +56,7 @@ from .images import CHIP_SIZE as CHIP, IMAGE_EXTENSIONS, is_image_file, walk_fil
 __all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "FIELDS", "CameraError", "jpeg_quality", "ijg_luma_table", "jpeg_ghost_quality",
            "channel_kind", "noise_sigma", "channel_noise", "band_spectrum_db", "spectral_cutoff", "measure_chip", "measure_folder",
            "CameraSample", "CameraProfile", "CameraDegradations", "load_camera", "write_camera",
-           "DetectionSearch", "measure_detection", "choose_detection"]
+           "DetectionSearch", "measure_detection", "choose_detection", "degrade_photo"]
 
 PROFILE_FORMAT = "dlibbridge-camera"
 PROFILE_VERSION = 1
@@ -451,6 +451,31 @@ class CameraSample:
         if self.at_source:
             return augment.down_up(chip, self.side or CHIP, at_low_res=camera)
         return camera(augment.down_up(chip, self.side or CHIP))
+
+
+def degrade_photo(sample: CameraSample, rgb: np.ndarray, face_px: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A whole clean photo as the camera of ``sample`` would take it, for training a detector on
+    it: shrunk so that a face whose chip region is ``face_px`` pixels across becomes
+    ``sample.side`` (area averaging; never enlarged), then, as :meth:`CameraSample.apply` does
+    for a chip, colour loss, optics blur (``blur_sigma`` is in chip pixels: scaled to the
+    photo's), exposure matched on the photo's central half, sensor noise and JPEG.  Returns the
+    photo and the scale its coordinates were multiplied by."""
+    import cv2
+    scale = min(1.0, (sample.side or face_px) / max(face_px, 1.0))
+    h, w = rgb.shape[:2]
+    img = rgb
+    if scale < 1.0:
+        img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    if sample.gray:
+        img = augment.to_grayscale(img)
+    img = augment.blur(img, sample.blur_sigma * (sample.side or CHIP) / CHIP)
+    ih, iw = img.shape[:2]
+    centre = _luma(img)[ih // 4:3 * ih // 4 + 1, iw // 4:3 * iw // 4 + 1]
+    img = augment.brightness_contrast(img, gain=float(np.clip(sample.contrast / max(centre.std(), 1.0), 0.25, 4.0)),
+                                      mean_from=float(centre.mean()), mean_to=sample.brightness)
+    img = augment.add_noise(img, sample.noise, rng)
+    return (augment.jpeg(img, sample.jpeg_quality) if sample.jpeg_quality else img), img.shape[1] / w
 
 
 def _valid_record(r) -> bool:
