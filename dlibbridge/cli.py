@@ -25,6 +25,7 @@ from .errors import DlibbridgeError
 from .eval.evaluate import EvalConfig
 from .options import add_options, given_fields, option
 from .train.config import FinetuneConfig
+from .train.detector_config import DetectorFinetune
 
 
 class UsageError(DlibbridgeError):
@@ -212,7 +213,7 @@ def _run_align(args) -> int:
     cnn_factory = None
     if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
-        cnn_factory = functools.partial(cnn_face_detector, precision=settings.cnn_precision)
+        cnn_factory = functools.partial(cnn_face_detector, settings.detector_model, precision=settings.cnn_precision)
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
     if summary["files"] == 0:
@@ -432,6 +433,25 @@ def _run_freeze(args) -> int:
     return 0
 
 
+def _run_finetune_detector(args) -> int:
+    """Fine-tune dlib's CNN face detector for a camera: PHOTOS_DIR holds clean photos (no labels:
+    the base detector's boxes on them are the labels), seen through the camera of CAMERA_JSON
+    (its degradation, at the upsampling its detection setting chose). Writes DET.dat, which
+    dlib.cnn_face_detection_model_v1 loads (checked in dlib: the same boxes as the torch model),
+    and DET.json: faces found and false detections on held-out photos, base vs fine-tuned. Use
+    it with: dlibbridge align --detector cnn --detector-model DET.dat --upsample N."""
+    from .train import detector as dt
+    cfg = dt.DetectorFinetune(**given_fields(dt.DetectorFinetune, args))
+    check_output_file(cfg.out, "-o", kind="a dlib DNN file", is_kind=is_dlib_file)
+    report = dt.run(cfg)
+    for name in ("base", "finetuned"):
+        r = report[name]
+        print(f"{name:>9}: {r['found']}/{r['faces']} faces found, {r['false_detections']} false detections "
+              f"on {r['photos']} unseen camera photos (upsample {report['upsample']})")
+    print(f"wrote {cfg.out} (same boxes in dlib on {report['export_boxes_checked_in_dlib']} detections) and its report")
+    return 0
+
+
 # The order shown by --help: the workflow's order.
 _COMMANDS = (
     _Command("inspect", "list the layers of a dlib DNN file", (_InspectArgs,), _run_inspect),
@@ -451,6 +471,8 @@ _COMMANDS = (
     _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
+    _Command("finetune-detector", "fine-tune dlib's CNN face detector for a camera; export DET.dat for dlib",
+             (DetectorFinetune,), _run_finetune_detector),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
              (_CameraArgs, DetectionSearch), _run_camera),
 )

@@ -106,11 +106,22 @@ def test_finetuned_detector_round_trip_in_dlib(shared_dir, tmp_path):
     profile = CameraProfile([record], {})
     photos = [dlib.load_rgb_image(str(f)) for f in sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[:6]]
     base = cnn_face_detector()
-    tuned, report = D.finetune_detector(base, photos, profile, upsample=1,
-                                        cfg=D.DetectorFinetune(steps=2, batch_size=2, holdout=2), log=lambda *a: None)
+    cfg = D.DetectorFinetune("", "", "", steps=2, batch_size=2, holdout=2)
+    tuned, report, views = D.finetune_detector(base, photos, profile, upsample=1, cfg=cfg, log=lambda *a: None)
     assert report["steps"] == 2 and {"found", "false_detections"} <= set(report["finetuned"])
-    views = [D.camera_view(p, profile.sample(np.random.default_rng(0)), 1, np.random.default_rng(0))[0]
-             for p in D.label_photos(tuned, photos[:3])]
     out = tmp_path / "det.dat"
-    assert D.export_detector(tuned, out, views) > 0
+    assert D.export_detector(tuned, out, [img for img, _ in views]) > 0
     assert out.read_bytes() != assets.cnn_face_detector_path().read_bytes()
+
+    # align --detector-model runs it (torch port of that file), and refuses it without the CNN
+    import json
+    from dlibbridge import cli
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, img in enumerate(views[:2]):
+        dlib.save_image(img, str(raw / f"{i}.png"))
+    assert cli.main(["align", str(raw), str(tmp_path / "chips"), "--detector", "cnn", "--detector-model", str(out),
+                     "--upsample", "0", "-q", "--jobs", "1"]) in (0, 2)
+    summary = json.loads((tmp_path / "chips" / "summary.json").read_text())
+    assert summary["settings"]["detector_model"] == str(out) and summary["files"] == 2
+    assert cli.main(["align", str(raw), str(tmp_path / "chips2"), "--detector-model", str(out)]) == 2

@@ -112,6 +112,9 @@ class AlignSettings:
     cnn_precision: str = option("float32", "arithmetic of --detector cnn: float32 (default: dlib's boxes) or "
                                 "bfloat16 (faster on CPUs with AMX; NOT dlib-exact: on ~3%% of photos a box sits "
                                 "one window position away from dlib's)", choices=CNN_PRECISIONS)
+    detector_model: str | None = option(None, "the CNN detector's .dat for --detector cnn (default dlib's "
+                                        "mmod_human_face_detector; e.g. one made by dlibbridge finetune-detector)",
+                                        metavar="DET.dat")
     multi: str | None = option(None, "several faces in a photo: keep the largest, the most central, all, or skip the "
                                "photo (default: largest with identity folders, all in a flat folder)",
                                choices=MULTI_POLICIES)
@@ -129,6 +132,10 @@ class AlignSettings:
             raise AlignError(f"cnn_precision must be one of {CNN_PRECISIONS}, not {self.cnn_precision!r}")
         if self.cnn_precision != "float32" and self.detector != "cnn":
             raise AlignError(f"cnn_precision {self.cnn_precision} applies to the cnn detector only")
+        if self.detector_model is not None and self.detector != "cnn":
+            raise AlignError("detector_model is a CNN detector's file: it needs detector cnn")
+        if self.detector_model is not None and not Path(self.detector_model).is_file():
+            raise AlignError(f"detector_model {self.detector_model}: no such file")
         if not (isinstance(self.upsample, int) and 0 <= self.upsample <= 8):
             raise AlignError(f"upsample must be an integer 0..8, not {self.upsample!r}")
         if self.multi is not None and self.multi not in MULTI_POLICIES:
@@ -207,11 +214,12 @@ def use_hog_detector_pickle(data: bytes | None) -> None:
 class FaceAligner:
     """dlib's detector + 5-point landmarks + ``get_face_chip``, loaded once per process."""
 
-    def __init__(self, detector: str = "hog", upsample: int = 1, cnn_factory=None):
+    def __init__(self, detector: str = "hog", upsample: int = 1, cnn_factory=None, cnn_model=None):
         """``cnn_factory``: a picklable zero-argument callable returning a detector with
         ``det(images, upsample)`` → [[(l, t, r, b, confidence)]] (the torch port of dlib's CNN
         detector, handed down by the CLI: this package sits below the torch port); without
-        it ``cnn`` runs dlib's own ``cnn_face_detection_model_v1``."""
+        it ``cnn`` runs dlib's own ``cnn_face_detection_model_v1`` on ``cnn_model`` (default
+        dlib's face detector file)."""
         import dlib
 
         self._dlib = dlib
@@ -222,7 +230,7 @@ class FaceAligner:
         elif cnn_factory is not None:
             self._torch_cnn = cnn_factory()
         else:
-            self._cnn = dlib.cnn_face_detection_model_v1(str(assets.cnn_face_detector_path()))
+            self._cnn = dlib.cnn_face_detection_model_v1(str(cnn_model or assets.cnn_face_detector_path()))
         self._landmarks = dlib.shape_predictor(str(assets.landmarks5_path()))
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
@@ -346,7 +354,8 @@ _ALIGNERS: dict = {}     # (detector, upsample) → this process's aligner, for 
 def _init_worker(settings: AlignSettings, raw_dir: str, out_dir: str, policy: str,
                  hog_pickle: bytes | None = None, cnn_factory=None) -> None:
     use_hog_detector_pickle(hog_pickle)
-    _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample, cnn_factory), settings=settings,
+    _WORKER.update(aligner=FaceAligner(settings.detector, settings.upsample, cnn_factory, settings.detector_model),
+                   settings=settings,
                    raw_dir=Path(raw_dir), out_dir=Path(out_dir), policy=policy)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DlibbridgeError
+from .detector_config import DetectorFinetune
 from ..port.arch import DlibAffine
 from ..port.mmod import CnnFaceDetector, _folded_chain, _lround, box_overlap, tensor_to_image
 
@@ -311,23 +312,13 @@ def evaluate_on_camera(detector: CnnFaceDetector, views: list[tuple[np.ndarray, 
             "false_detections": false, "false_per_100_photos": round(100 * false / max(len(views), 1), 2)}
 
 
-@dataclass(frozen=True)
-class DetectorFinetune:
-    """``dlibbridge finetune-detector``: its settings."""
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 0.02
-    crop: int = 160
-    holdout: int = 20
-    seed: int = 0
-
-
 def finetune_detector(detector: CnnFaceDetector, photos: list[np.ndarray], profile, upsample: int,
-                      cfg: DetectorFinetune, log=print) -> tuple[CnnFaceDetector, dict]:
+                      cfg: DetectorFinetune, log=print) -> tuple[CnnFaceDetector, dict, list]:
     """Fine-tune ``detector``'s network (in place) on ``photos`` seen through the camera of
     ``profile`` at ``upsample``: SGD with momentum on :func:`mmod_loss`, labels the base
     detector's clean boxes.  The last ``cfg.holdout`` photos are never trained on: base and
-    fine-tuned detections on their camera views (one draw each, fixed seed) are the report."""
+    fine-tuned detections on their camera views (one draw each, fixed seed) are the report.
+    Returns the fine-tuned detector, the report and those views (image, boxes)."""
     import time
     rng = np.random.default_rng(cfg.seed)
     labelled = label_photos(detector, photos)
@@ -362,7 +353,7 @@ def finetune_detector(detector: CnnFaceDetector, photos: list[np.ndarray], profi
         objective.backward()
         opt.step()
         losses.append(value)
-        if (step + 1) % 20 == 0 or step < 3:
+        if (step + 1) % 20 == 0:
             log(f"step {step + 1}/{cfg.steps}: loss {np.mean(losses[-20:]):.3f} ({time.time() - started:.0f} s)")
     _unfold(chain, list(net))
     tuned = _rebuilt(detector)
@@ -370,7 +361,7 @@ def finetune_detector(detector: CnnFaceDetector, photos: list[np.ndarray], profi
               "loss_last_20": float(np.mean(losses[-20:])), "seconds": round(time.time() - started, 1),
               "base": base, "finetuned": evaluate_on_camera(tuned, views)}
     log(f"fine-tuned on the same photos: {report['finetuned']}")
-    return tuned, report
+    return tuned, report, views
 
 
 def _unfold(chain: list[torch.nn.Module], folded: list[torch.nn.Module]) -> None:
@@ -424,3 +415,37 @@ def export_detector(detector: CnnFaceDetector, path, check_images: list[np.ndarr
             n += len(a)
         return n
     return replace_verified(path, data, verify)
+
+
+def run(cfg: DetectorFinetune, log=print) -> dict:
+    """``dlibbridge finetune-detector``: read the profile and the photos, fine-tune at the
+    profile's upsampling, export ``cfg.out`` (checked in dlib on the unseen camera views) and
+    write the report beside it as ``.json``."""
+    from pathlib import Path
+
+    from .._io import write_json
+    from ..data.camera import load_camera
+    from ..data.images import ImageReadError, is_image_file, read_image, walk_files
+    profile = load_camera(cfg.camera)
+    setting = (profile.detection or {}).get("setting")
+    if not setting:
+        raise DetectorTrainingError(f"{cfg.camera}: no detection setting in the camera profile; run "
+                                    "dlibbridge camera on the camera's photos")
+    root = Path(cfg.photos_dir)
+    if not root.is_dir():
+        raise DetectorTrainingError(f"{root}: not a folder")
+    files = [root / rel for rel in walk_files(root) if is_image_file(rel)]
+    if cfg.max_photos is not None and len(files) > cfg.max_photos:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, cfg.max_photos).round().astype(int)]
+    photos = []
+    for f in files:
+        try:
+            photos.append(read_image(f).rgb)
+        except ImageReadError:
+            continue
+    detector = CnnFaceDetector(cfg.base)
+    tuned, report, views = finetune_detector(detector, photos, profile, setting["upsample"], cfg, log)
+    report["export_boxes_checked_in_dlib"] = export_detector(tuned, cfg.out, [img for img, _ in views])
+    report["camera"] = str(cfg.camera)
+    write_json(Path(cfg.out).with_suffix(".json"), report, indent=1)
+    return report
