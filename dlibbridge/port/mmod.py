@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import generic, onednn
-from ..data.align import CNN_PRECISIONS
+from ..data.align import CNN_PRECISIONS, pyramid_up
 from .arch import DlibAffine
 
 MIN_LEVEL_HEIGHT = 5
@@ -122,21 +122,6 @@ def box_overlap(a, b, iou_thresh: float, covered_thresh: float) -> bool:
 def _lround(x: np.ndarray) -> np.ndarray:
     """C's lround: halves away from zero."""
     return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------
-# dlib's bilinear resizes
-
-
-def pyramid_up(img: np.ndarray) -> np.ndarray:
-    """dlib's ``pyramid_up(img, pyramid_down<2>)`` of an RGB uint8 image: its bilinear
-    ``resize_image`` to (2·nr + 1) × (2·nc + 2) (``rect_up`` of the image rectangle, rounded),
-    run by the ``dlib`` package itself, so bit-identical by construction and ~3x faster than
-    the same arithmetic in torch ops."""
-    import dlib
-    nr, nc = img.shape[:2]
-    out_h, out_w = int(_lround(np.array((nr - 1 + 0.75) * 2))) + 1, int(_lround(np.array((nc - 1 + 1.25) * 2))) + 1
-    return dlib.resize_image(np.ascontiguousarray(img), out_h, out_w)
 
 
 # ---------------------------------------------------------------------------------------
