@@ -125,3 +125,20 @@ def test_finetuned_detector_round_trip_in_dlib(shared_dir, tmp_path):
     summary = json.loads((tmp_path / "chips" / "summary.json").read_text())
     assert summary["settings"]["detector_model"] == str(out) and summary["files"] == 2
     assert cli.main(["align", str(raw), str(tmp_path / "chips2"), "--detector-model", str(out)]) == 2
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    """One line and exit 2: a profile without a detection setting, settings out of range."""
+    from dlibbridge import cli
+    from dlibbridge.data.camera import CameraProfile, write_camera
+    record = {"face_px": 40.0, "effective_px": 30.0, "blur_sigma": 0.5, "jpeg_quality": 60, "noise": 1.0,
+              "brightness": 120.0, "contrast": 40.0, "channels": "gray"}
+    cam, _ = write_camera(CameraProfile([record], {}), tmp_path / "cam.json")
+    (tmp_path / "photos").mkdir()
+    base = ["finetune-detector", str(tmp_path / "photos"), "--camera", str(cam), "-o", str(tmp_path / "det.dat")]
+    for extra, message in (([], "no detection setting"), (["--crop", "40"], "crop must be at least 80"),
+                           (["--holdout", "0"], "holdout must be")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "det.dat").exists()
