@@ -21,7 +21,11 @@ from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
 from .errors import DlibbridgeError
+from .eval.cluster import ClusterArgs, run_cluster
+from .eval.compare import CompareArgs, run_compare
 from .eval.evaluate import EvalConfig
+from .eval.faces import ModelOptions
+from .eval.identify import IdentifyArgs, run_identify
 from .options import add_options, given_fields, option
 from .train.config import FinetuneConfig
 
@@ -440,6 +444,12 @@ _COMMANDS = (
     _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
+    _Command("compare", "are two photos the same person? distance and decision at the model's threshold",
+             (CompareArgs, ModelOptions), run_compare),
+    _Command("identify", "who is each face: nearest people of an enrolled gallery -> CSV",
+             (IdentifyArgs, ModelOptions), run_identify),
+    _Command("cluster", "group the faces of a photo folder by person (dlib's chinese whispers) into folders of links",
+             (ClusterArgs, ModelOptions), run_cluster),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
              (_CameraArgs,), _run_camera),
 )
@@ -467,6 +477,8 @@ _ON_INTERRUPT = {
     "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
     "camera": lambda args: "nothing written",
     "embed": lambda args: "finished batches are kept, run the same command again to continue",
+    "cluster": lambda args: "nothing written",
+    "identify": lambda args: "nothing written",
     "evaluate": lambda args: ("nothing kept (--no-cache)" if args.no_cache else
                               "finished descriptors and chips are cached, run the same command again to continue"),
 }
