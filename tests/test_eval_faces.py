@@ -14,29 +14,9 @@ import pytest
 from dlibbridge import assets, cli
 from dlibbridge.eval import faces as fc
 from parity import ATOL, dlib_net
+from conftest import TUNED_THRESHOLD as RUN_THRESHOLD
 
 SAMPLE = assets.sample_chips_dir()
-RUN_THRESHOLD = 0.71
-
-
-@pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory):
-    """A run folder like ``finetune --camera`` leaves: model.dat (dlib's model with its fc and
-    one batch-norm scaled, so every descriptor differs) and summary.json recommending a threshold."""
-    import torch
-    from dlibbridge.port.checkpoint import save_torch
-    from dlibbridge.port.convert import to_dlib, to_torch
-    run = tmp_path_factory.mktemp("run")
-    net = to_torch(assets.face_model_path())
-    with torch.no_grad():
-        net.fc.weight.mul_(1.2)
-        net.level2[0].branch1.norm.scale.mul_(1.5)
-    to_dlib(net, run / "model.dat", check=True)
-    save_torch(net, run / "model.pt")
-    (run / "summary.json").write_text(json.dumps({
-        "files": ["model.dat", "model.pt"],
-        "recommended_threshold": {"threshold": RUN_THRESHOLD, "domain": "camera"}}))
-    return run
 
 
 def _dlib_photo_descriptor(model: Path, photo: Path) -> np.ndarray:
