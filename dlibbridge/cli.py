@@ -273,6 +273,8 @@ def _run_evaluate(args) -> int:
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
     evaluation = ev.run(cfg)
+    if evaluation is None:  # under torchrun, a rank other than 0: its share is in rank 0's results
+        return 0
     print(ev.format_table(evaluation.results))
     print(f"results: {evaluation.results_file}")
     if cfg.report is not None:
@@ -377,6 +379,8 @@ def _run_embed(args) -> int:
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet,
                        workers=args.workers)
+    if res.rank:            # under torchrun: rank 0 reports the whole
+        return 0
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")

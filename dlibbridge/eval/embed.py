@@ -13,6 +13,11 @@ run takes about as long as the slower of the two stages, not their sum (docs/ben
 
 Long runs are resumable: progress goes to ``OUT.partial.npz`` every few batches and a rerun
 with the same model and image list continues from there.  ``OUT.npz`` is written atomically.
+
+Under ``torchrun`` each process embeds a contiguous share of the sorted images, cut at batch
+boundaries (:meth:`dlibbridge.port.dist.Dist.shard`), with its own ``OUT.rankRofW.partial.npz``
+(kept until OUT is written, so a rerun redoes only unfinished shards); rank 0 gathers the
+shares and writes OUT, identical to a single process's.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class EmbedResult:
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
     resumed_from: int = 0
+    rank: int = 0      # under torchrun, this process's rank: only rank 0's result is the whole
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
@@ -103,6 +109,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     :func:`default_workers`)."""
     from tqdm import tqdm
 
+    from ..port.dist import init_distributed, rank_device
     from .embedders import ModelSpec, make_embedder
 
     if batch_size < 1:
@@ -116,10 +123,13 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     files = list_images(images_dir)
     if not files:
         raise EmbedError(f"no images found below {images_dir}")
-    embedder = make_embedder(spec, device=device, batch_size=batch_size)
+    dist = init_distributed("cpu")
+    lo, hi = dist.shard(len(files), batch_size)
+    files = files[lo:hi]
+    embedder = make_embedder(spec, device=rank_device(device, dist), batch_size=batch_size)
 
     fp = _fingerprint(spec.path, spec.engine, files)
-    partial = out.with_name(out.name + ".partial.npz")
+    partial = out.with_name(out.name + (f".rank{dist.rank}of{dist.world}" if dist.world > 1 else "") + ".partial.npz")
     done, kept, embs, skipped = 0, [], [], []
     if partial.is_file():
         try:
@@ -139,7 +149,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
                   skipped=np.array(skipped, dtype=str).reshape(-1, 2))
 
     last_save = time.monotonic()
-    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
+    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress or not dist.main,
                dynamic_ncols=True, file=sys.stderr)
     nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
     try:
@@ -160,12 +170,27 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
         raise
     finally:
         bar.close()
-    if not kept:
-        raise EmbedError(f"none of the {len(files)} images below {images_dir} could be embedded "
-                         f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
-    write_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
-              skipped_paths=np.array([p for p, _ in skipped], dtype=str),
-              skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+    if dist.world > 1:
+        # The finished shard stays on disk until OUT is written: a rerun after any rank failed
+        # redoes only the shards that were not finished.
+        checkpoint(done)
+        shards = dist.gather_obj((kept, embs, skipped))
+        if dist.main:
+            kept = [p for k, _, _ in shards for p in k]
+            embs = [e for _, es, _ in shards for e in es]
+            skipped = [x for _, _, sk in shards for x in sk]
+    problem = None
+    if dist.main:
+        if not kept:
+            problem = (f"none of the {len(skipped)} images below {images_dir} could be embedded "
+                       f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
+        else:
+            write_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
+                      skipped_paths=np.array([p for p, _ in skipped], dtype=str),
+                      skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+    problem = dist.broadcast_obj(problem)
+    if problem:
+        raise EmbedError(problem)
     if partial.exists():
         partial.unlink()
-    return EmbedResult(out, kept, skipped, resumed_from)
+    return EmbedResult(out, kept, skipped, resumed_from, dist.rank)

@@ -287,9 +287,16 @@ def results_path(cfg: EvalConfig) -> Path:
     return (cfg.report if cfg.report is not None else Path.cwd()) / "results.json"
 
 
+def _cache_files(embedders: Sequence[Embedder], loader: ChipSource, cache_dir: Path | None,
+                 share: str = "") -> list[Path | None]:
+    """Each model's descriptor cache (``share``: a torchrun rank's own file beside it)."""
+    tag = loader.cache_tag()
+    return [None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}{share}.npz" for e in embedders]
+
+
 def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loader: ChipSource,
                        cache_dir: Path | None, batch_size: int = 64, progress: bool = True,
-                       save_every_s: float = 60.0) -> tuple[list[np.ndarray], list[str]]:
+                       save_every_s: float = 60.0, share: str = "") -> tuple[list[np.ndarray], list[str]]:
     """Descriptors of every image for every model (NaN rows where no chip could be made)
     and each image's chip status.  Each image is read and aligned once for all models
     that lack it in their cache, by ``loader``'s workers while the network embeds the batch
@@ -299,9 +306,12 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     from tqdm import tqdm
     keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
                                          leave=False)]
-    tag = loader.cache_tag()
-    caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
-              for e in embedders]
+    caches = [EmbeddingCache(f) for f in _cache_files(embedders, loader, cache_dir)]
+    if share:       # a rank's share: what the shared cache knows, plus its own progress
+        for cache, f in zip(caches, _cache_files(embedders, loader, cache_dir, share)):
+            cache.path = f
+            cache.merge(EmbeddingCache(f))
+            cache.dirty = False
     first = {k: i for i, k in reversed(list(enumerate(keys)))}     # images with the same bytes: the first
     todo = sorted(i for k, i in first.items() if any(k not in c for c in caches))
     last_save = time.monotonic()
@@ -332,6 +342,38 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
             c.save()
     out = [np.stack([c.emb[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM), np.float32) for c in caches]
     return out, [caches[0].status[k] for k in keys] if caches else []
+
+
+def sharded_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loader: ChipSource,
+                       cache_dir: Path | None, batch_size: int, progress: bool, dist) -> tuple[list[np.ndarray], list[str]] | None:
+    """:func:`compute_embeddings` under torchrun: this rank takes its contiguous share of the
+    images, cut at batch boundaries (so the batches, and the descriptors bit for bit, are a
+    single process's), and keeps its progress in caches and a chips folder of its own, so a
+    rerun resumes every share; rank 0 gathers the shares, folds the ranks' caches into the
+    shared ones and returns the whole (the other ranks return None)."""
+    if dist.world == 1:
+        return compute_embeddings(paths, embedders, loader, cache_dir, batch_size, progress)
+    share = f".rank{dist.rank}of{dist.world}"
+    if loader.chips_dir is not None:
+        loader.chips_dir = loader.chips_dir.with_name(loader.chips_dir.name + share)
+    lo, hi = dist.shard(len(paths), batch_size)
+    mine = compute_embeddings(paths[lo:hi], embedders, loader, cache_dir, batch_size, progress and dist.main,
+                              share=share)
+    shares = dist.gather_obj(mine)
+    if dist.main and cache_dir is not None:
+        for m, f in enumerate(_cache_files(embedders, loader, cache_dir)):
+            cache = EmbeddingCache(f)
+            parts = [f.with_name(f"{f.stem}.rank{r}of{dist.world}.npz") for r in range(dist.world)]
+            for part in parts:
+                cache.merge(EmbeddingCache(part))
+            cache.save()
+            for part in parts:
+                part.unlink(missing_ok=True)
+    dist.barrier()
+    if not dist.main:
+        return None
+    return ([np.concatenate([embs[m] for embs, _ in shares]) for m in range(len(embedders))],
+            [s for _, status in shares for s in status])
 
 
 @dataclass
@@ -385,9 +427,11 @@ def _status_counts(status: Sequence[str]) -> dict:
     return out
 
 
-def run(cfg: EvalConfig) -> Evaluation:
+def run(cfg: EvalConfig) -> Evaluation | None:
     """The whole ``dlibbridge evaluate``: pairs, alignment, descriptors (cached), metrics,
-    results.json.  The report is drawn separately from the returned Evaluation."""
+    results.json.  The report is drawn separately from the returned Evaluation.  Under
+    torchrun the images are shared out (:func:`sharded_embeddings`) and only rank 0 goes on
+    to the metrics; the other ranks return None."""
     import datetime
     from .. import __version__
     if not cfg.models:
@@ -402,11 +446,17 @@ def run(cfg: EvalConfig) -> Evaluation:
     if in_folder > len(images):
         print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
               "not aligned or embedded", file=sys.stderr)
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
+    from ..port.dist import init_distributed, rank_device
+    dist = init_distributed("cpu")
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, rank_device(cfg.device, dist), cfg.batch_size)
+                 for m in models]
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
                                  multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
-    embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
-                                      cfg.batch_size, cfg.progress)
+    shares = sharded_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
+                                cfg.batch_size, cfg.progress, dist)
+    if shares is None:
+        return None
+    embs, status = shares
 
     i1 = np.array([index[a] for a, _ in pair_paths], np.int64)
     i2 = np.array([index[b] for _, b in pair_paths], np.int64)

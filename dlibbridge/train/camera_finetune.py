@@ -41,7 +41,7 @@ from .._io import sha256_file, write_torch
 from ..assets import resolve_model
 from . import xq
 from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, FinetuneConfig, FinetuneError
-from .dist import Dist
+from ..port.dist import Dist
 from .rundir import write_logs, write_run_json
 
 __all__ = ["camera_finetune", "load_target_val", "DOMAINS"]

@@ -57,7 +57,7 @@ from .._io import sha256_file
 from ..assets import resolve_model
 from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
-from .dist import Dist, init_distributed
+from ..port.dist import Dist, init_distributed
 from .losses import make_loss
 from .rundir import write_logs, write_run_json
 from .._io import write_torch
