@@ -201,3 +201,13 @@ def tuned_run(tmp_path_factory):
         "files": ["model.dat", "model.pt"],
         "recommended_threshold": {"threshold": TUNED_THRESHOLD, "domain": "camera"}}))
     return run
+
+
+def torchrun(*args: str, cwd):
+    """``dlibbridge`` under torchrun: 2 CPU processes over gloo."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "dlibbridge", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p

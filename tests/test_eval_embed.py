@@ -1,9 +1,6 @@
 """eval.embed (``dlibbridge embed``): descriptors of a folder of chips, resumable, matching dlib."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -12,6 +9,7 @@ from dlibbridge._io import write_npz
 from dlibbridge.eval import embed
 from dlibbridge.eval.embedders import ModelSpec
 from dlibbridge.port.dist import Dist
+from conftest import torchrun
 from parity import ATOL
 
 
@@ -88,14 +86,6 @@ def test_embed_refuses_empty_or_missing_folders(tmp_path, face_model_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(embed.EmbedError, match="no images"):
         embed.embed_folder(str(face_model_path), tmp_path / "empty", tmp_path / "o.npz", progress=False)
-
-
-def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
-    """``dlibbridge`` under torchrun: 2 CPU processes over gloo."""
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "dlibbridge", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 def test_embed_under_torchrun_equals_one_process_and_resumes_per_shard(tmp_path):
