@@ -486,9 +486,9 @@ _ON_INTERRUPT = {
     "evaluate": lambda args: ("nothing kept (--no-cache)" if args.no_cache else
                               "finished descriptors and chips are cached, run the same command again to continue"),
 }
-# evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
-# files found deep in their pipelines) as bad input, as they always have.
-_ALSO_BAD_INPUT = {"evaluate": (ValueError,), "embed": (ValueError,)}
+# evaluate, embed and the face jobs also report the library's plain ValueErrors (bad pairs,
+# model or chip files found deep in their pipelines) as bad input, as they always have.
+_ALSO_BAD_INPUT = {name: (ValueError,) for name in ("evaluate", "embed", "compare", "identify", "cluster")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,3 +212,30 @@ def test_cluster_never_deletes_user_files(tmp_path, capsys):
     assert (out / "cluster_000" / "photo.jpg").read_text() == "a user's file"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert all(f.exists() for f in _sample("John_Salley")[:2])
+
+
+def test_an_absent_device_is_one_clear_line(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    a, b = _sample("John_Salley")[:2]
+    assert cli.main(["compare", str(a), str(b), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sees no CUDA device" in err
+    assert fc.resolve_device("auto") == "cpu"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--engine", "dlib", "--model", "MODEL_PT"], "the dlib engine runs dlib .dat files"),
+    (["--model", "SUMMARY"], "cannot load"),
+])
+def test_bad_models_are_one_clear_line(tuned_run, argv, words, capsys):
+    a, b = _sample("John_Salley")[:2]
+    argv = [x.replace("MODEL_PT", str(tuned_run / "model.pt")).replace("SUMMARY", str(tuned_run / "summary.json"))
+            for x in argv]
+    for cmd in (["compare", str(a), str(b)], ["cluster", str(a), "-o", "never"],
+                ["identify", "--gallery", str(SAMPLE), str(a)]):
+        assert cli.main(cmd + argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not Path("never").exists()

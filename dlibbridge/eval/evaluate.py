@@ -26,7 +26,7 @@ import numpy as np
 from .._io import sha256_file, write_atomic, write_json
 from ..options import option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
-from ..data.images import CHIP_SIZE
+from ..data.images import CHIP_SIZE, is_chip_sized
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
 from .pairs import PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
@@ -89,15 +89,6 @@ class ChipSource:
             src.chips_dir = Path(cache_dir) / "chips" / f"{root.name}-{h}-{src.cache_tag()}"
         return src
 
-    @staticmethod
-    def _is_chip_sized(path: Path) -> bool:
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                return im.size == (CHIP_SIZE, CHIP_SIZE)
-        except Exception:                  # unreadable: the alignment pipeline reports why
-            return False
-
     def _journal(self):
         from ..data.align import Journal, list_sources
         if self.chips_dir is None:
@@ -137,7 +128,7 @@ class ChipSource:
         from ..data.align import hog_detector_pickle, use_hog_detector_pickle, write_manifest
         from ..data.prefetch import default_workers, prefetched
         paths = [Path(p) for p in paths]
-        chip_sized = [self._is_chip_sized(p) for p in paths]
+        chip_sized = [is_chip_sized(p) for p in paths]
         journal = None if all(chip_sized) else self._journal()
         try:
             tasks = [self._task(p, c, journal) for p, c in zip(paths, chip_sized)]

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.align import DETECTORS, AlignSettings, Source, align_photo, hog_detector_pickle, use_hog_detector_pickle
-from ..data.images import ImageReadError, is_image_file, read_image, walk_files
+from ..data.images import ImageReadError, is_chip_sized, is_image_file, read_image, walk_files
 from ..errors import DlibbridgeError
 from ..options import option
 from .embedders import EMBED_DIM, Embedder, ModelSpec, make_embedder
@@ -131,16 +131,11 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _is_chip(path: Path) -> bool:
-    from .evaluate import ChipSource
-    return ChipSource._is_chip_sized(path)
-
-
 def _faces_in(task: tuple) -> list[tuple] | str:
     """One file in a worker: its (chip, index, box) faces, or why it has none."""
     path, chips_dir, settings, stem = task
     try:
-        if _is_chip(path):
+        if is_chip_sized(path):
             return [(read_image(path).rgb, 0, None)]
         rows = align_photo(path.parent, chips_dir, Source(path.name, "", stem), settings, "")
         faces = [(read_image(Path(chips_dir) / r["chip"]).rgb, int(r["face"]),
