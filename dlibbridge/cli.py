@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import _writable as w
 from ._writable import check_output_dir, check_output_file
+from ._paths import resolved
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
@@ -134,8 +135,8 @@ class _ExportArgs:
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
     pt2: str | None = option(None, "also write a torch.export program (load: torch.export.load(OUT.pt2).module())",
                              metavar="OUT.pt2")
-    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (loads with "
-                                    "torch.load(weights_only=True))", metavar="OUT.pt")
+    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (plain torch loads it "
+                                    "with weights_only=True)", metavar="OUT.pt")
     atol: float = option(1e-5, "largest accepted max |diff| of the checks")
 
 
@@ -334,9 +335,9 @@ def _run_export(args) -> int:
     if not outputs:
         raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
     args.model = str(resolve_model(args.model))
-    src = Path(args.model).resolve()
+    src = resolved(args.model, "MODEL")
     for o in outputs:
-        if Path(o).resolve() == src:
+        if resolved(o, "output") == src:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")

@@ -49,6 +49,7 @@ import numpy as np
 
 from . import augment
 from .._io import write_atomic, write_json
+from .._paths import resolved
 from ..errors import DlibbridgeError
 from .images import CHIP_SIZE as CHIP, IMAGE_EXTENSIONS, is_image_file, walk_files
 
@@ -612,7 +613,7 @@ def check_output(out: str | os.PathLike, photos_dir: str | os.PathLike, overwrit
         raise CameraError(f"{photos_dir}: no such folder")
     if not Path(photos_dir).is_dir():
         raise CameraError(f"{photos_dir}: not a folder")
-    out, src = Path(out).resolve(), Path(photos_dir).resolve()
+    out, src = resolved(out, "-o"), resolved(photos_dir, "PHOTOS_DIR")
     if out.suffix.lower() == ".png":
         raise CameraError(f"{out}: the profile is JSON (its plot goes beside it as .png); name it e.g. camera.json")
     if out.is_relative_to(src):

@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .._io import sha256_file, write_npz
+from .._load import DamagedFileError, read_npz
+from .._lock import LOCK_NAME, folder_lock
+from .._paths import resolved
 from ..data.images import CHIP_SHAPE, is_image_file, walk_files
 from ..data.prefetch import default_workers, prefetched
 from ..errors import DlibbridgeError
@@ -107,8 +110,6 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     """Embed every chip below ``images_dir`` with ``model``; see the module docstring.
     ``workers``: decode processes (0 = decode in this process; default
     :func:`default_workers`)."""
-    from tqdm import tqdm
-
     from ..port.dist import init_distributed, rank_device
     from .embedders import ModelSpec, make_embedder
 
@@ -118,29 +119,39 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
         raise EmbedError("workers must be 0 or more")
     images_dir, out = Path(images_dir), Path(out)
     spec = ModelSpec.parse(model, engine)
-    if out.resolve() == spec.path.resolve():
+    if resolved(out, "-o") == resolved(spec.path, "MODEL"):
         raise EmbedError(f"refusing to write the output over the model {spec.path}")
     files = list_images(images_dir)
     if not files:
         raise EmbedError(f"no images found below {images_dir}")
     dist = init_distributed("cpu")
     lo, hi = dist.shard(len(files), batch_size)
-    files = files[lo:hi]
     embedder = make_embedder(spec, device=rank_device(device, dist), batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)      # as every output's folder: made before the work
+    # Under torchrun rank 0 holds OUT's lock for the job; the ranks' partial files are their own.
+    lock = (folder_lock(out.parent, "dlibbridge embed", lock_file=out.with_name(f".{out.name}{LOCK_NAME}"))
+            if dist.main else contextlib.nullcontext())
+    with lock:
+        return _embed(embedder, spec, files[lo:hi], images_dir, out, batch_size, progress, workers, dist)
+
+
+def _embed(embedder, spec, files: list[str], images_dir: Path, out: Path, batch_size: int, progress: bool,
+           workers: int | None, dist) -> EmbedResult:
+    from tqdm import tqdm
 
     fp = _fingerprint(spec.path, spec.engine, files)
     partial = out.with_name(out.name + (f".rank{dist.rank}of{dist.world}" if dist.world > 1 else "") + ".partial.npz")
     done, kept, embs, skipped = 0, [], [], []
     if partial.is_file():
         try:
-            with np.load(partial, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fp:
-                    done = int(z["done"])
-                    kept = z["paths"].tolist()
-                    embs = [z["embeddings"]]
-                    skipped = [tuple(x) for x in z["skipped"].tolist()]
-        except (OSError, ValueError, KeyError):
-            done = 0   # unreadable partial progress: start over
+            z = read_npz(partial, what="partial embeddings")
+            if str(z["fingerprint"]) == fp:
+                done = int(z["done"])
+                kept = z["paths"].tolist()
+                embs = [z["embeddings"]]
+                skipped = [tuple(x) for x in z["skipped"].tolist()]
+        except (DamagedFileError, KeyError):
+            done = 0   # unreadable partial progress (ours, remade from the chips): start over
     resumed_from = done
 
     def checkpoint(n: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import sha256_file, write_npz
+from .._load import DamagedFileError, read_npz
 from ..assets import resolve_model
 from ..data.images import CHIP_SIZE
 from ..port.infer import EMBED_DIM, in_batches, torch_forward
@@ -224,10 +225,10 @@ class EmbeddingCache:
         self.dirty = False
         if path is not None and path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as z:
-                    for k, e, s in zip(z["keys"].tolist(), z["embeddings"], z["status"].tolist()):
-                        self.emb[k], self.status[k] = e, s
-            except (OSError, ValueError, KeyError) as e:
+                z = read_npz(path, what="embedding cache")
+                for k, e, s in zip(z["keys"].tolist(), z["embeddings"], z["status"].tolist()):
+                    self.emb[k], self.status[k] = e, s
+            except (DamagedFileError, KeyError) as e:
                 print(f"warning: ignoring unreadable embedding cache {path} ({e})", file=sys.stderr)
                 self.emb.clear()
                 self.status.clear()
