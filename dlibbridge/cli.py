@@ -324,8 +324,9 @@ def _run_export(args) -> int:
     """MODEL (a dlib .dat in affine or bn_con form, a dlibbridge torch checkpoint, or 'default' for
     the installed dlib model) -> the deployed dlib file that dlib.face_recognition_model_v1 loads
     (-o), checked by loading it in dlib; with --trainable the bn_con form for dlib's trainer.
-    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take float32 N x 3 x
-    150 x 150 RGB 0-255 (dynamic N) and are checked against the torch module."""
+    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take uint8 RGB chips
+    N x 150 x 150 x 3 (dynamic N), as the torch module does, record that in the file, and are
+    checked against the torch module."""
     import os
     from pathlib import Path
     from .port import convert
@@ -496,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command.  Every error about the input or the request — a
     :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
     ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
-    bug still shows its traceback."""
+    bug still shows its traceback.  The command owns its process, so it first applies the CPU
+    settings a library call leaves alone (:func:`~dlibbridge.port.runtime.tune_cpu`), before
+    any handler imports torch."""
+    from .port.runtime import tune_cpu
+    tune_cpu()
     args = build_parser().parse_args(argv)
     bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:

@@ -216,7 +216,7 @@ def test_two_finetunes_on_one_folder_one_is_refused_and_resume_of_a_running_one_
     b = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # while one trains, a --resume is refused too
     deadline = time.time() + 120
-    while not (run / LOCK_NAME).exists() and time.time() < deadline:
+    while not ((run / LOCK_NAME).exists() and (run / "config.json").exists()) and time.time() < deadline:
         time.sleep(0.05)
     code, err = _cli(["finetune", "--resume", run], capsys)
     if a.poll() is None or b.poll() is None:

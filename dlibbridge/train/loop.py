@@ -254,6 +254,9 @@ def split_identities(store, cfg: FinetuneConfig, world: int) -> Split:
     n_val = min(n_val, max(0, len(multi) - cfg.identities_per_batch))
     val_ids = np.sort(rng.permutation(multi)[:n_val]) if n_val >= 2 else np.array([], dtype=multi.dtype)
     train_ids = np.setdiff1d(multi, val_ids)
+    if cfg.camera:
+        # A camera run learns from one-photo people too: the photo's camera draws are its positives.
+        train_ids, single = np.union1d(train_ids, single), single[:0]
     p, k = cfg.identities_per_batch, cfg.images_per_identity
     pair_loss = cfg.loss in PAIR_LOSSES
     if len(train_ids) < p:
