@@ -23,7 +23,11 @@ from .assets import resolve_model
 from .data.align import AlignSettings
 from .data.camera import DetectionSearch
 from .errors import DlibbridgeError
+from .eval.cluster import ClusterArgs, run_cluster
+from .eval.compare import CompareArgs, run_compare
 from .eval.evaluate import EvalConfig
+from .eval.faces import ModelOptions
+from .eval.identify import IdentifyArgs, run_identify
 from .options import add_options, given_fields, option
 from .train.config import FinetuneConfig
 from .train.detector_config import DetectorFinetune
@@ -282,6 +286,8 @@ def _run_evaluate(args) -> int:
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
     evaluation = ev.run(cfg)
+    if evaluation is None:  # under torchrun, a rank other than 0: its share is in rank 0's results
+        return 0
     print(ev.format_table(evaluation.results))
     print(f"results: {evaluation.results_file}")
     if cfg.report is not None:
@@ -387,6 +393,8 @@ def _run_embed(args) -> int:
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet,
                        workers=args.workers)
+    if res.rank:            # under torchrun: rank 0 reports the whole
+        return 0
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")
@@ -475,6 +483,12 @@ _COMMANDS = (
              (EvalConfig, _EvaluateArgs), _run_evaluate),
     _Command("finetune-detector", "fine-tune dlib's CNN face detector for a camera; export DET.dat for dlib",
              (DetectorFinetune,), _run_finetune_detector),
+    _Command("compare", "are two photos the same person? distance and decision at the model's threshold",
+             (CompareArgs, ModelOptions), run_compare),
+    _Command("identify", "who is each face: nearest people of an enrolled gallery -> CSV",
+             (IdentifyArgs, ModelOptions), run_identify),
+    _Command("cluster", "group the faces of a photo folder by person (dlib's chinese whispers) into folders of links",
+             (ClusterArgs, ModelOptions), run_cluster),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
              (_CameraArgs, DetectionSearch), _run_camera),
 )
@@ -502,12 +516,14 @@ _ON_INTERRUPT = {
     "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
     "camera": lambda args: "nothing written",
     "embed": lambda args: "finished batches are kept, run the same command again to continue",
+    "cluster": lambda args: "nothing written",
+    "identify": lambda args: "nothing written",
     "evaluate": lambda args: ("nothing kept (--no-cache)" if args.no_cache else
                               "finished descriptors and chips are cached, run the same command again to continue"),
 }
-# evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
-# files found deep in their pipelines) as bad input, as they always have.
-_ALSO_BAD_INPUT = {"evaluate": (ValueError,), "embed": (ValueError,)}
+# evaluate, embed and the face jobs also report the library's plain ValueErrors (bad pairs,
+# model or chip files found deep in their pipelines) as bad input, as they always have.
+_ALSO_BAD_INPUT = {name: (ValueError,) for name in ("evaluate", "embed", "compare", "identify", "cluster")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -376,13 +376,15 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
         chip_rel = src.chip_stem + (f".face{k}.png" if policy == "all" else ".png")
         path = out_dir / chip_rel
         chip = png_bytes(aligner.chip(rgb, face))
+        tmp_dir = out_dir / STATE_DIR / _TMP
         try:
-            if path.parent not in _MADE_DIRS:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _MADE_DIRS.add(path.parent)
+            for d in (path.parent, tmp_dir):     # tmp_dir too: align_photo's callers may keep no Journal
+                if d not in _MADE_DIRS:
+                    d.mkdir(parents=True, exist_ok=True)
+                    _MADE_DIRS.add(d)
             # a chip can always be remade from its photo; its temporary file goes to align's own
             # folder, the only place a later run removes leftovers from
-            write_atomic(path, chip, fsync=False, tmp_dir=out_dir / STATE_DIR / _TMP)
+            write_atomic(path, chip, fsync=False, tmp_dir=tmp_dir)
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e}") from None
         l, t, r, b = face.box

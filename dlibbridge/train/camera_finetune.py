@@ -42,7 +42,7 @@ from .._load import read_torch
 from ..assets import resolve_model
 from . import xq
 from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, RESUME_ADVICE, FinetuneConfig, FinetuneError
-from .dist import Dist
+from ..port.dist import Dist
 from .rundir import write_logs, write_run_json
 
 __all__ = ["camera_finetune", "load_target_val", "DOMAINS"]

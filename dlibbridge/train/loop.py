@@ -59,7 +59,7 @@ from .._lock import LOCK_NAME, folder_lock
 from ..assets import resolve_model
 from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_ADVICE, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
-from .dist import Dist, init_distributed
+from ..port.dist import Dist, init_distributed
 from .losses import make_loss
 from .rundir import write_logs, write_run_json
 from .._io import write_torch
