@@ -21,10 +21,16 @@ from ._paths import resolved
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
+from .data.camera import DetectionSearch
 from .errors import DlibbridgeError
+from .eval.cluster import ClusterArgs, run_cluster
+from .eval.compare import CompareArgs, run_compare
 from .eval.evaluate import EvalConfig
+from .eval.faces import ModelOptions
+from .eval.identify import IdentifyArgs, run_identify
 from .options import add_options, given_fields, option
 from .train.config import FinetuneConfig
+from .train.detector_config import DetectorFinetune
 
 
 class UsageError(DlibbridgeError):
@@ -82,6 +88,12 @@ class _InspectArgs:
 class _AlignPaths:
     raw_dir: str = option(positional=True, metavar="RAW_DIR")
     out_dir: str = option(positional=True, metavar="OUT_DIR")
+
+
+@dataclass
+class _AlignCamera:
+    camera: str | None = option(None, "camera profile (dlibbridge camera): detect with the detector and upsampling "
+                                "it chose (--detector/--upsample given here win)", metavar="CAMERA_JSON")
 
 
 @dataclass
@@ -207,13 +219,14 @@ def _run_align(args) -> int:
     dlib.get_face_chip(img, shape, 150, 0.25) in OUT_DIR (mirrored tree), plus manifest.csv and
     summary.json. Resumable: rerun to continue."""
     from .data import align as al
-    settings = al.AlignSettings(**given_fields(al.AlignSettings, args))
+    given = given_fields(al.AlignSettings, args)
+    settings = al.AlignSettings.for_camera(args.camera, **given) if args.camera else al.AlignSettings(**given)
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     cnn_factory = None
     if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
-        cnn_factory = functools.partial(cnn_face_detector, precision=settings.cnn_precision)
+        cnn_factory = functools.partial(cnn_face_detector, settings.detector_model, precision=settings.cnn_precision)
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
     if summary["files"] == 0:
@@ -247,7 +260,10 @@ def _run_camera(args) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise UsageError("--max-images must be at least 1")
     camera.check_output(args.out, args.photos_dir, args.overwrite)
-    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images)
+    from .port.mmod import cnn_face_detector
+    search = camera.DetectionSearch(**given_fields(camera.DetectionSearch, args))
+    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images,
+                                    search=search, cnn_factory=cnn_face_detector)
     out, png = camera.write_camera(profile, args.out)
     print(profile.summary())
     print(f"wrote {out} and {png}")
@@ -278,6 +294,8 @@ def _run_evaluate(args) -> int:
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
     evaluation = ev.run(cfg)
+    if evaluation is None:  # under torchrun, a rank other than 0: its share is in rank 0's results
+        return 0
     print(ev.format_table(evaluation.results))
     print(f"results: {evaluation.results_file}")
     if cfg.report is not None:
@@ -387,6 +405,8 @@ def _run_embed(args) -> int:
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=not args.quiet,
                        workers=args.workers)
+    if res.rank:            # under torchrun: rank 0 reports the whole
+        return 0
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")
@@ -435,6 +455,25 @@ def _run_freeze(args) -> int:
     return 0
 
 
+def _run_finetune_detector(args) -> int:
+    """Fine-tune dlib's CNN face detector for a camera: PHOTOS_DIR holds clean photos (no labels:
+    the base detector's boxes on them are the labels), seen through the camera of CAMERA_JSON
+    (its degradation, at the upsampling its detection setting chose). Writes DET.dat, which
+    dlib.cnn_face_detection_model_v1 loads (checked in dlib: the same boxes as the torch model),
+    and DET.json: faces found and false detections on held-out photos, base vs fine-tuned. Use
+    it with: dlibbridge align --detector cnn --detector-model DET.dat --upsample N."""
+    from .train import detector as dt
+    cfg = dt.DetectorFinetune(**given_fields(dt.DetectorFinetune, args))
+    check_output_file(cfg.out, "-o", kind="a dlib DNN file", is_kind=is_dlib_file)
+    report = dt.run(cfg)
+    for name in ("base", "finetuned"):
+        r = report[name]
+        print(f"{name:>9}: {r['found']}/{r['faces']} faces found, {r['false_detections']} false detections "
+              f"on {r['photos']} unseen camera photos (upsample {report['upsample']})")
+    print(f"wrote {cfg.out} (same boxes in dlib on {report['export_boxes_checked_in_dlib']} detections) and its report")
+    return 0
+
+
 # The order shown by --help: the workflow's order.
 _COMMANDS = (
     _Command("inspect", "list the layers of a dlib DNN file", (_InspectArgs,), _run_inspect),
@@ -443,7 +482,7 @@ _COMMANDS = (
     _Command("freeze", "trainable dlib file (bn_con2) -> deployable model (affine_), as dlib converts it",
              (_FreezeArgs,), _run_freeze),
     _Command("align", "detect, align and save 150x150 face chips exactly as dlib does",
-             (_AlignPaths, AlignSettings, _AlignRun), _run_align),
+             (_AlignPaths, AlignSettings, _AlignCamera, _AlignRun), _run_align, given_only=(AlignSettings,)),
     _Command("pack", "pack aligned chips into one memory-mapped array for training", (_PackArgs,), _run_pack),
     # Only options given on the command line reach the config: the dataclass's defaults, or
     # --camera's recipe, or a resumed run's config fill the rest.
@@ -454,8 +493,16 @@ _COMMANDS = (
     _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
+    _Command("finetune-detector", "fine-tune dlib's CNN face detector for a camera; export DET.dat for dlib",
+             (DetectorFinetune,), _run_finetune_detector),
+    _Command("compare", "are two photos the same person? distance and decision at the model's threshold",
+             (CompareArgs, ModelOptions), run_compare),
+    _Command("identify", "who is each face: nearest people of an enrolled gallery -> CSV",
+             (IdentifyArgs, ModelOptions), run_identify),
+    _Command("cluster", "group the faces of a photo folder by person (dlib's chinese whispers) into folders of links",
+             (ClusterArgs, ModelOptions), run_cluster),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
-             (_CameraArgs,), _run_camera),
+             (_CameraArgs, DetectionSearch), _run_camera),
 )
 
 
@@ -481,12 +528,14 @@ _ON_INTERRUPT = {
     "finetune": lambda args: f"continue with: dlibbridge finetune --resume {getattr(args, 'out', None) or args.resume}",
     "camera": lambda args: "nothing written",
     "embed": lambda args: "finished batches are kept, run the same command again to continue",
+    "cluster": lambda args: "nothing written",
+    "identify": lambda args: "nothing written",
     "evaluate": lambda args: ("nothing kept (--no-cache)" if args.no_cache else
                               "finished descriptors and chips are cached, run the same command again to continue"),
 }
-# evaluate and embed also report the library's plain ValueErrors (bad pairs, model or chip
-# files found deep in their pipelines) as bad input, as they always have.
-_ALSO_BAD_INPUT = {"evaluate": (ValueError,), "embed": (ValueError,)}
+# evaluate, embed and the face jobs also report the library's plain ValueErrors (bad pairs,
+# model or chip files found deep in their pipelines) as bad input, as they always have.
+_ALSO_BAD_INPUT = {name: (ValueError,) for name in ("evaluate", "embed", "compare", "identify", "cluster")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,3 +173,41 @@ def ctrl_c_popen():
         return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=_sigint_default, **kw)
     return popen
+
+
+# ---- a fine-tuned model as a run folder leaves it ------------------------------------
+
+TUNED_THRESHOLD = 0.71   # the threshold its summary.json recommends
+
+
+@pytest.fixture(scope="session")
+def tuned_run(tmp_path_factory):
+    """A run folder like ``finetune --camera`` leaves: model.dat (dlib's model with its fc and
+    one batch-norm scaled, so every descriptor differs) and summary.json recommending a threshold."""
+    import json
+
+    import torch
+    from dlibbridge import assets
+    from dlibbridge.port.checkpoint import save_torch
+    from dlibbridge.port.convert import to_dlib, to_torch
+    run = tmp_path_factory.mktemp("tuned_run")
+    net = to_torch(assets.face_model_path())
+    with torch.no_grad():
+        net.fc.weight.mul_(1.2)
+        net.level2[0].branch1.norm.scale.mul_(1.5)
+    to_dlib(net, run / "model.dat", check=True)
+    save_torch(net, run / "model.pt")
+    (run / "summary.json").write_text(json.dumps({
+        "files": ["model.dat", "model.pt"],
+        "recommended_threshold": {"threshold": TUNED_THRESHOLD, "domain": "camera"}}))
+    return run
+
+
+def torchrun(*args: str, cwd):
+    """``dlibbridge`` under torchrun: 2 CPU processes over gloo."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "dlibbridge", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p

@@ -437,3 +437,42 @@ def test_an_empty_folder_is_nothing_to_do_and_no_face_is_a_failure(tmp_path, cap
     assert cli_main(["align", str(tmp_path / "raw"), str(tmp_path / "out2"), "-q"]) == 2
     cap = capsys.readouterr()
     assert "no face could be aligned" in cap.err and "status: " in cap.out
+
+
+def test_landmarks_on_the_upsampled_photo_place_small_faces_chips_closer(shared_dir):
+    """Faces of ~31 px (celeba-dev photos shrunk to 70×70), HOG at upsample 2: with the landmarks
+    predicted on the upsampled photo the chip region (dlib's ``get_face_chip_details`` of them,
+    moved to the photo) lies nearer the clean photo's (scaled): its centre and its angle.
+    Measured on these 7 faces: centre error 0.0099 → 0.0047 of the chip width, angle 0.022 →
+    0.011 rad; without the option the chip is ``get_face_chip``'s."""
+    import dlib
+    from dlibbridge.data.align import FaceAligner
+
+    def region(d, s=1.0):
+        r = d.rect
+        return (np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2]) + 0.5) * s - 0.5, r.width() * s, d.angle
+
+    clean = FaceAligner("hog", 1)
+    plain, upsampled = FaceAligner("hog", 2), FaceAligner("hog", 2, landmarks_upsampled=True)
+    errors = {"plain": [], "upsampled": []}
+    for f in sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[::50][:8]:
+        rgb = dlib.load_rgb_image(str(f))
+        faces = clean.detect(rgb)
+        small = cv2.resize(rgb, (70, 70), interpolation=cv2.INTER_AREA)
+        found = plain.detect(small)
+        if not faces or not found:
+            continue
+        centre, width, angle = region(dlib.get_face_chip_details(clean.locate(rgb, faces[0]).shape, 150, 0.25),
+                                      70 / rgb.shape[1])
+        for name, aligner in (("plain", plain), ("upsampled", upsampled)):
+            face = aligner.locate(small, Face(found[0].box, found[0].score))
+            details = face.chip_details or dlib.get_face_chip_details(face.shape, 150, 0.25)
+            c, _, a = region(details)
+            errors[name].append((np.linalg.norm(c - centre) / width, abs(a - angle)))
+            chip = aligner.chip(small, face)
+            assert chip.shape == (150, 150, 3)
+            if name == "plain":
+                assert np.array_equal(chip, dlib.get_face_chip(small, face.shape, size=150, padding=0.25))
+    assert len(errors["plain"]) >= 5
+    plain_err, upsampled_err = np.mean(errors["plain"], axis=0), np.mean(errors["upsampled"], axis=0)
+    assert (upsampled_err < 0.7 * plain_err).all(), (plain_err, upsampled_err)

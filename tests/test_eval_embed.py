@@ -4,8 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlibbridge import cli
+from dlibbridge import assets, cli
+from dlibbridge._io import write_npz
 from dlibbridge.eval import embed
+from dlibbridge.eval.embedders import ModelSpec
+from dlibbridge.port.dist import Dist
+from conftest import torchrun
 from parity import ATOL
 
 
@@ -82,3 +86,29 @@ def test_embed_refuses_empty_or_missing_folders(tmp_path, face_model_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(embed.EmbedError, match="no images"):
         embed.embed_folder(str(face_model_path), tmp_path / "empty", tmp_path / "o.npz", progress=False)
+
+
+def test_embed_under_torchrun_equals_one_process_and_resumes_per_shard(tmp_path):
+    """Each rank embeds its share (batch-aligned, so the batches are one process's), rank 0
+    merges: the same file bit for bit.  A finished shard's partial file is reused by a rerun."""
+    chips = assets.sample_chips_dir()
+    one = embed.embed_folder("default", chips, tmp_path / "one.npz", batch_size=4, progress=False, workers=0)
+    p = torchrun("embed", "default", str(chips), "-o", "two.npz", "--batch-size", "4", "-q", cwd=tmp_path)
+    assert p.stdout.count("two.npz: 25 embeddings") == 1          # rank 0 reports, once
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["paths"].tolist() == b["paths"].tolist() == one.paths
+    np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["one.npz", "two.npz"]     # no partials left
+
+    # Rank 0's shard finished earlier (marked: zeros), rank 1's not: the rerun keeps rank 0's.
+    files = embed.list_images(chips)
+    lo, hi = Dist(0, 2).shard(len(files), 4)
+    spec = ModelSpec.parse("default")
+    write_npz(tmp_path / "three.npz.rank0of2.partial.npz", fingerprint=np.array(embed._fingerprint(
+        spec.path, spec.engine, files[lo:hi])), done=np.array(hi - lo), paths=np.array(files[lo:hi]),
+        embeddings=np.zeros((hi - lo, 128), np.float32), skipped=np.zeros((0, 2), str))
+    torchrun("embed", "default", str(chips), "-o", "three.npz", "--batch-size", "4", "-q", cwd=tmp_path)
+    c = np.load(tmp_path / "three.npz")
+    assert c["paths"].tolist() == files and not c["embeddings"][:hi].any()
+    np.testing.assert_array_equal(c["embeddings"][hi:], a["embeddings"][hi:])
+    assert not list(tmp_path.glob("*.partial.npz"))

@@ -382,6 +382,31 @@ def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_d
     assert len({json.loads(line)["source"] for line in lines}) == len(lines) == r["images"]["total"]
 
 
+def test_evaluate_under_torchrun_equals_one_process(shared_dir, tmp_path):
+    """Photos aligned and embedded by 2 CPU processes (gloo), each its share; rank 0 gathers:
+    the numbers and the descriptor cache are one process's, and the ranks' own cache files are
+    folded into the shared one."""
+    from conftest import torchrun
+    from dlibbridge import cli
+    data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 4, 3)
+    common = ["default", "--data", str(data), "--gen-pairs", "20", "--folds", "2", "--batch-size", "4", "-q",
+              "--workers", "0"]
+    assert cli.main(["evaluate", *common, "--cache", str(tmp_path / "c1"), "--json", str(tmp_path / "r1.json")]) == 0
+    p = torchrun("evaluate", *common, "--cache", "c2", "--json", "r2.json", cwd=tmp_path)
+    assert p.stdout.count("results: r2.json") == 1
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("r1.json", "r2.json"))
+    assert r1["images"] == r2["images"] and r1["images"]["detected"] > 0
+    for m1, m2 in zip(r1["models"], r2["models"]):
+        assert {k: v for k, v in m1.items() if k != "path"} == {k: v for k, v in m2.items() if k != "path"}
+    (c1,), (c2,) = ((tmp_path / c / "embeddings").glob("*.npz") for c in ("c1", "c2"))
+    assert c1.name == c2.name and not list((tmp_path / "c2" / "embeddings").glob("*rank*"))
+    with np.load(c1) as a, np.load(c2) as b:
+        k1, k2 = a["keys"].tolist(), b["keys"].tolist()
+        assert sorted(k1) == sorted(k2)
+        np.testing.assert_array_equal(a["embeddings"][np.argsort(k1)], b["embeddings"][np.argsort(k2)])
+    assert sorted(d.name.rsplit(".", 1)[1] for d in (tmp_path / "c2" / "chips").iterdir()) == ["rank0of2", "rank1of2"]
+
+
 def test_cli_evaluate_enrolled_photos_against_camera_probes(tmp_path, johns_dir, capsys):
     """--probes: the johns as a 40-pixel gray camera takes them.  Every enrolled photo against
     every probe but its own picture; identification in a gallery of one photo per person."""

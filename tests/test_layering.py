@@ -24,7 +24,7 @@ LAYERS = (
     ("dlibbridge.port",),
     ("dlibbridge.eval",),
     ("dlibbridge.train",),
-    ("dlibbridge.cli", "dlibbridge.__main__"),
+    ("dlibbridge.cli", "dlibbridge.__main__", "dlibbridge.face_recognition"),
 )
 
 

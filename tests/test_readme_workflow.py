@@ -4,6 +4,7 @@ photos) and cctv_photos/ (12 photos of 6 other people).  A set this small is wha
 tries first; every line must work on it (several minutes: the two fine-tunes)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -57,7 +58,11 @@ def test_the_readme_workflow_runs_as_written_on_a_small_photo_set(shared_dir, tm
     if "exported step 0 " in said["finetune"]:
         assert "note: the exported model is the base model (step 0)" in said["finetune"]
     for f in ("run/model.dat", "run/model.pt", "cam/model.dat", "cam/threshold.json", "camera.json",
-              "report/report.html", "model.onnx", "model.ts"):
+              "report/report.html", "model.onnx", "model.ts", "ids.csv", "clusters/summary.json"):
         assert (work / f).is_file(), f
+    threshold = json.loads((work / "cam" / "threshold.json").read_text())["threshold"]
+    assert f"at threshold {threshold:.4f} (the run's recommended threshold" in said["identify"]
+    assert json.loads((work / "clusters" / "summary.json").read_text())["threshold"] == threshold
+    assert all(p.is_symlink() for p in (work / "clusters").glob("cluster_*/*"))
     for f in ("run/model.dat", "cam/model.dat", "model.dat", "deployed.dat"):
         dlib.face_recognition_model_v1(str(work / f))

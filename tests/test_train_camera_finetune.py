@@ -228,7 +228,7 @@ def test_a_camera_step_of_the_loop_is_the_research_trainers_step(tmp_path, johns
     from dlibbridge.train import xq
     from dlibbridge.train.camera_finetune import CrossQuality, precheck
     from dlibbridge.train.config import FinetuneConfig
-    from dlibbridge.train.dist import Dist
+    from dlibbridge.port.dist import Dist
     from dlibbridge.train.loop import base_path, setup
     people = sorted(p.name for p in johns_dir.iterdir() if p.is_dir())
     store = pack(_chip_folder(tmp_path / "data", johns_dir, people[:3], slice(0, 3)), tmp_path / "s.store",

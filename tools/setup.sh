@@ -28,5 +28,8 @@ fi
 # Editable, so that commands run from the checkout (python -m dlibbridge, pytest) import
 # the installed build, compiled extension included, not a half-built source tree.
 "$VPY" -m pip install -q -e ".[test,onnx,fuzz]"
+# The face_recognition package, for tests/test_face_recognition.py: without its dependencies,
+# whose `dlib` is a source build (dlib-bin provides dlib; the others are in the test extra).
+"$VPY" -m pip install -q --no-deps "face_recognition==1.3.0"
 "$VPY" -c "$CHECK"
 stamp > "$STAMP"

@@ -277,6 +277,17 @@ CHIP_SIZE = 150
 CHIP_SHAPE = (CHIP_SIZE, CHIP_SIZE, 3)
 
 
+def is_chip_sized(path: str | os.PathLike) -> bool:
+    """A 150x150 image, which ``evaluate`` and the face jobs take as an aligned chip rather than
+    a photo to detect faces in (only the header is read)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size == (CHIP_SIZE, CHIP_SIZE)
+    except Exception:                  # unreadable: the alignment pipeline reports why
+        return False
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     name = os.path.basename(path)
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")

@@ -13,6 +13,11 @@ run takes about as long as the slower of the two stages, not their sum (docs/ben
 
 Long runs are resumable: progress goes to ``OUT.partial.npz`` every few batches and a rerun
 with the same model and image list continues from there.  ``OUT.npz`` is written atomically.
+
+Under ``torchrun`` each process embeds a contiguous share of the sorted images, cut at batch
+boundaries (:meth:`dlibbridge.port.dist.Dist.shard`), with its own ``OUT.rankRofW.partial.npz``
+(kept until OUT is written, so a rerun redoes only unfinished shards); rank 0 gathers the
+shares and writes OUT, identical to a single process's.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class EmbedResult:
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
     resumed_from: int = 0
+    rank: int = 0      # under torchrun, this process's rank: only rank 0's result is the whole
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
@@ -104,6 +110,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     """Embed every chip below ``images_dir`` with ``model``; see the module docstring.
     ``workers``: decode processes (0 = decode in this process; default
     :func:`default_workers`)."""
+    from ..port.dist import init_distributed, rank_device
     from .embedders import ModelSpec, make_embedder
 
     if batch_size < 1:
@@ -117,18 +124,23 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     files = list_images(images_dir)
     if not files:
         raise EmbedError(f"no images found below {images_dir}")
-    embedder = make_embedder(spec, device=device, batch_size=batch_size)
+    dist = init_distributed("cpu")
+    lo, hi = dist.shard(len(files), batch_size)
+    embedder = make_embedder(spec, device=rank_device(device, dist), batch_size=batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)      # as every output's folder: made before the work
-    with folder_lock(out.parent, "dlibbridge embed", lock_file=out.with_name(f".{out.name}{LOCK_NAME}")):
-        return _embed(embedder, spec, files, images_dir, out, batch_size, progress, workers)
+    # Under torchrun rank 0 holds OUT's lock for the job; the ranks' partial files are their own.
+    lock = (folder_lock(out.parent, "dlibbridge embed", lock_file=out.with_name(f".{out.name}{LOCK_NAME}"))
+            if dist.main else contextlib.nullcontext())
+    with lock:
+        return _embed(embedder, spec, files[lo:hi], images_dir, out, batch_size, progress, workers, dist)
 
 
 def _embed(embedder, spec, files: list[str], images_dir: Path, out: Path, batch_size: int, progress: bool,
-           workers: int | None) -> EmbedResult:
+           workers: int | None, dist) -> EmbedResult:
     from tqdm import tqdm
 
     fp = _fingerprint(spec.path, spec.engine, files)
-    partial = out.with_name(out.name + ".partial.npz")
+    partial = out.with_name(out.name + (f".rank{dist.rank}of{dist.world}" if dist.world > 1 else "") + ".partial.npz")
     done, kept, embs, skipped = 0, [], [], []
     if partial.is_file():
         try:
@@ -148,7 +160,7 @@ def _embed(embedder, spec, files: list[str], images_dir: Path, out: Path, batch_
                   skipped=np.array(skipped, dtype=str).reshape(-1, 2))
 
     last_save = time.monotonic()
-    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
+    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress or not dist.main,
                dynamic_ncols=True, file=sys.stderr)
     nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
     try:
@@ -169,12 +181,27 @@ def _embed(embedder, spec, files: list[str], images_dir: Path, out: Path, batch_
         raise
     finally:
         bar.close()
-    if not kept:
-        raise EmbedError(f"none of the {len(files)} images below {images_dir} could be embedded "
-                         f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
-    write_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
-              skipped_paths=np.array([p for p, _ in skipped], dtype=str),
-              skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+    if dist.world > 1:
+        # The finished shard stays on disk until OUT is written: a rerun after any rank failed
+        # redoes only the shards that were not finished.
+        checkpoint(done)
+        shards = dist.gather_obj((kept, embs, skipped))
+        if dist.main:
+            kept = [p for k, _, _ in shards for p in k]
+            embs = [e for _, es, _ in shards for e in es]
+            skipped = [x for _, _, sk in shards for x in sk]
+    problem = None
+    if dist.main:
+        if not kept:
+            problem = (f"none of the {len(skipped)} images below {images_dir} could be embedded "
+                       f"(first problem: {skipped[0][0]}: {skipped[0][1]})")
+        else:
+            write_npz(out, paths=np.array(kept, dtype=str), embeddings=np.concatenate(embs).astype(np.float32),
+                      skipped_paths=np.array([p for p, _ in skipped], dtype=str),
+                      skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+    problem = dist.broadcast_obj(problem)
+    if problem:
+        raise EmbedError(problem)
     if partial.exists():
         partial.unlink()
-    return EmbedResult(out, kept, skipped, resumed_from)
+    return EmbedResult(out, kept, skipped, resumed_from, dist.rank)

@@ -252,6 +252,12 @@ class EmbeddingCache:
                 self.emb.clear()
                 self.status.clear()
 
+    def merge(self, other: "EmbeddingCache") -> None:
+        """Take every entry of ``other`` (a rank's share under torchrun)."""
+        self.emb.update(other.emb)
+        self.status.update(other.status)
+        self.dirty = self.dirty or bool(other.emb)
+
     def __contains__(self, key: str) -> bool:
         return key in self.emb
 

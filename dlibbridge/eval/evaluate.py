@@ -29,7 +29,7 @@ from ..options import option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, FPIR_TARGET, clustering_metrics, cross_verification, far_key,
                       gallery_identification, kfold_decisions, one_per_person, pair_distances, rank1_identification,
                       verification_metrics)
-from ..data.images import CHIP_SIZE
+from ..data.images import CHIP_SIZE, is_chip_sized
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
 from .pairs import (PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities,
@@ -93,15 +93,6 @@ class ChipSource:
             src.chips_dir = Path(cache_dir) / "chips" / f"{root.name}-{h}-{src.cache_tag()}"
         return src
 
-    @staticmethod
-    def _is_chip_sized(path: Path) -> bool:
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                return im.size == (CHIP_SIZE, CHIP_SIZE)
-        except Exception:                  # unreadable: the alignment pipeline reports why
-            return False
-
     def _journal(self):
         from ..data.align import Journal, list_sources
         if self.chips_dir is None:
@@ -141,7 +132,7 @@ class ChipSource:
         from ..data.align import hog_detector_pickle, use_hog_detector_pickle, write_manifest
         from ..data.prefetch import default_workers, prefetched
         paths = [Path(p) for p in paths]
-        chip_sized = [self._is_chip_sized(p) for p in paths]
+        chip_sized = [is_chip_sized(p) for p in paths]
         journal = None if all(chip_sized) else self._journal()
         try:
             tasks = [self._task(p, c, journal) for p, c in zip(paths, chip_sized)]
@@ -298,9 +289,16 @@ def results_path(cfg: EvalConfig) -> Path:
     return (cfg.report if cfg.report is not None else Path.cwd()) / "results.json"
 
 
+def _cache_files(embedders: Sequence[Embedder], loader: ChipSource, cache_dir: Path | None,
+                 share: str = "") -> list[Path | None]:
+    """Each model's descriptor cache (``share``: a torchrun rank's own file beside it)."""
+    tag = loader.cache_tag()
+    return [None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}{share}.npz" for e in embedders]
+
+
 def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loader: ChipSource,
                        cache_dir: Path | None, batch_size: int = 64, progress: bool = True,
-                       save_every_s: float = 60.0) -> tuple[list[np.ndarray], list[str]]:
+                       save_every_s: float = 60.0, share: str = "") -> tuple[list[np.ndarray], list[str]]:
     """Descriptors of every image for every model (NaN rows where no chip could be made)
     and each image's chip status.  Each image is read and aligned once for all models
     that lack it in their cache, by ``loader``'s workers while the network embeds the batch
@@ -310,9 +308,12 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     from tqdm import tqdm
     keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
                                          leave=False)]
-    tag = loader.cache_tag()
-    caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
-              for e in embedders]
+    caches = [EmbeddingCache(f) for f in _cache_files(embedders, loader, cache_dir)]
+    if share:       # a rank's share: what the shared cache knows, plus its own progress
+        for cache, f in zip(caches, _cache_files(embedders, loader, cache_dir, share)):
+            cache.path = f
+            cache.merge(EmbeddingCache(f))
+            cache.dirty = False
     first = {k: i for i, k in reversed(list(enumerate(keys)))}     # images with the same bytes: the first
     todo = sorted(i for k, i in first.items() if any(k not in c for c in caches))
     last_save = time.monotonic()
@@ -343,6 +344,38 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
             c.save()
     out = [np.stack([c.emb[k] for k in keys]) if keys else np.zeros((0, EMBED_DIM), np.float32) for c in caches]
     return out, [caches[0].status[k] for k in keys] if caches else []
+
+
+def sharded_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loader: ChipSource,
+                       cache_dir: Path | None, batch_size: int, progress: bool, dist) -> tuple[list[np.ndarray], list[str]] | None:
+    """:func:`compute_embeddings` under torchrun: this rank takes its contiguous share of the
+    images, cut at batch boundaries (so the batches, and the descriptors bit for bit, are a
+    single process's), and keeps its progress in caches and a chips folder of its own, so a
+    rerun resumes every share; rank 0 gathers the shares, folds the ranks' caches into the
+    shared ones and returns the whole (the other ranks return None)."""
+    if dist.world == 1:
+        return compute_embeddings(paths, embedders, loader, cache_dir, batch_size, progress)
+    share = f".rank{dist.rank}of{dist.world}"
+    if loader.chips_dir is not None:
+        loader.chips_dir = loader.chips_dir.with_name(loader.chips_dir.name + share)
+    lo, hi = dist.shard(len(paths), batch_size)
+    mine = compute_embeddings(paths[lo:hi], embedders, loader, cache_dir, batch_size, progress and dist.main,
+                              share=share)
+    shares = dist.gather_obj(mine)
+    if dist.main and cache_dir is not None:
+        for m, f in enumerate(_cache_files(embedders, loader, cache_dir)):
+            cache = EmbeddingCache(f)
+            parts = [f.with_name(f"{f.stem}.rank{r}of{dist.world}.npz") for r in range(dist.world)]
+            for part in parts:
+                cache.merge(EmbeddingCache(part))
+            cache.save()
+            for part in parts:
+                part.unlink(missing_ok=True)
+    dist.barrier()
+    if not dist.main:
+        return None
+    return ([np.concatenate([embs[m] for embs, _ in shares]) for m in range(len(embedders))],
+            [s for _, status in shares for s in status])
 
 
 @dataclass
@@ -427,17 +460,22 @@ def _status_counts(status: Sequence[str]) -> dict:
     return out
 
 
-def run(cfg: EvalConfig) -> Evaluation:
+def run(cfg: EvalConfig) -> Evaluation | None:
     """The whole ``dlibbridge evaluate``: pairs, alignment, descriptors (cached), metrics,
-    results.json.  The report is drawn separately from the returned Evaluation."""
+    results.json.  The report is drawn separately from the returned Evaluation.  Under
+    torchrun the images are shared out (:func:`sharded_embeddings`) and only rank 0 goes on
+    to the metrics; the other ranks return None."""
     import datetime
     from .. import __version__
     if not cfg.models:
         raise ValueError("no model to evaluate")
     models = label_models(cfg.models)
     identities = scan_identities(cfg.data)
+    from ..port.dist import init_distributed, rank_device
+    dist = init_distributed("cpu")
     # every model is opened (and a bad one refused) before anything is written
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, rank_device(cfg.device, dist), cfg.batch_size)
+                 for m in models]
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
     images = sorted({p for ab in pair_paths for p in ab})   # identification too works on these
@@ -448,8 +486,11 @@ def run(cfg: EvalConfig) -> Evaluation:
               "not aligned or embedded", file=sys.stderr)
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
                                  multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
-    embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
-                                      cfg.batch_size, cfg.progress)
+    shares = sharded_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
+                                cfg.batch_size, cfg.progress, dist)
+    if shares is None:
+        return None
+    embs, status = shares
 
     i1 = np.array([index[a] for a, _ in pair_paths], np.int64)
     i2 = np.array([index[b] for _, b in pair_paths], np.int64)

@@ -246,17 +246,23 @@ def rank1_identification(emb: np.ndarray, labels: Sequence, seed: int = 0) -> di
     return {"rank1": float(hit.mean()), "n_probes": int(probes.sum()), "n_gallery": int(gallery.sum())}
 
 
+def chinese_whispers(emb: np.ndarray, threshold: float = DLIB_THRESHOLD) -> np.ndarray:
+    """dlib's ``chinese_whispers_clustering`` (its face-clustering example): a cluster label
+    per descriptor, faces closer than ``threshold`` linked."""
+    import dlib
+    vecs = [dlib.vector(np.asarray(e, np.float64).tolist()) for e in emb]
+    return np.asarray(dlib.chinese_whispers_clustering(vecs, float(threshold)), np.int64)
+
+
 def clustering_metrics(emb: np.ndarray, labels: Sequence, threshold: float = DLIB_THRESHOLD) -> dict:
     """Cluster with dlib's ``chinese_whispers_clustering`` (what dlib's face clustering
     example does) and compare with the true identities: purity (each cluster counted by
     its majority person), number of clusters vs identities, and the adjusted Rand index."""
-    import dlib
     from sklearn.metrics import adjusted_rand_score
     labels = np.asarray(labels)
     if len(emb) == 0:
         raise ValueError("no embeddings to cluster")
-    vecs = [dlib.vector(np.asarray(e, np.float64).tolist()) for e in emb]
-    clusters = np.asarray(dlib.chinese_whispers_clustering(vecs, float(threshold)))
+    clusters = chinese_whispers(emb, threshold)
     majority = 0
     for c in np.unique(clusters):
         _, counts = np.unique(labels[clusters == c], return_counts=True)

@@ -57,7 +57,7 @@ from ..assets import resolve_model
 from ..port.checkpoint import load_model, save_torch
 from .config import (CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_ADVICE, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
-from .dist import Dist, init_distributed
+from ..port.dist import Dist, init_distributed
 from .objective import CLEAN, Context, Objective, PlainObjective, Split, verification_labels
 from .rundir import write_logs, write_model_card, write_run_json
 

@@ -24,7 +24,7 @@ from .losses import make_loss
 
 if TYPE_CHECKING:
     from ..data.store import ChipStore
-    from .dist import Dist
+    from ..port.dist import Dist
 
 #: The columns of every run's log.csv: the total, then every loss term a recipe may have (empty
 #: where a run has no such term).  ``distill`` is the same-input term: the student's descriptor of

@@ -1,4 +1,6 @@
-"""Distributed (DDP under ``torchrun``) helpers: the process's rank, world size and device."""
+"""Processes launched by ``torchrun``: the rank, world size and device of this one, and the few
+collectives the jobs need — DDP fine-tuning (``train.loop``) and the sharded bulk work of
+``embed`` and ``evaluate`` (each rank a contiguous share of the images, gathered by rank 0)."""
 from __future__ import annotations
 
 import os
@@ -36,6 +38,23 @@ class Dist:
         torch.distributed.all_reduce(t)
         return bool(t.item() > 0)
 
+    def shard(self, n: int, unit: int = 1) -> tuple[int, int]:
+        """This rank's contiguous share ``[lo, hi)`` of ``n`` items, cut at multiples of
+        ``unit`` (a batch): every rank's batches are then batches a single process makes, so the
+        merged result is the single-process result bit for bit (a network's output for one
+        image moves in the last bits with the other images of its batch)."""
+        units = -(-n // unit)
+        lo, hi = (min(n, r * units // self.world * unit) for r in (self.rank, self.rank + 1))
+        return lo, hi
+
+    def gather_obj(self, obj) -> list | None:
+        """Every rank's ``obj`` in rank order on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast_obj(self, obj):
         if self.world == 1:
             return obj
@@ -45,7 +64,8 @@ class Dist:
 
 
 def init_distributed(device_kind: str) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU (and for
+    jobs whose collectives carry only Python objects: pass ``"cpu"``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -56,3 +76,8 @@ def init_distributed(device_kind: str) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return Dist(tdist.get_rank(), tdist.get_world_size(), local,
                 f"cuda:{local}" if backend == "nccl" else "cpu")
+
+
+def rank_device(device: str, dist: Dist) -> str:
+    """``cuda`` without an index names this process's GPU (``LOCAL_RANK``) under torchrun."""
+    return f"cuda:{dist.local_rank}" if dist.world > 1 and device == "cuda" else device
