@@ -220,7 +220,11 @@ def _run_align(args) -> int:
     summary.json. Resumable: rerun to continue."""
     from .data import align as al
     given = given_fields(al.AlignSettings, args)
-    settings = al.AlignSettings.for_camera(args.camera, **given) if args.camera else al.AlignSettings(**given)
+    if args.camera:
+        from .data.camera import align_settings
+        settings = align_settings(args.camera, **given)
+    else:
+        settings = al.AlignSettings(**given)
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     cnn_factory = None

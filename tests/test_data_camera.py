@@ -419,10 +419,9 @@ def test_detection_setting_found_on_small_faces(small_camera_photos, tmp_path, c
 
     out, _ = camera.write_camera(profile, tmp_path / "cam.json")
     assert camera.load_camera(out).detection == json.loads(json.dumps(profile.detection))
-    from dlibbridge.data.align import AlignSettings
-    assert (AlignSettings.for_camera(out).detector, AlignSettings.for_camera(out).upsample) == (
+    assert (camera.align_settings(out).detector, camera.align_settings(out).upsample) == (
         chosen["detector"], chosen["upsample"])
-    assert AlignSettings.for_camera(out, upsample=3).upsample == 3
+    assert camera.align_settings(out, upsample=3).upsample == 3
     rc = cli.main(["align", str(small_camera_photos), str(tmp_path / "chips"), "--camera", str(out), "-q", "--jobs", "1"])
     summary = json.loads((tmp_path / "chips" / "summary.json").read_text())
     assert rc == 0 and summary["photos_with_chips"] == 4

@@ -155,20 +155,6 @@ class AlignSettings:
         if self.decoder not in DECODERS:
             raise AlignError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
 
-    @classmethod
-    def for_camera(cls, camera: str | os.PathLike, **given) -> "AlignSettings":
-        """The detector and upsampling ``dlibbridge camera`` found this camera's faces with
-        (its profile's ``detection.setting``), under whatever is ``given`` explicitly."""
-        from .camera import load_camera
-        profile = load_camera(camera)
-        setting = (profile.detection or {}).get("setting")
-        if not setting:
-            why = ("no setting found a face" if profile.detection else
-                   "it has no detection measurement (made from chips, or by an older dlibbridge)")
-            raise AlignError(f"{camera}: no detection setting in the camera profile ({why}); "
-                             "rerun dlibbridge camera on the camera's photos")
-        return cls(**{"detector": setting["detector"], "upsample": setting["upsample"], **given})
-
 
 # --------------------------------------------------------------------------------------------
 # One photo

@@ -801,6 +801,21 @@ def load_camera(path: str | os.PathLike) -> CameraProfile:
     return CameraProfile.from_json(obj)
 
 
+def align_settings(camera: str | os.PathLike, **given):
+    """The :class:`~.align.AlignSettings` that found this camera's faces when it was measured
+    (its profile's ``detection.setting``: detector and upsampling), under whatever is ``given``
+    explicitly.  Here, beside the profile, so that align need not import the camera module."""
+    from .align import AlignError, AlignSettings
+    profile = load_camera(camera)
+    setting = (profile.detection or {}).get("setting")
+    if not setting:
+        why = ("no setting found a face" if profile.detection else
+               "it has no detection measurement (made from chips, or by an older dlibbridge)")
+        raise AlignError(f"{camera}: no detection setting in the camera profile ({why}); "
+                         "rerun dlibbridge camera on the camera's photos")
+    return AlignSettings(**{"detector": setting["detector"], "upsample": setting["upsample"], **given})
+
+
 _PNG_TITLE = "dlibbridge camera profile"
 
 
