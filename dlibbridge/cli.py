@@ -15,14 +15,15 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _writable as w
+from . import __version__, _writable as w
 from ._writable import check_output_dir, check_output_file
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
 from .errors import DlibbridgeError
 from .eval.evaluate import EvalConfig
-from .options import add_options, given_fields, option
+from .options import (add_options, device_option, given_fields, json_option, option, out_option, overwrite_option,
+                      quiet_option, workers_option)
 from .train.config import FinetuneConfig
 
 
@@ -32,23 +33,15 @@ class UsageError(DlibbridgeError):
 
 # ---- options shared by several commands -----------------------------------------------
 
-def _out(metavar: str, help: str, required: bool = True):
-    """Every command names what it writes ``-o/--out``; ``--output`` (the older spelling of
-    pack, export and embed) stays accepted, unlisted."""
-    return option(None, help, flags=("-o", "--out"), hidden_flags=("--output",), metavar=metavar, required=required)
-
-
-def _quiet(help: str = "no progress bar"):
-    return option(False, help, flags=("--quiet", "-q"), action="store_true")
-
+# (-o/--out, --workers, --device, --overwrite, -q/--quiet, --json: dlibbridge.options)
 
 def _flag(help: str):
     return option(False, help, action="store_true")
 
 
-def _count(help: str, flags: tuple[str, ...] | None = None):
+def _count(help: str):
     """An optional whole number (None: the command's own default, said in ``help``)."""
-    return option(None, help, flags=flags, type=int, metavar="N")
+    return option(None, help, type=int, metavar="N")
 
 
 def _engine(what: str):
@@ -71,7 +64,7 @@ def _height_by_width(text: str) -> tuple[int, int]:
 class _InspectArgs:
     file: str | None = option(None, "dlib .dat file (default: the installed dlib face model)", positional=True,
                               nargs="?")
-    json: bool = _flag("machine-readable output (schema in docs/inspect-json.md)")
+    json: bool = json_option("machine-readable output on stdout (schema in docs/inspect-json.md)")
     input_size: tuple[int, int] | None = option(
         None, "image size the output shapes are computed for, for networks that take any size "
               "(default: the network's fixed size, else 150x150)", type=_height_by_width, metavar="HxW")
@@ -80,32 +73,35 @@ class _InspectArgs:
 @dataclass
 class _AlignPaths:
     raw_dir: str = option(positional=True, metavar="RAW_DIR")
-    out_dir: str = option(positional=True, metavar="OUT_DIR")
+    # OUT_DIR after RAW_DIR is the older spelling of -o OUT_DIR, accepted unlisted
+    out_dir: str | None = option(None, argparse.SUPPRESS, positional=True, nargs="?", metavar="OUT_DIR")
+    out: str | None = out_option("OUT_DIR", "folder to write the chips, manifest.csv and summary.json into (required)",
+                                 required=False)
 
 
 @dataclass
 class _AlignRun:
-    jobs: int | None = _count("worker processes (default: all cores)", flags=("--jobs", "-j"))
-    redo: bool = _flag("ignore an earlier run in OUT_DIR and redo everything")
-    quiet: bool = _quiet()
+    workers: int | None = workers_option("processes aligning photos (0 or 1: this process only; default: all cores)")
+    overwrite: bool = overwrite_option("ignore an earlier run in OUT_DIR and redo everything")
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _PackArgs:
     chips_dir: str = option(positional=True, metavar="CHIPS_DIR")
-    out: str = _out("STORE", "store folder to create")
-    overwrite: bool = _flag("replace an existing STORE")
-    quiet: bool = _quiet()
+    out: str = out_option("STORE", "store folder to create")
+    overwrite: bool = overwrite_option("replace an existing STORE")
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _CameraArgs:
     photos_dir: str = option(help="photos or 150x150 chips from the camera, any layout", positional=True,
                              metavar="PHOTOS_DIR")
-    out: str = _out("CAMERA_JSON", "profile to write (its plot goes beside it as .png)")
-    overwrite: bool = _flag("replace an existing camera profile (only one)")
+    out: str = out_option("CAMERA_JSON", "profile to write (its plot goes beside it as .png)")
+    overwrite: bool = overwrite_option("replace an existing camera profile (only one)")
     max_images: int | None = _count("measure N images spread over the folder (default all)")
-    quiet: bool = _quiet()
+    progress: bool = quiet_option()
 
 
 @dataclass
@@ -114,6 +110,10 @@ class _EvaluateArgs:
     cache: str | None = option(None, "chips and descriptor cache (default ~/.cache/dlibbridge/evaluate)",
                                metavar="DIR")
     no_cache: bool = _flag("keep nothing between runs")
+    # A switch, as everywhere; given a value it is the older spelling of -o (the results file).
+    json: bool | str = option(False, "print results.json on stdout instead of the table (--json PATH.json, the older "
+                              "spelling of -o PATH.json, still names the results file)", nargs="?", const=True,
+                              metavar="PATH.json")
 
 
 @dataclass
@@ -124,7 +124,7 @@ class _FinetuneArgs:
 @dataclass
 class _ExportArgs:
     model: str = option(positional=True, metavar="MODEL")
-    out: str | None = _out("OUT.dat", "dlib file to write", required=False)
+    out: str | None = out_option("OUT.dat", "dlib file to write", required=False)
     trainable: bool = _flag("write bn_con2 records instead of affine")
     onnx: str | None = option(None, "also write an ONNX graph (dynamic batch)", metavar="OUT.onnx")
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
@@ -140,21 +140,21 @@ class _EmbedArgs:
     model: str = option(help="dlib .dat, dlibbridge checkpoint, TorchScript or ONNX file; 'default' = dlib's model",
                         positional=True, metavar="MODEL")
     images_dir: str = option(positional=True, metavar="IMAGES_DIR")
-    out: str = _out("OUT.npz", "descriptors file to write")
+    out: str = out_option("OUT.npz", "descriptors file to write")
     batch_size: int = option(64, "chips per forward pass", metavar="N")
-    device: str = option("cpu", "torch device, e.g. cuda")
+    device: str = device_option()
     engine: str = _engine("a .dat")
-    workers: int | None = _count("processes decoding chips while the network runs (0: none; default: one per core "
-                                 "beyond the first, none for small folders)")
-    quiet: bool = _quiet()
+    workers: int | None = workers_option("processes decoding (and aligning) images while the network runs (0: none; "
+                                         "default: one per core beyond the first, none for small folders)")
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _UnfreezeArgs:
     model: str | None = option(None, "dlib .dat file (default: the installed dlib face model)", positional=True,
                                nargs="?", metavar="MODEL")
-    out: str | None = option(None, "output file (default: <name>_trainable.dat in the current folder)",
-                             flags=("-o", "--out"), metavar="OUT")
+    out: str | None = out_option("OUT", "output file (default: <name>_trainable.dat in the current folder)",
+                                 required=False)
     calibrate: str | None = option(
         None, "aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` store) to "
         "estimate each batch-norm's input statistics on; without FACES_DIR, the 25 sample chips shipped in the "
@@ -162,14 +162,14 @@ class _UnfreezeArgs:
     max_chips: int = option(1000, "calibrate on at most N chips, a seeded random subset", metavar="N")
     batch_size: int = option(25, "training batch size the training-mode deviation is reported for (default 25, "
                              "dlib's 5x5)", metavar="B")
-    quiet: bool = _quiet()
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _FreezeArgs:
     net: str = option(help="trainable dlib file (e.g. saved by dnn_trainer or unfreeze)", positional=True,
                       metavar="NET.dat")
-    out: str = option(help="output file (never the input)", flags=("-o", "--out"), metavar="OUT.dat", required=True)
+    out: str = out_option("OUT.dat", "output file (never the input)")
 
 
 @dataclass(frozen=True)
@@ -199,14 +199,17 @@ def _run_align(args) -> int:
     summary.json. Resumable: rerun to continue."""
     from .data import align as al
     settings = al.AlignSettings(**given_fields(al.AlignSettings, args))
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    if args.out and args.out_dir:
+        raise UsageError(f"two output folders: {args.out_dir} and -o {args.out}; give -o OUT_DIR only")
+    out_dir = args.out or args.out_dir
+    if not out_dir:
+        raise UsageError("give the output folder: dlibbridge align RAW_DIR -o OUT_DIR")
     cnn_factory = None
     if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
         cnn_factory = functools.partial(cnn_face_detector, precision=settings.cnn_precision)
-    summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
-                       progress=not args.quiet, cnn_factory=cnn_factory)
+    summary = al.align(args.raw_dir, out_dir, settings, jobs=None if args.workers is None else max(1, args.workers),
+                       redo=args.overwrite, progress=args.progress, cnn_factory=cnn_factory)
     if summary["files"] == 0:
         raise al.AlignError(f"nothing to do: {args.raw_dir} holds no files")
     print(al.format_summary(summary))
@@ -222,7 +225,7 @@ def _run_pack(args) -> int:
     -> STORE folder: chips.u8 (N x 150 x 150 x 3 uint8), labels.npy, index.json. Resumable; the
     store appears only when complete."""
     from .data.store import pack
-    store = pack(args.chips_dir, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    store = pack(args.chips_dir, args.out, overwrite=args.overwrite, progress=args.progress)
     named = sum(1 for lab in store.labels if lab >= 0)
     print(f"{store.path}: {len(store)} chips, {len(store.identities)} identities "
           f"({named} chips with identity), {len(store.skipped)} files skipped"
@@ -238,7 +241,7 @@ def _run_camera(args) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise UsageError("--max-images must be at least 1")
     camera.check_output(args.out, args.photos_dir, args.overwrite)
-    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images)
+    profile = camera.measure_folder(args.photos_dir, progress=args.progress, max_images=args.max_images)
     out, png = camera.write_camera(profile, args.out)
     print(profile.summary())
     print(f"wrote {out} and {png}")
@@ -246,34 +249,46 @@ def _run_camera(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    """Evaluate one or more face models on LFW-style pairs (pairs.txt, or --gen-pairs from identity
-    folders): 10-fold accuracy, accuracy at 0.6, ROC AUC, EER, TAR@FAR 1e-3/1e-4, rank-1 and
-    clustering. Prints a table, writes results.json (schema: docs/evaluation.md) and, with --report,
-    an HTML/Markdown report with plots."""
+    """Evaluate one or more face models on LFW-style pairs (pairs.txt, --gen-pairs N, or without
+    either pairs generated from the person folders of DIR): 10-fold accuracy, accuracy at 0.6,
+    ROC AUC, EER, TAR@FAR 1e-3/1e-4, rank-1 and clustering. Prints a table (--json: the results
+    instead), writes results.json (schema: docs/evaluation.md) and, with --report, an
+    HTML/Markdown report with plots."""
     from pathlib import Path
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
     fields = given_fields(ev.EvalConfig, args)
+    if isinstance(args.json, str):          # --json PATH: the older spelling of -o PATH
+        if args.out:
+            raise UsageError("--json PATH and -o both name the results file; give -o PATH only")
+        if not args.json.endswith(".json"):
+            raise UsageError(f"--json is a switch (the results on stdout) and {args.json!r} is no .json file "
+                             "to write them to; name the results file with -o PATH.json")
+        fields["out"] = Path(args.json)
     if args.report:
         from .eval.report import check_report_dir
         check_output_dir(args.report, "--report")
         check_report_dir(args.report)
-    if args.json_path:
-        check_output_file(args.json_path, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
+    if fields["out"]:
+        check_output_file(fields["out"], "-o", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.n_folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
-    if args.jitter < 0 or (args.workers is not None and args.workers < 0):
-        raise UsageError("--jitter and --workers must be >= 0")
+    if args.jitter < 0:
+        raise UsageError("--jitter must be >= 0")
     cfg = ev.EvalConfig(**{
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
     evaluation = ev.run(cfg)
-    print(ev.format_table(evaluation.results))
-    print(f"results: {evaluation.results_file}")
+    said = sys.stderr if args.json is True else sys.stdout
+    if args.json is True:
+        print(evaluation.results_file.read_text(encoding="utf-8"), end="")
+    else:
+        print(ev.format_table(evaluation.results))
+    print(f"results: {evaluation.results_file}", file=said)
     if cfg.report is not None:
         from .eval.report import write_report
-        print(f"report: {write_report(evaluation, cfg.report)}")
+        print(f"report: {write_report(evaluation, cfg.report)}", file=said)
     return 0
 
 
@@ -371,7 +386,7 @@ def _run_embed(args) -> int:
     from .eval.embed import embed_folder
     check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
-                       device=args.device, engine=args.engine, progress=not args.quiet,
+                       device=args.device, engine=args.engine, progress=args.progress,
                        workers=args.workers)
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -399,7 +414,7 @@ def _run_unfreeze(args) -> int:
     if faces == "sample" and not Path(faces).exists():      # a folder really called "sample" wins
         faces = assets.sample_chips_dir()
     lines = unfreeze_file(src, out, faces, max_chips=args.max_chips, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=args.progress)
     print("\n".join(lines))
     if faces is None:
         print("note: uncalibrated. Inference is exact, but dlib's batch-norm trains on batch statistics, which "
@@ -451,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bridge dlib's face ResNet and PyTorch: inspect and rewrite dlib DNN files losslessly, "
                     "unfreeze/freeze for dlib's trainer, align faces as dlib does, fine-tune, export back "
                     "to dlib, evaluate.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in _COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.run.__doc__)
@@ -458,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_options(p, cls, suppress_defaults=cls in cmd.given_only)
         p.set_defaults(func=cmd.run)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 # What an interrupted command leaves behind and how to go on (exit code 130).
@@ -480,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
     ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
     bug still shows its traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:     # said with the command's usage, not the list of commands
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:
         return int(args.func(args) or 0)

@@ -36,7 +36,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -49,6 +48,7 @@ import numpy as np
 from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
 from .prefetch import children_ignore_sigint, cores
+from .._progress import progress_bar
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
 from ..options import option
@@ -67,6 +67,14 @@ DETECTORS = ("hog", "cnn")
 #: bf16 CPUs: several times faster) and is not dlib-exact (docs/benchmarks.md, bench_detect).
 CNN_PRECISIONS = ("float32", "bfloat16")
 MULTI_POLICIES = ("largest", "center", "all", "skip")
+#: ``--multi`` of photos in person folders, in ``align`` (and ``finetune`` on photos),
+#: ``evaluate`` and ``embed`` alike, so a photo gives the same chip whichever command cut it.
+#: The most central face: folders of a person hold pictures framed on them (LFW's, CelebA's and
+#: VGGFace2's crops are centred on their subject by construction), where a bigger face off the
+#: centre is usually someone nearer the camera.
+PERSON_FOLDER_MULTI = "center"
+MULTI_HELP = ("several faces in a photo: the most central (the default with person folders: a photo of someone is "
+              "framed on them, a bigger face off-centre is usually someone else) or the largest")
 FALLBACKS = ("center",)
 
 #: Side of the ``--fallback center`` box as a fraction of min(height, width), centred: the
@@ -112,8 +120,7 @@ class AlignSettings:
     cnn_precision: str = option("float32", "arithmetic of --detector cnn: float32 (default: dlib's boxes) or "
                                 "bfloat16 (faster on CPUs with AMX; NOT dlib-exact: on ~3%% of photos a box sits "
                                 "one window position away from dlib's)", choices=CNN_PRECISIONS)
-    multi: str | None = option(None, "several faces in a photo: keep the largest, the most central, all, or skip the "
-                               "photo (default: largest with identity folders, all in a flat folder)",
+    multi: str | None = option(None, MULTI_HELP + ", all (the default in a flat folder), or skip the photo",
                                choices=MULTI_POLICIES)
     fallback: str | None = option(None, "no face found: take a central box (for pre-cropped sets such as LFW)",
                                   choices=FALLBACKS)
@@ -442,7 +449,7 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
         wanted = set(only)
         sources = [s for s in sources if s.rel in wanted]
     layout = "identities" if any(s.identity for s in sources) else "flat"
-    policy = settings.multi or ("largest" if layout == "identities" else "all")
+    policy = settings.multi or (PERSON_FOLDER_MULTI if layout == "identities" else "all")
     resolved = dataclasses.replace(settings, multi=policy)
 
     with Journal(raw, out, resolved, redo) as journal:
@@ -542,11 +549,8 @@ def _remove_stale_temporaries(out: Path) -> None:
 def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: bool) -> dict[str, str]:
     """SHA-256 of every file ('' when unreadable or empty: never a duplicate); reused from
     the journal when size and mtime are unchanged."""
-    from tqdm import tqdm
-
     hashes = {}
-    for s in tqdm(sources, desc="hashing", unit="file", disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True, leave=False):
+    for s in progress_bar(sources, desc="hashing", unit="file", enabled=progress, leave=False):
         path = raw / s.rel
         try:
             st = os.stat(path)
@@ -582,15 +586,12 @@ def _nonempty_file(path: Path) -> bool:
 def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: AlignSettings,
          policy: str, jobs: int | None, progress: bool,
          cnn_factory: Callable | None = None) -> Iterator[tuple[Source, str, list[dict]]]:
-    from tqdm import tqdm
-
     if not todo:
         return
     jobs = max(1, min(jobs or default_jobs(), len(todo)))
     tasks = [(s, hashes[s.rel]) for s in todo]
     counts = Counter()
-    bar = tqdm(total=len(todo), desc=f"aligning ({jobs} proc)", unit="photo", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc=f"aligning ({jobs} proc)", unit="photo", enabled=progress)
     results: Iterable = ()
     try:
         if jobs == 1:

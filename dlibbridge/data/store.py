@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -54,6 +53,7 @@ import numpy as np
 from .images import CHIP_SHAPE, ImageReadError, read_image, walk_files
 from ..errors import DlibbridgeError
 from .._io import write_json
+from .._progress import progress_bar
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
@@ -176,7 +176,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
 
     n = len(entries)
     chips = np.memmap(partial / _CHIPS, dtype=np.uint8, mode="r+", shape=(n, *CHIP_SHAPE))
-    bar = _progress_bar(n, "packing", progress, initial=state["next"])
+    bar = progress_bar(total=n, initial=state["next"], desc="packing", unit="img", enabled=progress)
     try:
         for i in range(state["next"], n):
             entry = entries[i]
@@ -265,12 +265,6 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if state.get("fingerprint") == fingerprint else None
-
-
-def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled,
-                dynamic_ncols=True, file=sys.stderr)
 
 
 class ChipStore:

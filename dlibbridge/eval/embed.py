@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from .._io import sha256_file, write_npz
 from ..data.images import CHIP_SHAPE, is_image_file, walk_files
 from ..data.prefetch import default_workers, prefetched
 from ..errors import DlibbridgeError
+from ..options import DEVICE_AUTO
 
 SAVE_EVERY_S = 30.0
 
@@ -96,13 +96,12 @@ def _fingerprint(model: Path, engine: str, files: list[str]) -> str:
 
 
 def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLike, *,
-                 batch_size: int = 64, device: str = "cpu", engine: str = "torch",
+                 batch_size: int = 64, device: str = DEVICE_AUTO, engine: str = "torch",
                  progress: bool = True, workers: int | None = None) -> EmbedResult:
     """Embed every chip below ``images_dir`` with ``model``; see the module docstring.
     ``workers``: decode processes (0 = decode in this process; default
     :func:`default_workers`)."""
-    from tqdm import tqdm
-
+    from .._progress import progress_bar
     from .embedders import ModelSpec, make_embedder
 
     if batch_size < 1:
@@ -139,8 +138,7 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
                   skipped=np.array(skipped, dtype=str).reshape(-1, 2))
 
     last_save = time.monotonic()
-    bar = tqdm(total=len(files), initial=done, desc="embedding", unit="img", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=len(files), initial=done, desc="embedding", unit="img", enabled=progress)
     nworkers = default_workers(len(files) - done, batch_size) if workers is None else workers
     try:
         with contextlib.closing(_batches(images_dir, files, done, batch_size, nworkers)) as batches:

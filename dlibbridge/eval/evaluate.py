@@ -24,8 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .._io import sha256_file, write_atomic, write_json
-from ..options import option
+from ..options import device_option, option, out_option, quiet_option, workers_option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
+from ..data.align import MULTI_HELP, PERSON_FOLDER_MULTI
 from ..data.images import CHIP_SIZE
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
@@ -63,7 +64,7 @@ class ChipSource:
     ALIGN_COST = 8
 
     def __init__(self, data_root: Path, chips_dir: Path | None, detector: str = "hog", upsample: int = 1,
-                 multi: str = "center", fallback: str | None = "center", workers: int | None = None):
+                 multi: str = PERSON_FOLDER_MULTI, fallback: str | None = "center", workers: int | None = None):
         from ..data.align import AlignSettings
         self.data_root = Path(data_root)
         self.settings = AlignSettings(detector=detector, upsample=upsample, multi=multi, fallback=fallback)
@@ -234,8 +235,8 @@ class EvalConfig:
     seed: int = option(0, "seed for --gen-pairs and the gallery split")
     report: Path | None = option(None, "write report.html/report.md, plots and worst errors here", type=Path,
                                  metavar="OUT_DIR")
-    json_path: Path | None = option(None, "results.json path (default: OUT_DIR/results.json or ./results.json)",
-                                    flags=("--json",), type=Path, metavar="PATH")
+    out: Path | None = out_option("RESULTS.json", "results file to write (default: OUT_DIR/results.json with --report, "
+                                  "else ./results.json)", required=False, type=Path)
     flip: bool = option(False, "average each descriptor with its mirror image's", action="store_true")
     jitter: int = option(0, "average N of dlib's random jitters per face (dlib's 99.38%% LFW figure used 100)",
                          metavar="N", show_default=False)
@@ -244,17 +245,15 @@ class EvalConfig:
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
     upsample: int = option(1, "detector upsampling", metavar="N")
-    multi: str = option("center", "several faces in a photo: the most central (default; LFW's subject is centred) "
-                        "or largest", choices=("center", "largest"))
+    multi: str = option(PERSON_FOLDER_MULTI, MULTI_HELP, choices=("center", "largest"))
     fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
                                   "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
-    workers: int | None = option(None, "processes decoding and aligning images while the network runs (0: none; "
-                                 "default: one per core when photos need aligning, else as embed's: one per core "
-                                 "beyond the first, none for small sets)", hidden_flags=("--jobs", "-j"), type=int,
-                                 metavar="N")
-    device: str = option("cpu", "torch device, e.g. cuda")
+    workers: int | None = workers_option("processes decoding and aligning images while the network runs (0: none; "
+                                         "default: one per core when photos need aligning, else as embed's: one per "
+                                         "core beyond the first, none for small sets)")
+    device: str = device_option()
     batch_size: int = option(64, "faces per forward pass", metavar="N")
-    progress: bool = option(True, "no progress bars", flags=("--quiet", "-q"), action="store_false")
+    progress: bool = quiet_option()
 
 
 def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[PairSet, Path | None]:
@@ -282,8 +281,8 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
 
 
 def results_path(cfg: EvalConfig) -> Path:
-    if cfg.json_path is not None:
-        return cfg.json_path
+    if cfg.out is not None:
+        return cfg.out
     return (cfg.report if cfg.report is not None else Path.cwd()) / "results.json"
 
 
@@ -296,9 +295,9 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     before (the batches are the same with or without workers); caches are saved every
     ``save_every_s`` seconds and on exit, so an interrupted run picks up where it stopped."""
     import time
-    from tqdm import tqdm
-    keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
-                                         leave=False)]
+    from .._progress import progress_bar
+    keys = [content_key(p) for p in progress_bar(paths, desc="hashing images", unit="img", enabled=progress,
+                                                 leave=False)]
     tag = loader.cache_tag()
     caches = [EmbeddingCache(None if cache_dir is None else Path(cache_dir) / f"{e.cache_name()}-{tag}.npz")
               for e in embedders]
@@ -307,8 +306,8 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     last_save = time.monotonic()
     images = loader.load([paths[i] for i in todo], batch_size)
     try:
-        with contextlib.closing(images), tqdm(total=len(todo), desc="embedding", unit="img",
-                                              disable=not progress or not todo) as bar:
+        with contextlib.closing(images), progress_bar(total=len(todo), desc="embedding", unit="img",
+                                                      enabled=progress and bool(todo)) as bar:
             for s in range(0, len(todo), batch_size):
                 idx = todo[s:s + batch_size]
                 loaded = list(itertools.islice(images, len(idx)))
