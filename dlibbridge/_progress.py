@@ -44,12 +44,18 @@ def _lines_class():
 
     class Lines(tqdm):
         """tqdm's counter as whole lines: ``display`` prints a line.  Made with ``leave=False``,
-        ``close`` asks for the bar to be cleared (``msg=''``): the final line is printed instead,
-        and the False returned keeps ``close`` from adding a carriage return."""
+        ``close`` asks for the bar to be cleared (``msg=''``): the final count is printed
+        instead (unless the last line said it), and the False returned keeps ``close`` from
+        adding a carriage return."""
+
+        shown = None
 
         def display(self, msg=None, pos=None):
+            if msg == "" and self.shown == self.n:
+                return False
             self.fp.write(self.__str__() + "\n")
             self.fp.flush()
+            self.shown = self.n
             return False
 
     return Lines

@@ -21,7 +21,7 @@ from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
 from .errors import DlibbridgeError
-from .eval.evaluate import EvalConfig
+from .eval.evaluate import EvalConfig, PhotoAlignment
 from .options import (add_options, device_option, given_fields, json_option, option, out_option, overwrite_option,
                       quiet_option, workers_option)
 from .train.config import FinetuneConfig
@@ -379,15 +379,17 @@ def _run_export(args) -> int:
 
 
 def _run_embed(args) -> int:
-    """Every image below IMAGES_DIR (recursive) must be an aligned 150x150 chip; others are reported
-    and left out, never resized. OUT.npz holds paths (relative, sorted), embeddings (float32 N x
-    128), skipped_paths and skipped_reasons. Resumable: rerun the same command after an
-    interruption."""
+    """Every image below IMAGES_DIR (recursive): a 150x150 image is taken as an aligned chip, any
+    other is a photo, aligned as evaluate aligns (--detector, --multi, --no-fallback); images that
+    give no chip are reported and left out. OUT.npz holds paths (the images, relative, sorted),
+    embeddings (float32 N x 128), identities (each image's person: its first sub-folder, as in
+    align's manifest), statuses (chip, detected or fallback), skipped_paths and skipped_reasons.
+    Resumable: rerun the same command after an interruption."""
     from .eval.embed import embed_folder
     check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
                        device=args.device, engine=args.engine, progress=args.progress,
-                       workers=args.workers)
+                       workers=args.workers, alignment=PhotoAlignment(**given_fields(PhotoAlignment, args)))
     for path, reason in res.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{res.out}: {len(res.paths)} embeddings" + (f", {len(res.skipped)} images skipped" if res.skipped else "")
@@ -452,7 +454,8 @@ _COMMANDS = (
              (FinetuneConfig, _FinetuneArgs), _run_finetune, given_only=(FinetuneConfig,)),
     _Command("export", "write a face model as a dlib .dat, ONNX, TorchScript or torch checkpoint",
              (_ExportArgs,), _run_export),
-    _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
+    _Command("embed", "descriptors of a folder of photos or aligned 150x150 chips -> OUT.npz",
+             (_EmbedArgs, PhotoAlignment), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",

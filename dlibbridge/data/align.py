@@ -56,7 +56,7 @@ from ..options import option
 __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CNN_PRECISIONS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
            "FaceAligner", "frontal_face_detector", "hog_detector_pickle", "use_hog_detector_pickle", "center_box",
-           "choose_faces", "Source", "process_photo", "align_photo", "list_sources", "default_jobs", "Journal", "align",
+           "choose_faces", "Source", "process_photo", "align_photo", "identity_of", "list_sources", "default_jobs", "Journal", "align",
            "write_manifest", "read_manifest", "format_summary"]
 
 CHIP_PADDING = 0.25   # compute_face_descriptor's padding at CHIP_SIZE: the chip the network was trained on
@@ -366,17 +366,23 @@ def align_photo(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, src: Sou
 # A folder
 # --------------------------------------------------------------------------------------------
 
+def identity_of(rel: str) -> str:
+    """The person of a file at ``rel`` (POSIX, relative to the input folder): its first
+    sub-folder; '' for a file at the top (a flat folder)."""
+    first, sep, _ = rel.partition("/")
+    return first if sep else ""
+
+
 def list_sources(raw_dir: str | os.PathLike) -> list[Source]:
     """Every file under ``raw_dir`` (hidden files and folders excluded), sorted, with its
-    identity (first sub-folder) and a collision-free chip stem."""
+    identity (:func:`identity_of`) and a collision-free chip stem."""
     rels = walk_files(raw_dir)
     stems = Counter(r.rsplit(".", 1)[0] if "." in r.rsplit("/", 1)[-1] else r for r in rels)
     sources = []
     for rel in rels:
-        parts = rel.split("/")
-        stem = rel.rsplit(".", 1)[0] if "." in parts[-1] else rel
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
         # a.jpg and a.png in one folder would both become a.png: keep their full names.
-        sources.append(Source(rel, parts[0] if len(parts) > 1 else "", stem if stems[stem] == 1 else rel))
+        sources.append(Source(rel, identity_of(rel), stem if stems[stem] == 1 else rel))
     return sources
 
 

@@ -13,6 +13,7 @@ which is the port's end-to-end proof.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -30,7 +31,7 @@ from ..data.align import MULTI_HELP, PERSON_FOLDER_MULTI
 from ..data.images import CHIP_SIZE
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
-from .pairs import PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
+from .pairs import LFW_VIEW2_PAIRS, PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -219,8 +220,23 @@ def _load_chunk(tasks: list[tuple]) -> list[tuple[np.ndarray | None, str, list[d
 
 # ============================================================================ evaluation
 
+@dataclass(kw_only=True)
+class PhotoAlignment:
+    """How an image that is not a 150x150 chip becomes one (:class:`ChipSource`), the same in
+    ``evaluate`` and ``embed``: a photo gives the same chip, so the same descriptor, in both."""
+    detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
+    upsample: int = option(1, "detector upsampling", metavar="N")
+    multi: str = option(PERSON_FOLDER_MULTI, MULTI_HELP, choices=("center", "largest"))
+    fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
+                                  "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
+
+    def alignment(self) -> dict:
+        """These settings as :class:`ChipSource`'s keywords (also from a subclass's instance)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PhotoAlignment)}
+
+
 @dataclass
-class EvalConfig:
+class EvalConfig(PhotoAlignment):
     """Everything ``dlibbridge evaluate`` takes; defaults are the protocol's."""
     models: list[ModelSpec] = option(
         positional=True, nargs="+", metavar="MODEL",
@@ -230,7 +246,8 @@ class EvalConfig:
     pairs: Path | None = option(None, "LFW pairs.txt to evaluate on (with --gen-pairs: where to save the generated "
                                 "pairs)", type=Path, metavar="PAIRS")
     gen_pairs: int | None = option(None, "generate N balanced pairs in identity-disjoint folds from DIR (seeded, "
-                                   "saved for reuse)", type=int, metavar="N")
+                                   f"saved for reuse; without --pairs, as many as LFW's {LFW_VIEW2_PAIRS} or what the "
+                                   "folders allow)", type=int, metavar="N")
     n_folds: int = option(10, "folds for --gen-pairs", flags=("--folds",), metavar="K")
     seed: int = option(0, "seed for --gen-pairs and the gallery split")
     report: Path | None = option(None, "write report.html/report.md, plots and worst errors here", type=Path,
@@ -243,11 +260,6 @@ class EvalConfig:
     identification: bool = option(True, "skip rank-1 and clustering", flags=("--no-identification",),
                                   action="store_false")
     cache_dir: Path | None = field(default_factory=default_cache_dir)
-    detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
-    upsample: int = option(1, "detector upsampling", metavar="N")
-    multi: str = option(PERSON_FOLDER_MULTI, MULTI_HELP, choices=("center", "largest"))
-    fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
-                                  "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
     workers: int | None = workers_option("processes decoding and aligning images while the network runs (0: none; "
                                          "default: one per core when photos need aligning, else as embed's: one per "
                                          "core beyond the first, none for small sets)")
@@ -256,15 +268,27 @@ class EvalConfig:
     progress: bool = quiet_option()
 
 
+def pairs_to_generate(cfg: EvalConfig) -> int | None:
+    """How many pairs to generate from the person folders: ``--gen-pairs N``; without it and
+    without ``--pairs``, LFW View 2's count, lowered to what the folders allow (with a note,
+    as for any request); None: ``--pairs`` is read."""
+    if cfg.gen_pairs is not None:
+        return cfg.gen_pairs
+    return None if cfg.pairs is not None else LFW_VIEW2_PAIRS
+
+
 def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[PairSet, Path | None]:
-    """Read ``--pairs``, or generate ``--gen-pairs N`` and save it (to ``--pairs`` when
-    given, else beside results.json).  An existing file is reused only if it is exactly
-    what this seed generates; otherwise we refuse rather than overwrite someone's pairs."""
-    if cfg.gen_pairs is None:
-        if cfg.pairs is None:
-            raise ValueError("give --pairs FILE (LFW pairs.txt format) or --gen-pairs N")
+    """Read ``--pairs``, or generate pairs (:func:`pairs_to_generate`) and save them (to
+    ``--pairs`` when given, else beside results.json).  An existing file is reused only if it
+    is exactly what this seed generates; otherwise we refuse rather than overwrite someone's
+    pairs."""
+    requested = pairs_to_generate(cfg)
+    if requested is None:
         return read_pairs(cfg.pairs), cfg.pairs
-    n_pairs, n_folds, notes = fit_request(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
+    if cfg.gen_pairs is None:
+        print(f"note: no --pairs given: pairs generated from the person folders of {cfg.data} "
+              f"(as --gen-pairs {requested})", file=sys.stderr)
+    n_pairs, n_folds, notes = fit_request(identities, requested, cfg.n_folds, cfg.seed)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     ps = generate_pairs(identities, n_pairs, n_folds, cfg.seed)
@@ -272,7 +296,7 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
     text = format_pairs(ps)
     if out.exists():
         if out.read_text(encoding="utf-8", errors="replace") != text:
-            raise FileExistsError(f"{out} exists and differs from the pairs --gen-pairs {cfg.gen_pairs} "
+            raise FileExistsError(f"{out} exists and differs from the pairs --gen-pairs {requested} "
                                   f"--seed {cfg.seed} makes; drop --gen-pairs to evaluate on it, or pick another path")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,6 +416,8 @@ def run(cfg: EvalConfig) -> Evaluation:
     if not cfg.models:
         raise ValueError("no model to evaluate")
     models = label_models(cfg.models)
+    # first: a bad model or --device is refused before pairs are generated and written
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     identities = scan_identities(cfg.data)
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
@@ -401,9 +427,7 @@ def run(cfg: EvalConfig) -> Evaluation:
     if in_folder > len(images):
         print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
               "not aligned or embedded", file=sys.stderr)
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
-    loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
-                                 multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
+    loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, workers=cfg.workers, **cfg.alignment())
     embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
                                       cfg.batch_size, cfg.progress)
 
@@ -423,7 +447,7 @@ def run(cfg: EvalConfig) -> Evaluation:
         "data": str(cfg.data),
         "pairs": {"file": None if pairs_file is None else str(pairs_file), "n_folds": ps.n_folds,
                   "per_fold": ps.per_fold, "n_pairs": len(pair_paths),
-                  "generated": None if cfg.gen_pairs is None else {"n": len(pair_paths), "seed": cfg.seed}},
+                  "generated": None if pairs_to_generate(cfg) is None else {"n": len(pair_paths), "seed": cfg.seed}},
         "options": {"flip": cfg.flip, "jitter": cfg.jitter, "detector": cfg.detector, "upsample": cfg.upsample,
                     "multi": cfg.multi, "fallback": cfg.fallback, "threshold_fixed": DLIB_THRESHOLD,
                     "far_targets": [far_key(f) for f in FAR_TARGETS]},
