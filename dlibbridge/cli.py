@@ -81,15 +81,16 @@ class _AlignPaths:
 
 @dataclass
 class _AlignRun:
-    workers: int | None = workers_option("processes aligning photos (0 or 1: this process only; default: all cores)")
-    overwrite: bool = overwrite_option("ignore an earlier run in OUT_DIR and redo everything")
+    workers: int | None = workers_option("processes aligning photos (0 or 1: this process only; default: all cores)",
+                                         hidden_flags=("--jobs", "-j"))
+    overwrite: bool = overwrite_option("ignore an earlier run in OUT_DIR and redo everything", hidden_flags=("--redo",))
     progress: bool = quiet_option()
 
 
 @dataclass
 class _PackArgs:
     chips_dir: str = option(positional=True, metavar="CHIPS_DIR")
-    out: str = out_option("STORE", "store folder to create")
+    out: str = out_option("STORE", "store folder to create", hidden_flags=("--output",))
     overwrite: bool = overwrite_option("replace an existing STORE")
     progress: bool = quiet_option()
 
@@ -124,7 +125,7 @@ class _FinetuneArgs:
 @dataclass
 class _ExportArgs:
     model: str = option(positional=True, metavar="MODEL")
-    out: str | None = out_option("OUT.dat", "dlib file to write", required=False)
+    out: str | None = out_option("OUT.dat", "dlib file to write", required=False, hidden_flags=("--output",))
     trainable: bool = _flag("write bn_con2 records instead of affine")
     onnx: str | None = option(None, "also write an ONNX graph (dynamic batch)", metavar="OUT.onnx")
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
@@ -140,7 +141,7 @@ class _EmbedArgs:
     model: str = option(help="dlib .dat, dlibbridge checkpoint, TorchScript or ONNX file; 'default' = dlib's model",
                         positional=True, metavar="MODEL")
     images_dir: str = option(positional=True, metavar="IMAGES_DIR")
-    out: str = out_option("OUT.npz", "descriptors file to write")
+    out: str = out_option("OUT.npz", "descriptors file to write", hidden_flags=("--output",))
     batch_size: int = option(64, "chips per forward pass", metavar="N")
     device: str = device_option()
     engine: str = _engine("a .dat")
@@ -259,11 +260,11 @@ def _run_evaluate(args) -> int:
     from .eval.embedders import ModelSpec, default_cache_dir
     fields = given_fields(ev.EvalConfig, args)
     if isinstance(args.json, str):          # --json PATH: the older spelling of -o PATH
-        if args.out:
-            raise UsageError("--json PATH and -o both name the results file; give -o PATH only")
         if not args.json.endswith(".json"):
             raise UsageError(f"--json is a switch (the results on stdout) and {args.json!r} is no .json file "
                              "to write them to; name the results file with -o PATH.json")
+        if args.out:
+            raise UsageError("--json PATH and -o both name the results file; give -o PATH only")
         fields["out"] = Path(args.json)
     if args.report:
         from .eval.report import check_report_dir

@@ -90,8 +90,9 @@ def given_fields(cls: type, namespace: argparse.Namespace | dict) -> dict:
 
 
 # ---- the options every command spells the same way ----------------------------------------
-# tests/test_cli.py walks every command's parser and checks these spellings and defaults.  The
-# hidden spellings are the older ones, accepted (unlisted) for one release.
+# tests/test_cli.py walks every command's parser and checks these spellings and defaults.  A
+# command that spelled one differently before passes its older spellings as ``hidden_flags``:
+# accepted, unlisted, for one release.
 
 def non_negative_int(text: str) -> int:
     """argparse type of counts where 0 means "none" (``--workers 0``: work in this process)."""
@@ -105,17 +106,14 @@ def non_negative_int(text: str) -> int:
 
 
 def out_option(metavar: str, help: str, *, required: bool = True, default: Any = None, **extra) -> Any:
-    """``-o/--out``: what the command writes (``--output`` is the older spelling).  ``extra``:
-    more :func:`option` keywords (``group``, ``type``)."""
-    return option(default, help, flags=("-o", "--out"), hidden_flags=("--output",), metavar=metavar,
-                  required=required, **extra)
+    """``-o/--out``: what the command writes.  ``extra``: more :func:`option` keywords (``group``,
+    ``type``, ``hidden_flags``)."""
+    return option(default, help, flags=("-o", "--out"), metavar=metavar, required=required, **extra)
 
 
 def workers_option(help: str, **extra) -> Any:
-    """``--workers N``: helper processes; None leaves the choice to the command (said in ``help``).
-    ``--jobs``/``-j`` are align's older spelling."""
-    return option(None, help, flags=("--workers",), hidden_flags=("--jobs", "-j"), type=non_negative_int,
-                  metavar="N", **extra)
+    """``--workers N``: helper processes; None leaves the choice to the command (said in ``help``)."""
+    return option(None, help, flags=("--workers",), type=non_negative_int, metavar="N", **extra)
 
 
 #: ``--device``'s default everywhere: the GPU when torch sees one.
@@ -129,9 +127,9 @@ def device_option(**extra) -> Any:
                   "else cpu)", metavar="DEVICE", **extra)
 
 
-def overwrite_option(help: str) -> Any:
-    """``--overwrite``: replace what an earlier run left (``--redo`` is align's older spelling)."""
-    return option(False, help, flags=("--overwrite",), hidden_flags=("--redo",), action="store_true")
+def overwrite_option(help: str, **extra) -> Any:
+    """``--overwrite``: replace what an earlier run left."""
+    return option(False, help, flags=("--overwrite",), action="store_true", **extra)
 
 
 def quiet_option(**extra) -> Any:

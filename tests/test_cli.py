@@ -47,15 +47,19 @@ _HAS = {
     "progress": {"unfreeze", "align", "pack", "finetune", "embed", "evaluate", "camera"},
     "json": {"inspect", "evaluate"},
 }
-# dest -> (listed spellings, hidden older spellings, default)
+# dest -> (spellings, default)
 _SHARED = {
-    "out": (("-o", "--out"), ("--output",), None),
-    "workers": (("--workers",), ("--jobs", "-j"), None),
-    "device": (("--device",), (), "auto"),
-    "overwrite": (("--overwrite",), ("--redo",), False),
-    "progress": (("--quiet", "-q"), (), True),
-    "json": (("--json",), (), False),
+    "out": (("-o", "--out"), None),
+    "workers": (("--workers",), None),
+    "device": (("--device",), "auto"),
+    "overwrite": (("--overwrite",), False),
+    "progress": (("--quiet", "-q"), True),
+    "json": (("--json",), False),
 }
+# (command, dest) -> the older spellings still accepted, unlisted, for one release
+_OLDER = {("pack", "out"): ("--output",), ("export", "out"): ("--output",), ("embed", "out"): ("--output",),
+          ("align", "workers"): ("--jobs", "-j"), ("evaluate", "workers"): ("--jobs", "-j"),
+          ("align", "overwrite"): ("--redo",)}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -77,14 +81,14 @@ def test_every_command_spells_the_shared_options_the_same(name):
     for a in parser._actions:
         by_dest.setdefault(a.dest, []).append(a)
     defaults = _field_defaults(name)
-    for dest, (listed, hidden, default) in _SHARED.items():
+    for dest, (listed, default) in _SHARED.items():
         assert (dest in by_dest) == (name in _HAS[dest]), f"{name}: {dest} present: {dest in by_dest}"
         if name not in _HAS[dest]:
             continue
         shown = [a for a in by_dest[dest] if a.help != argparse.SUPPRESS and a.option_strings]
         assert len(shown) == 1 and shown[0].option_strings == list(listed), (name, dest, shown)
         assert sorted(s for a in by_dest[dest] if a.help == argparse.SUPPRESS for s in a.option_strings) \
-            == sorted(hidden), (name, dest)
+            == sorted(_OLDER.get((name, dest), ())), (name, dest)
         if dest != "out":               # what a command writes has no shared default
             assert defaults[dest] == default, (name, dest, defaults[dest])
             assert shown[0].default in (default, argparse.SUPPRESS)

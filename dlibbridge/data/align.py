@@ -526,7 +526,7 @@ def _check_settings(state: Path, settings: AlignSettings, redo: bool) -> None:
             diff = ", ".join(f"{k}: {before.get(k)!r} → {v!r}" for k, v in wanted.items()
                              if isinstance(before, dict) and before.get(k) != v) or "unreadable settings"
             raise AlignError(f"{state.parent} holds chips made with other settings ({diff}); "
-                             "use another output folder or --redo")
+                             "use another output folder or --overwrite")
     write_json(path, wanted, indent=None, newline=False)
 
 
@@ -652,7 +652,7 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
         raise AlignError("a worker process died while processing one of: "
                          + ", ".join(task[0].rel for task in pending.values())
                          + "; finished photos are kept — move the culprit away (find it with "
-                           "--jobs 1) and rerun to continue") from None
+                           "--workers 1) and rerun to continue") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -262,7 +262,7 @@ class EvalConfig(PhotoAlignment):
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     workers: int | None = workers_option("processes decoding and aligning images while the network runs (0: none; "
                                          "default: one per core when photos need aligning, else as embed's: one per "
-                                         "core beyond the first, none for small sets)")
+                                         "core beyond the first, none for small sets)", hidden_flags=("--jobs", "-j"))
     device: str = device_option()
     batch_size: int = option(64, "faces per forward pass", metavar="N")
     progress: bool = quiet_option()
