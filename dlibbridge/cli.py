@@ -32,8 +32,8 @@ class UsageError(DlibbridgeError):
 
 
 # ---- options shared by several commands -----------------------------------------------
-
-# (-o/--out, --workers, --device, --overwrite, -q/--quiet, --json: dlibbridge.options)
+# The ones every command spells the same way (-o/--out, --workers, --device, --overwrite,
+# -q/--quiet, --json) are dlibbridge.options' out_option ... json_option; these are cli's own.
 
 def _flag(help: str):
     return option(False, help, action="store_true")
