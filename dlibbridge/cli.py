@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import __version__, _writable as w
 from ._writable import check_output_dir, check_output_file
+from ._paths import resolved
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
@@ -131,8 +132,8 @@ class _ExportArgs:
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
     pt2: str | None = option(None, "also write a torch.export program (load: torch.export.load(OUT.pt2).module())",
                              metavar="OUT.pt2")
-    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (loads with "
-                                    "torch.load(weights_only=True))", metavar="OUT.pt")
+    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (plain torch loads it "
+                                    "with weights_only=True)", metavar="OUT.pt")
     atol: float = option(1e-5, "largest accepted max |diff| of the checks")
 
 
@@ -333,8 +334,9 @@ def _run_export(args) -> int:
     """MODEL (a dlib .dat in affine or bn_con form, a dlibbridge torch checkpoint, or 'default' for
     the installed dlib model) -> the deployed dlib file that dlib.face_recognition_model_v1 loads
     (-o), checked by loading it in dlib; with --trainable the bn_con form for dlib's trainer.
-    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take float32 N x 3 x
-    150 x 150 RGB 0-255 (dynamic N) and are checked against the torch module."""
+    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take uint8 RGB chips
+    N x 150 x 150 x 3 (dynamic N), as the torch module does, record that in the file, and are
+    checked against the torch module."""
     import os
     from pathlib import Path
     from .port import convert
@@ -344,9 +346,9 @@ def _run_export(args) -> int:
     if not outputs:
         raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
     args.model = str(resolve_model(args.model))
-    src = Path(args.model).resolve()
+    src = resolved(args.model, "MODEL")
     for o in outputs:
-        if Path(o).resolve() == src:
+        if resolved(o, "output") == src:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
@@ -503,7 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command.  Every error about the input or the request — a
     :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
     ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
-    bug still shows its traceback."""
+    bug still shows its traceback.  The command owns its process, so it first applies the CPU
+    settings a library call leaves alone (:func:`~dlibbridge.port.runtime.tune_cpu`), before
+    any handler imports torch."""
+    from .port.runtime import tune_cpu
+    tune_cpu()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:     # said with the command's usage, not the list of commands

@@ -189,6 +189,12 @@ def test_cnn_bfloat16_via_the_cli_is_recorded_and_refused_where_it_cannot_apply(
     face = face_crop(shared_dir)
     cv2.imwrite(str(raw / "face.png"), face[:, :, ::-1])
     out = tmp_path / "out"
+    from dlibbridge.port.mmod import cpu_runs_bfloat16
+    if not cpu_runs_bfloat16():           # an AVX2 machine: refused before any photo, in one line
+        capsys.readouterr()
+        assert cli_main(["align", str(raw), str(out), "--detector", "cnn", "--cnn-precision", "bfloat16", "-q"]) == 2
+        assert "need a CPU with AVX-512" in capsys.readouterr().err
+        return
     assert cli_main(["align", str(raw), str(out), "--detector", "cnn", "--upsample", "0",
                      "--cnn-precision", "bfloat16", "-q"]) == 0
     (row,) = read_manifest(out / "manifest.csv")
@@ -287,11 +293,14 @@ def test_interrupted_run_resumes_and_finished_run_is_reused(small_raw, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         align(small_raw, out, jobs=1, progress=False, on_photo=stop_after_first)
     assert not (out / "manifest.csv").exists()
+    (out / ".align" / "tmp" / ".tmp-abc2008_002470.png").write_bytes(b"half a chip")   # an interrupted write
     (out / "p2").mkdir(exist_ok=True)
-    (out / "p2" / ".tmp-abc2008_002470.png").write_bytes(b"half a chip")   # an interrupted write
+    (out / "p2" / ".tmp-mine.png").write_bytes(b"the user's")      # named like ours, but not in our folder
     summary = align(small_raw, out, jobs=1, progress=False)
     assert summary["processed_this_run"] == 2 and summary["reused_from_earlier_runs"] == 1
-    assert not list(out.rglob(".tmp-*"))
+    assert not list((out / ".align").rglob(".tmp-*"))
+    assert (out / "p2" / ".tmp-mine.png").read_bytes() == b"the user's"
+    (out / "p2" / ".tmp-mine.png").unlink()
     manifest = (out / "manifest.csv").read_text()
 
     fresh = align(small_raw, tmp_path / "fresh", jobs=1, progress=False)

@@ -180,6 +180,25 @@ def test_chips_gray_exactly_and_noise(tmp_path, photo_chips):
     assert np.median(noisy) == pytest.approx(5.0, rel=0.2)
 
 
+@needs_shared
+@pytest.mark.parametrize("gray, quality, sigma", [(False, 30, 10.0), (True, 50, 6.0), (False, 75, 6.0),
+                                                  (False, 90, 16.0), (False, 40, 0.0)])
+def test_noise_under_jpeg_in_lossless_chips(tmp_path, photo_chips, gray, quality, sigma):
+    """Chips taken by the package's own camera sampler — noise, then JPEG on the chip's grid —
+    and saved as PNG: the JPEG's quality comes back within ±3 and the noise (which JPEG smooths
+    away from a second-difference kernel: before, 0 for these) within ±30 % (σ = 0: at most 1
+    grey level).  The residual table is calibrated on the johns; these are other faces."""
+    sample = camera.CameraSample(side=None, gray=gray, blur_sigma=0.0, noise=sigma, brightness=120.0, contrast=40.0,
+                                 jpeg_quality=quality, at_source=False)
+    for i, c in enumerate(photo_chips[1][:20]):
+        _write(tmp_path / f"{i:02d}.png", sample.apply(c, np.random.default_rng(i)))
+    profile = camera.measure_folder(tmp_path)
+    assert np.median(profile.values("jpeg_quality")) == pytest.approx(quality, abs=3)
+    noise = np.median(profile.values("noise"))
+    print("noise", sigma, noise)
+    assert noise <= 1.0 if sigma == 0 else noise == pytest.approx(sigma, rel=0.3)
+
+
 # ---- the sampler -----------------------------------------------------------------------------
 
 def _profile(n=400, seed=0):

@@ -399,3 +399,30 @@ def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_d
     lines = journal.read_text().splitlines()           # every photo aligned once, over the two runs
     r = json.loads((tmp_path / "r.json").read_text())
     assert len({json.loads(line)["source"] for line in lines}) == len(lines) == r["images"]["total"]
+
+
+def test_cli_evaluate_enrolled_photos_against_camera_probes(tmp_path, johns_dir, capsys):
+    """--probes: the johns as a 40-pixel gray camera takes them.  Every enrolled photo against
+    every probe but its own picture; identification in a gallery of one photo per person."""
+    import cv2
+    from dlibbridge.cli import main
+    from dlibbridge.data import augment
+    probes = tmp_path / "camera"
+    for f in sorted(johns_dir.glob("*/*.jpg")):
+        (probes / f.parent.name).mkdir(parents=True, exist_ok=True)
+        chip = cv2.imread(str(f))
+        cv2.imwrite(str(probes / f.parent.name / (f.stem + ".png")), augment.down_up(augment.to_grayscale(chip), 40))
+    rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "40", "--folds", "2",
+               "--probes", str(probes), "--json", str(tmp_path / "r.json"), "--pairs", str(tmp_path / "p.txt"),
+               "--cache", str(tmp_path / "cache"), "-q"])
+    assert rc == 0
+    assert "enrolled (--data) vs probe (--probes): TAR@1e-3" in capsys.readouterr().out
+    ep = json.loads((tmp_path / "r.json").read_text())["models"][0]["enrolled_vs_probe"]
+    v, i = ep["verification"], ep["identification"]
+    assert ep["n_probe_images"] == ep["n_probes_embedded"] == 55
+    assert v["n_pairs"] == 45 * 55 - 45                 # 45 enrolled photos (those of the pairs), own picture out
+    assert i["n_gallery"] == 5 and i["n_probes"] == 55 - 5
+    assert 0.5 < i["rank1"] <= 1 and 0 <= i["tpir"] <= i["rank1"] and 0.5 < v["accuracy_at_0.6"] <= 1
+    assert main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "40", "--folds", "2",
+                 "--probes", str(tmp_path / "none"), "--json", str(tmp_path / "r2.json"),
+                 "--pairs", str(tmp_path / "p.txt"), "--cache", str(tmp_path / "cache"), "-q"]) == 2

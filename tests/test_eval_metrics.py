@@ -136,3 +136,57 @@ def noisy_scores(n=3000, seed=0, decimals=2):
     same = rng.random(n) < 0.5
     dist = np.where(same, rng.normal(0.45, 0.12, n), rng.normal(0.8, 0.12, n))
     return np.round(np.abs(dist), decimals), same
+
+
+def _brute_tar(pos, neg, far):
+    """TAR at the loosest threshold among the impostor distances that accepts <= far of them."""
+    best = 0.0
+    for t in sorted(set(neg)) + [np.inf]:
+        if np.mean(np.array(neg) < t) <= far:
+            best = max(best, float(np.mean(np.array(pos) < t)))
+    return best
+
+
+def test_cross_verification_matches_a_loop_over_pairs():
+    g = np.random.default_rng(3)
+    enrol, probe = g.normal(size=(9, 4)), g.normal(size=(12, 4))
+    el, pl = np.repeat(np.arange(3), 3), np.repeat(np.arange(4), 3) % 3
+    es, ps = np.arange(9), np.r_[np.arange(9), 20, 21, 22]      # probe i < 9 is enrolled photo i seen by a camera
+    r = mt.cross_verification(enrol, el, probe, pl, es, ps, far_targets=(0.1, 0.3))
+    pairs = [(np.linalg.norm(enrol[i] - probe[j]), el[i] == pl[j]) for i in range(9) for j in range(12) if es[i] != ps[j]]
+    dist = np.array([p[0] for p in pairs])
+    same = np.array([p[1] for p in pairs])
+    assert r["n_pairs"] == 9 * 12 - 9 and r["n_same"] == same.sum()
+    assert r["accuracy_at_0.6"] == pytest.approx(np.mean((dist < 0.6) == same))
+    assert r["accuracy_at_best_threshold"] == pytest.approx(max(np.mean((dist < t) == same) for t in np.r_[dist, np.inf]))
+    for f, key in ((0.1, "1e-1"), (0.3, "3e-1")):
+        assert r["tar_at_far"][key] == pytest.approx(_brute_tar(dist[same], dist[~same], f))
+    assert mt.cross_verification(enrol, el, probe, pl)["n_pairs"] == 9 * 12
+
+
+def test_gallery_identification_matches_a_loop_over_probes():
+    g = np.random.default_rng(4)
+    gallery, gl = g.normal(size=(5, 3)), np.arange(5)
+    probe, pl = g.normal(size=(40, 3)), g.integers(0, 5, 40)
+    probe[:20] = gallery[pl[:20]] + g.normal(0, 0.2, (20, 3))    # half near their own entry
+    r = mt.gallery_identification(gallery, gl, probe, pl, fpir=0.1)
+    d = np.linalg.norm(probe[:, None] - gallery[None], axis=2)
+    mated = d[np.arange(40), pl]
+    other = np.array([min(d[i, j] for j in range(5) if j != pl[i]) for i in range(40)])
+    hit = mated < other
+    assert r["rank1"] == pytest.approx(hit.mean()) and r["n_probes"] == 40
+    best = 0.0
+    for t in sorted(set(other)) + [np.inf]:
+        if np.mean(other < t) <= 0.1:
+            best = max(best, float(np.mean(hit & (mated < t))))
+    assert r["tpir"] == pytest.approx(best) and r["fpir"] <= 0.1
+    assert 0 < r["tpir"] <= r["rank1"] < 1
+    with pytest.raises(ValueError, match="gallery"):
+        mt.gallery_identification(gallery[:2], gl[:2], probe, pl)
+
+
+def test_one_per_person_picks_one_image_of_each():
+    labels = np.array([3, 3, 1, 1, 1, 7])
+    idx = mt.one_per_person(labels, seed=2)
+    assert labels[idx].tolist() == [3, 1, 7]
+    assert np.array_equal(idx, mt.one_per_person(labels, seed=2))

@@ -172,3 +172,21 @@ def test_target_val_refusals(tmp_path, johns_dir, camera_json, capsys):
     assert cli.main(["finetune", str(johns_dir), "--out", str(tmp_path / "r4"), "--camera", str(camera_json),
                      "--select-metric", "target:tar@far"]) == 2
     assert "--target-val" in capsys.readouterr().err
+
+
+def test_a_camera_run_trains_on_one_photo_people():
+    """A person with one photo cannot be a positive pair of a plain run and is left out there;
+    a camera run keeps them (their camera draws are the positives) and still validates only on
+    people with two or more."""
+    from types import SimpleNamespace
+    from dlibbridge.train.config import FinetuneConfig
+    from dlibbridge.train.loop import split_identities
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 5, 6])      # 4 people with 3, 3 with 1
+    store = SimpleNamespace(labels=labels, identities=[f"p{i}" for i in range(7)])
+    plain = split_identities(store, FinetuneConfig(data="d", out="o", identities_per_batch=2, val_identities=2), 1)
+    cam = split_identities(store, FinetuneConfig.for_camera("d", "o", "c.json", identities_per_batch=2,
+                                                            val_identities=2), 1)
+    assert plain.dropped_single == ["p4", "p5", "p6"] and not set(labels[plain.train_rows]) & {4, 5, 6}
+    assert cam.dropped_single == [] and {4, 5, 6} <= set(labels[cam.train_rows])
+    assert np.array_equal(cam.val_rows, plain.val_rows) and not set(labels[cam.val_rows]) & {4, 5, 6}
+    assert set(cam.train_classes) == set(labels[cam.train_rows])

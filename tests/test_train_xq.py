@@ -169,3 +169,16 @@ def test_train_until_keeps_the_levels_above(deployed, johns_chips):
     for name in ("level0", "fc"):
         for a, b in zip(getattr(student, name).parameters(), getattr(deployed, name).parameters()):
             assert torch.equal(a, b), name
+
+
+def test_one_photo_people_are_drawn_as_instances(deployed, johns_chips):
+    """People with one chip are drawn like the others (before, only two had 2+ chips and a batch
+    of 4 people was refused): their K rows are that chip under K camera draws."""
+    chips = np.concatenate([johns_chips[2][:6], johns_chips[2][-2:]])
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 3])
+    cfg = xq.XQConfig(train_from="level0", versions=2, steps=2, identities=4, per_identity=2, warmup=1)
+    cache = xq.build_cache(deployed, chips, lambda c, r: c // 2 + r.integers(0, 10, dtype=np.uint8), cfg)
+    tr = xq.XQTrainer(deployed, cache, labels, cfg)
+    assert sorted(tr.ids.tolist()) == [0, 1, 2, 3] and tr.groups[2].tolist() == [6]
+    rows = [tr.step() for _ in range(cfg.steps)]
+    assert all(np.isfinite(r["total"]) and r["identity"] > 0 for r in rows)

@@ -143,6 +143,77 @@ def load_data():
     return d["train_chips"], d["train_labels"], d["test_chips"], d["test_labels"]
 
 
+def lfw_subset(args) -> None:
+    """A folder of links to part of LFW (``--out``, to align): ``--multi`` people with two or
+    more photos (at most ``--cap`` of them each) and ``--single`` people with one, seeded picks.
+    The scaling curve's budget sees a few hundred people; aligning all 13,233 photos on the
+    shared cores would cost more than a run."""
+    root = Path(args.lfw)
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    photos = {n: sorted(f.name for f in (root / n).iterdir()) for n in names}
+    rng = np.random.default_rng(args.seed)
+    multi = rng.permutation([n for n in names if len(photos[n]) >= 2])[: args.multi]
+    single = rng.permutation([n for n in names if len(photos[n]) == 1])[: args.single]
+    out = Path(args.out)
+    for name in [*multi, *single]:
+        files = photos[name]
+        if len(files) > args.cap:
+            files = sorted(rng.permutation(files)[: args.cap].tolist())
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if not (out / name / f).exists():
+                os.symlink((root / name / f).resolve(), out / name / f)
+    print(f"{len(multi)} people with 2+ photos, {len(single)} with one -> {out}")
+
+
+def prepare_lfw(args) -> None:
+    """LFW people as extra training data (``WORK/lfw.npz``): ``dlibbridge align --fallback
+    center`` output of LFW deep-funneled (status ``ok`` or ``fallback``: its photos are centred
+    on the face); people with more than ``--cap`` chips keep a seeded pick of them (George W
+    Bush alone has 530), people with one chip are flagged ``single``.  Only ever trained on:
+    the test people are celeba-dev's."""
+    chips_dir = Path(args.chips)
+    people: dict[str, list[Path]] = {}
+    with open(chips_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") in ("ok", "fallback") and row.get("chip") and row.get("identity"):
+                people.setdefault(row["identity"], []).append(chips_dir / row["chip"])
+    rng = np.random.default_rng(args.seed)
+    chips, labels, single = [], [], []
+    for li, name in enumerate(sorted(people)):
+        ps = sorted(people[name])
+        if len(ps) > args.cap:
+            ps = sorted(rng.permutation(ps)[: args.cap].tolist())
+        chips += [load_png(Path(c)) for c in ps]
+        labels += [li] * len(ps)
+        single.append(len(ps) == 1)
+    np.savez(WORK / "lfw.npz", chips=np.stack(chips), labels=np.array(labels), single=np.array(single))
+    print(f"LFW: {len(single) - sum(single)} people with 2+ chips, {sum(single)} with one; {len(chips)} chips")
+
+
+def training_set(args, tr_c: np.ndarray, tr_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(pool chips, pool labels, the pool rows this run trains on, what they are).  The pool is
+    the celeba-dev training chips, and with ``--lfw`` or ``--shared-cache`` every LFW chip of
+    ``prepare-lfw`` after them (one cache serves every run on it).  The run trains on the first
+    ``--people`` celeba-dev training identities of a fixed shuffle (a smaller set is part of every
+    larger one), then the ``--lfw`` people (``multi``: those with 2+ chips; ``all``: the one-chip
+    people too)."""
+    ids = np.random.default_rng(0).permutation(np.unique(tr_l))
+    if args.people:
+        ids = ids[: args.people]
+    keep = np.isin(tr_l, ids)
+    info = {"celeba_people": int(len(ids)), "celeba_chips": int(keep.sum()), "lfw_people": 0, "lfw_single": 0, "lfw_chips": 0}
+    if args.lfw == "none" and not args.shared_cache:
+        return tr_c, tr_l, np.flatnonzero(keep), info
+    d = np.load(WORK / "lfw.npz")
+    chips = np.concatenate([tr_c, d["chips"]])
+    labels = np.concatenate([tr_l, d["labels"] + int(tr_l.max()) + 1])
+    people = {"none": [], "multi": np.flatnonzero(~d["single"]), "all": np.arange(len(d["single"]))}[args.lfw]
+    lk = np.isin(d["labels"], people)
+    info.update(lfw_people=int(len(people)), lfw_single=int(d["single"][people].sum()), lfw_chips=int(lk.sum()))
+    return chips, labels, np.flatnonzero(np.concatenate([keep, lk])), info
+
+
 # ---- metrics --------------------------------------------------------------------------------
 
 def domains(test_chips: np.ndarray) -> dict[str, np.ndarray]:
@@ -174,9 +245,29 @@ def metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0, pairs: int = 300
             "best_threshold": thr, "accuracy_at_best": acc}
 
 
+def enrolled_metrics(clean: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> dict:
+    """The deployment: clean enrolment photos against the camera's pictures.  Verification on
+    every (clean, camera) pair of different source photos; identification of each camera
+    picture against a gallery of one clean photo per person (its own photo's pictures left out)."""
+    from dlibbridge.eval.metrics import cross_verification, gallery_identification, one_per_person
+    src = np.arange(len(labels))
+    v = cross_verification(clean, labels, probe, labels, src, src, far_targets=(1e-3,))
+    gallery = one_per_person(labels)
+    probes = np.setdiff1d(src, gallery)
+    ident = gallery_identification(clean[gallery], labels[gallery], probe[probes], labels[probes])
+    return {"tar_at_far_1e-3": v["tar_at_far"]["1e-3"], "accuracy_at_0.6": v["accuracy_at_0.6"],
+            "accuracy_at_best": v["accuracy_at_best_threshold"], "best_threshold": v["best_threshold"],
+            "rank1": ident["rank1"], "tpir_at_fpir_1e-2": ident["tpir"]}
+
+
 def evaluate(model, doms: dict, labels: np.ndarray) -> dict:
+    """Per domain, every pair within it; per camera, also clean enrolment vs that camera
+    (``clean>X``)."""
     from dlibbridge.port.infer import embed_chips
-    return {k: metrics(embed_chips(model, v), labels) for k, v in doms.items()}
+    emb = {k: embed_chips(model, v) for k, v in doms.items()}
+    out = {k: metrics(e, labels) for k, e in emb.items()}
+    out.update({f"clean>{k}": enrolled_metrics(emb["clean"], e, labels) for k, e in emb.items() if k != "clean"})
+    return out
 
 
 def base_model():
@@ -195,6 +286,11 @@ def run(args) -> None:
         print(f"{out} done"); return
     out.mkdir(parents=True, exist_ok=True)
     tr_c, tr_l, te_c, te_l = load_data()
+    pooled = args.lfw != "none" or args.shared_cache
+    tr_c, tr_l, train_rows, data_info = training_set(args, tr_c, tr_l)
+    if not pooled:                    # the cache holds exactly the run's chips
+        tr_c, tr_l, train_rows = tr_c[train_rows], tr_l[train_rows], np.arange(len(train_rows))
+    print(f"[{args.name}] training data {data_info}", flush=True)
     doms = domains(te_c)
     base = base_model()
     t0 = time.perf_counter()
@@ -228,7 +324,8 @@ def run(args) -> None:
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
-        key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}"
+        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people else "")
+        key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}{data_tag}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
             cache = torch.load(WORK / key)
@@ -239,9 +336,11 @@ def run(args) -> None:
             torch.save(cache, WORK / (key + ".partial"))
             os.replace(WORK / (key + ".partial"), WORK / key)
             times["cache_s"] = cache["seconds"]
+        cache = {k: (v[train_rows] if k != "seconds" else v) for k, v in cache.items()}
+        labels = tr_l[train_rows]
         t = time.perf_counter()
-        model, rows = (train_affines_only(model, cache, tr_l, cfg, log) if args.affine_only
-                       else xq.train_xq(model, cache, tr_l, cfg, log=log))
+        model, rows = (train_affines_only(model, cache, labels, cfg, log) if args.affine_only
+                       else xq.train_xq(model, cache, labels, cfg, log=log))
         times["train_s"] = time.perf_counter() - t
         with open(out / "log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -249,7 +348,8 @@ def run(args) -> None:
         del cache
     times["wall_s"] = time.perf_counter() - t0
     torch.save(model.state_dict(), out / "model_state.pt")
-    res = {"name": args.name, "args": vars(args), "times": times, "metrics": evaluate(model, doms, te_l)}
+    res = {"name": args.name, "args": vars(args), "data": data_info, "times": times,
+           "metrics": evaluate(model, doms, te_l)}
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}), times)
 
@@ -455,6 +555,9 @@ def fit(args) -> None:
 
 COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
            ("accuracy_10fold", "10-fold", 100), ("accuracy_at_best", "acc@best", 100), ("best_threshold", "thr", 1))
+#: clean enrolment vs a camera (``clean>X``): no 10-fold, identification instead
+ENROLLED_COLUMNS = (("tar_at_far_1e-3", "TAR@1e-3", 100), ("accuracy_at_0.6", "acc@0.6", 100),
+                    ("rank1", "rank-1", 100), ("tpir_at_fpir_1e-2", "TPIR@1e-2", 100))
 
 
 def table(args) -> None:
@@ -467,9 +570,10 @@ def table(args) -> None:
         rows = [r for r in rows if not r["name"].startswith("prod")]
     if args.last:
         rows = [dict(r, metrics=r.get("metrics_last_step", r["metrics"])) for r in rows]
-    doms = list(rows[0]["metrics"])
-    print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in COLUMNS) + " | wall s |")
-    print("|" + "---|" * (2 + len(COLUMNS) * len(doms)))
+    doms = list(dict.fromkeys(d for r in rows for d in r["metrics"]))
+    cols = {d: ENROLLED_COLUMNS if d.startswith("clean>") else COLUMNS for d in doms}
+    print("| run | " + " | ".join(f"{d} {c[1]}" for d in doms for c in cols[d]) + " | wall s |")
+    print("|" + "---|" * (2 + sum(len(c) for c in cols.values())))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         name = r["name"].rsplit("-s", 1)[0] if args.seeds and r["name"] != "base" else r["name"]
@@ -477,13 +581,68 @@ def table(args) -> None:
     for name, rs in groups.items():
         cells = []
         for d in doms:
-            for key, _, scale in COLUMNS:
+            for key, _, scale in cols[d]:
+                if not all(d in r["metrics"] for r in rs):
+                    cells.append("-")
+                    continue
                 v = np.array([r["metrics"][d][key] for r in rs]) * scale
                 fmt = "{:.3f}" if scale == 1 else "{:.2f}"
                 cells.append(fmt.format(v.mean()) + (f" ± {fmt.format(v.std(ddof=1))}" if len(v) > 1 else ""))
         wall = np.array([r.get("times", {}).get("wall_s", 0) for r in rs])
         label = f"{name} (n={len(rs)})" if len(rs) > 1 else name
         print(f"| {label} | " + " | ".join(cells) + f" | {wall.mean():.0f} |")
+
+
+def scaling(args) -> None:
+    """The scaling curve: runs whose name starts with ``--only``, by the number of people they
+    trained on, beside the base — a Markdown table and a plot (``--plot``) of TAR@FAR=1e-3 on
+    the test people (camera A, camera B, clean, and clean enrolment vs camera A)."""
+    runs = [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob(f"{args.only}*/result.json"))]
+    runs = sorted((r for r in runs if "data" in r), key=lambda r: (r["data"]["celeba_people"] + r["data"]["lfw_people"],
+                                                                r["data"]["lfw_single"], r["name"]))
+    base = json.loads((WORK / "runs" / "base" / "result.json").read_text())["metrics"]
+    series = (("A", "tar_at_far_1e-3", "camera A"), ("B", "tar_at_far_1e-3", "camera B"),
+              ("clean", "tar_at_far_1e-3", "clean"), ("clean>A", "tar_at_far_1e-3", "clean enrolment vs camera A"))
+    extra = (("clean", "accuracy_at_0.6", "clean acc@0.6"), ("clean>A", "rank1", "clean>A rank-1"),
+             ("clean>A", "tpir_at_fpir_1e-2", "clean>A TPIR@FPIR=1e-2"))
+
+    def cell(m, d, k):
+        return f"{100 * m[d][k]:.2f}" if d in m else "-"
+    head = ["run", "people (celeba + LFW 2+ photos + LFW one photo)", "chips"] + [f"{t} TAR@1e-3" for *_, t in series] + [t for *_, t in extra] + ["wall s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    print("| base | 0 | 0 | " + " | ".join(cell(base, d, k) for d, k, _ in series + extra) + " | 0 |")
+    for r in runs:
+        dd = r["data"]
+        people = f"{dd['celeba_people'] + dd['lfw_people']} ({dd['celeba_people']} + {dd['lfw_people'] - dd['lfw_single']} + {dd['lfw_single']})"
+        print(f"| {r['name']} | {people} | {dd['celeba_chips'] + dd['lfw_chips']} | "
+              + " | ".join(cell(r["metrics"], d, k) for d, k, _ in series + extra) + f" | {r['times']['wall_s']:.0f} |")
+    if not args.plot:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    x = [r["data"]["celeba_people"] + r["data"]["lfw_people"] for r in runs]
+    for (d, k, title), colour in zip(series, ("#cc3311", "#0077bb", "#009988", "#ee7733")):
+        if not all(d in r["metrics"] for r in runs):
+            continue
+        ax.plot(x, [100 * r["metrics"][d][k] for r in runs], "o-", color=colour, label=title)
+        if d in base:
+            ax.axhline(100 * base[d][k], color=colour, ls=":", lw=1)
+    for xi, r in zip(x, runs):
+        if r["data"]["lfw_single"]:
+            ax.annotate("+1-photo", (xi, 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("training people (celeba-dev, then + LFW)")
+    ax.set_ylabel("TAR @ FAR=1e-3 on 69 unseen people (%)")
+    ax.set_title(args.title, fontsize=9)
+    ax.legend(fontsize=8, loc="center right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+    print(f"plot: {args.plot}")
 
 
 def main() -> int:
@@ -494,12 +653,27 @@ def main() -> int:
     p.add_argument("--test-ids", type=int, default=69)
     p.add_argument("--test-per-id", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("lfw-subset")
+    p.add_argument("--lfw", required=True, help="LFW deep-funneled: DIR/<person>/<photo>")
+    p.add_argument("--out", required=True)
+    p.add_argument("--multi", type=int, default=400)
+    p.add_argument("--single", type=int, default=400)
+    p.add_argument("--cap", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("prepare-lfw")
+    p.add_argument("--chips", required=True, help="dlibbridge align output of LFW")
+    p.add_argument("--cap", type=int, default=4, help="chips kept per person with more")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("eval-base")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("table")
     p.add_argument("--only", help="runs whose name starts with this (and the base)")
     p.add_argument("--seeds", action="store_true", help="mean ± std over NAME-sN runs")
     p.add_argument("--last", action="store_true", help="product runs: the last step's model, not the exported one")
+    p = sub.add_parser("scaling")
+    p.add_argument("--only", default="scale-", help="runs whose name starts with this")
+    p.add_argument("--plot", help="write the curve here (PNG)")
+    p.add_argument("--title", default="scaling: camera-A fine-tuning at a fixed budget (dotted: base)")
     p = sub.add_parser("product")
     p.add_argument("name")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
@@ -550,8 +724,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
+    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all)")
+    p.add_argument("--lfw", default="none", choices=["none", "multi", "all"],
+                   help="add LFW people (`prepare-lfw`): those with 2+ chips, or all, one-chip people too")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="one cache of every celeba-dev training chip and every LFW chip for all runs on them")
     args = ap.parse_args()
-    {"prepare": prepare, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table}[args.cmd](args)
+    {"prepare": prepare, "lfw-subset": lfw_subset, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table,
+     "scaling": scaling}[args.cmd](args)
     return 0
 
 

@@ -5,7 +5,8 @@ Prints, for the chips in CHIPS_DIR (default ../shared/data/johns, decoded by dli
 * REFERENCE_SPECTRUM_DB — median band spectrum (noise floor removed), relative to band 0;
 * SIDE_PER_CYCLE — median of side / cutoff for chips shrunk by ``augment.down_up`` to each side;
 * BLUR_CYCLES — median of cutoff × sigma for chips blurred by ``augment.blur``;
-* NOISE_FLOOR — median per-channel noise estimate of the clean chips (their texture).
+* NOISE_FLOOR — median per-channel noise estimate of the clean chips (their texture);
+* RESIDUAL_TABLE — median flat-region residual of the gray chips with noise, then JPEG.
 The cutoffs use the reference spectrum currently in dlibbridge/data/camera.py: after changing it,
 run again until the figures settle.
 
@@ -47,6 +48,10 @@ def main() -> None:
         f = cutoffs(lambda c: augment.blur(c, sigma))
         print(f"blur {sigma:.1f}: cutoff x sigma = {np.nanmedian(f) * sigma:.1f}")
     print(f"NOISE_FLOOR = {np.median([camera.channel_noise(c) for c in chips]):.2f}")
+    gray = [augment.to_grayscale(c) for c in chips]
+    table = [[np.median([camera.flat_residual(camera._luma(augment.jpeg(augment.add_noise(c, s, np.random.default_rng(i)), q)))
+                         for i, c in enumerate(gray)]) for s in camera.RESIDUAL_SIGMAS] for q in camera.RESIDUAL_QUALITIES]
+    print("RESIDUAL_TABLE =", np.round(table, 2).tolist())
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ EXIF orientation), ``orientation``, ``decoder`` (dlib or pillow), ``sha256`` (of
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
-import multiprocessing
 import os
 import pickle
 import time
@@ -47,7 +47,9 @@ import numpy as np
 
 from .. import assets
 from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, read_image, walk_files
-from .prefetch import children_ignore_sigint, cores
+from .prefetch import children_ignore_sigint, cores, worker_pool
+from .._lock import folder_lock
+from .._paths import Folder, check_link, resolved
 from .._progress import progress_bar
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
@@ -92,6 +94,8 @@ STATUSES = ("ok", "fallback", "no_face", "multiple_faces", "duplicate", "error")
 
 STATE_DIR = ".align"
 _JOURNAL = "journal.jsonl"
+_TMP = "tmp"            # temporaries of chip writes (renamed into place when complete)
+_LOCK = "lock"
 _SETTINGS = "settings.json"
 
 
@@ -305,7 +309,9 @@ def process_photo(aligner: FaceAligner, raw_dir: Path, out_dir: Path, src: Sourc
             if path.parent not in _MADE_DIRS:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _MADE_DIRS.add(path.parent)
-            write_atomic(path, chip, fsync=False)   # a chip can always be remade from its photo
+            # a chip can always be remade from its photo; its temporary file goes to align's own
+            # folder, the only place a later run removes leftovers from
+            write_atomic(path, chip, fsync=False, tmp_dir=out_dir / STATE_DIR / _TMP)
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e}") from None
         l, t, r, b = face.box
@@ -399,14 +405,20 @@ class Journal:
     :func:`align`, and by callers that align photo by photo with :func:`align_photo`."""
 
     def __init__(self, raw_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: AlignSettings,
-                 redo: bool = False):
+                 redo: bool = False, command: str = "dlibbridge align"):
         self.raw, self.out = Path(raw_dir), Path(out_dir)
         state = self.out / STATE_DIR
-        state.mkdir(parents=True, exist_ok=True)
-        _check_settings(state, settings, redo)
-        self.records: dict[str, dict] = {} if redo else _read_journal(state / _JOURNAL)
-        _remove_stale_temporaries(self.out)
-        self._file = open(state / _JOURNAL, "w" if redo else "a", encoding="utf-8")
+        (state / _TMP).mkdir(parents=True, exist_ok=True)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(folder_lock(self.out, command, lock_file=state / _LOCK))
+        try:
+            _check_settings(state, settings, redo)
+            self.records: dict[str, dict] = {} if redo else _read_journal(state / _JOURNAL, self.raw, self.out)
+            _remove_stale_temporaries(state / _TMP)
+            self._file = open(state / _JOURNAL, "w" if redo else "a", encoding="utf-8")
+        except BaseException:
+            self._lock.close()
+            raise
 
     def finished(self, rel: str, sha256: str) -> list[dict] | None:
         """The rows of ``rel`` if an earlier run finished these bytes and its chips are still
@@ -425,6 +437,7 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
+        self._lock.close()
 
     def __enter__(self) -> "Journal":
         return self
@@ -505,9 +518,10 @@ def write_manifest(out_dir: Path, rows: list[dict]) -> None:
 
 
 def _check_folders(raw: Path, out: Path) -> None:
+    check_link(raw, "RAW_DIR")
     if not raw.is_dir():
         raise AlignError(f"{raw} is not a folder")
-    r, o = raw.resolve(), out.resolve()
+    r, o = resolved(raw, "RAW_DIR"), resolved(out, "OUT_DIR")
     if r == o or r in o.parents or o in r.parents:
         raise AlignError(f"the output folder {out} must not be, contain or lie inside the input folder {raw}")
 
@@ -530,26 +544,36 @@ def _check_settings(state: Path, settings: AlignSettings, redo: bool) -> None:
     write_json(path, wanted, indent=None, newline=False)
 
 
-def _read_journal(path: Path) -> dict[str, dict]:
-    """source → last record.  A line cut short by an interruption is ignored."""
+def _read_journal(path: Path, raw: Path, out: Path) -> dict[str, dict]:
+    """source → last record.  A line cut short by an interruption is ignored; a record naming
+    a photo or a chip outside its folder is refused (:func:`~dlibbridge._paths.confined`)."""
     records = {}
+    folders = {"source": Folder(raw, path, links=False), "duplicate_of": Folder(raw, path, links=False),
+               "chip": Folder(out, path)}
     if path.is_file():
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
                 try:
                     rec = json.loads(line)
-                    records[rec["source"]] = rec
+                    rows = rec["rows"]
+                    source = rec["source"]
                 except (ValueError, KeyError, TypeError):
                     continue
+                folders["source"].path(source, n)
+                for row in rows:
+                    for key, folder in folders.items():
+                        if row.get(key):
+                            folder.path(row[key], n)
+                records[source] = rec
     return records
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of chips whose write was interrupted (never renamed into place)."""
-    for dirpath, dirnames, filenames in os.walk(out):
-        for name in filenames:
-            if name.startswith(TMP_PREFIX) and name.endswith(".png"):
-                os.unlink(os.path.join(dirpath, name))
+def _remove_stale_temporaries(tmp: Path) -> None:
+    """Temporary files of chips whose write was interrupted (never renamed into place): only in
+    align's own temporary folder, and only files named as this tool names them."""
+    for entry in os.scandir(tmp):
+        if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
 
 
 def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: bool) -> dict[str, str]:
@@ -605,10 +629,7 @@ def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: Align
             results: Iterable = map(_work, tasks)
         else:
             hog = hog_detector_pickle() if settings.detector == "hog" else None
-            # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would break.
-            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker,
-                                       initargs=(settings, str(raw), str(out), policy, hog, cnn_factory))
+            pool = worker_pool(jobs, _init_worker, (settings, str(raw), str(out), policy, hog, cnn_factory))
             results = _unordered(pool, _work, tasks, window=4 * jobs)
         for src, sha, rows in results:
             for r in rows:

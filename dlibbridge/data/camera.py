@@ -24,7 +24,9 @@ measured without knowing who is in the pictures.  :func:`measure_folder` measure
 * ``noise`` — grey levels per channel, in the photo's own pixels around the face (for chips:
   in the chip): median absolute response to a second-difference kernel
   (robust to edges), as a Gaussian sigma, less the :data:`NOISE_FLOOR` that clean chips show
-  (in quadrature).
+  (in quadrature).  A chip JPEG-compressed on its own grid after the noise (a file's quality,
+  or the ghost's) has lost that fine noise: :func:`jpeg_noise` reads what survives, the
+  residual in its flattest regions, through a table calibrated per quality.
 * ``brightness`` / ``contrast`` — mean and standard deviation of the luma in the chip's central
   half (the face, not the background).
 
@@ -49,11 +51,12 @@ import numpy as np
 
 from . import augment
 from .._io import write_atomic, write_json
+from .._paths import resolved
 from ..errors import DlibbridgeError
 from .images import CHIP_SIZE as CHIP, IMAGE_EXTENSIONS, is_image_file, walk_files
 
 __all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "FIELDS", "CameraError", "jpeg_quality", "ijg_luma_table", "jpeg_ghost_quality",
-           "channel_kind", "noise_sigma", "channel_noise", "band_spectrum_db", "spectral_cutoff", "measure_chip", "measure_folder",
+           "channel_kind", "noise_sigma", "channel_noise", "flat_residual", "jpeg_noise", "band_spectrum_db", "spectral_cutoff", "measure_chip", "measure_folder",
            "CameraSample", "CameraProfile", "CameraDegradations", "load_camera", "write_camera"]
 
 PROFILE_FORMAT = "dlibbridge-camera"
@@ -82,6 +85,21 @@ SIDE_PER_CYCLE = 2.6
 BLUR_CYCLES = 30.0
 #: Median per-channel noise estimate of the clean johns chips: texture and JPEG, not noise.
 NOISE_FLOOR = 0.74
+#: JPEG removes most of the noise a second-difference kernel sees; what survives is coarser.
+#: :func:`flat_residual` of the gray johns chips with luma noise of sigma RESIDUAL_SIGMAS added,
+#: then JPEG-compressed at RESIDUAL_QUALITIES (rows): median over the chips, grey levels.
+#: :func:`jpeg_noise` inverts it.
+RESIDUAL_SIGMAS = (0.0, 3.0, 6.0, 10.0, 16.0)
+RESIDUAL_QUALITIES = (10, 25, 40, 60, 80, 95)
+RESIDUAL_TABLE = np.array([
+    [2.80, 2.86, 3.03, 3.40, 5.30],
+    [2.44, 2.59, 3.17, 5.05, 9.04],
+    [2.40, 2.63, 3.61, 6.04, 11.10],
+    [2.31, 2.72, 4.05, 7.19, 14.04],
+    [2.22, 2.92, 5.12, 9.87, 16.46],
+    [2.27, 3.82, 6.40, 9.89, 15.34]])
+#: Luma noise per grey level of independent noise in each of R, G, B (BT.601 weights).
+LUMA_NOISE = math.sqrt(0.299 ** 2 + 0.587 ** 2 + 0.114 ** 2)
 
 
 class CameraError(DlibbridgeError, ValueError):
@@ -238,6 +256,30 @@ def channel_noise(chip: np.ndarray) -> float:
     return float(np.median([noise_sigma(chip[..., c].astype(np.float64)) for c in range(3)]))
 
 
+def flat_residual(gray: np.ndarray) -> float:
+    """RMS of the luma minus its Gaussian smoothing (sigma 1.5) over the flattest 40 % of the
+    chip (least smoothed gradient, 8-pixel border left out): the noise that JPEG leaves, which
+    is spread over its 8×8 blocks instead of pixel to pixel, plus a floor of skin texture."""
+    import cv2
+    smooth = cv2.GaussianBlur(gray, (0, 0), 1.5)
+    grad = np.hypot(cv2.Sobel(smooth, cv2.CV_64F, 1, 0), cv2.Sobel(smooth, cv2.CV_64F, 0, 1))
+    grad = cv2.GaussianBlur(grad, (0, 0), 3.0)[8:-8, 8:-8]
+    r = (gray - smooth)[8:-8, 8:-8]
+    flat = grad <= np.percentile(grad, 40)
+    return float(np.sqrt(np.mean(r[flat] ** 2)))
+
+
+def jpeg_noise(chip: np.ndarray, quality: int, channels: str) -> float:
+    """Sensor noise (grey levels per channel, as :func:`dlibbridge.data.augment.add_noise`
+    adds it) of a chip JPEG-compressed at ``quality`` on its own grid after the noise: its
+    :func:`flat_residual` looked up in :data:`RESIDUAL_TABLE` (linear in quality and sigma).
+    Independent colour noise shows in the luma divided by :data:`LUMA_NOISE`."""
+    q = float(np.clip(quality, RESIDUAL_QUALITIES[0], RESIDUAL_QUALITIES[-1]))
+    row = np.array([np.interp(q, RESIDUAL_QUALITIES, RESIDUAL_TABLE[:, j]) for j in range(len(RESIDUAL_SIGMAS))])
+    luma = float(np.interp(flat_residual(_luma(chip)), row, RESIDUAL_SIGMAS))
+    return luma if channels != "color" else luma / LUMA_NOISE
+
+
 _WINDOW = np.outer(np.hanning(CHIP), np.hanning(CHIP))
 _f = np.fft.fftfreq(CHIP) * CHIP
 _BANDS = np.minimum((np.hypot(*np.meshgrid(_f, _f, indexing="ij")) / BAND).astype(int),
@@ -288,17 +330,22 @@ def measure_chip(chip: np.ndarray, *, face_px: float | None = None, channels: st
         geometric = face_px / SIDE_PER_CYCLE if face_px < CHIP else math.inf
         excess = 1.0 / cutoff ** 2 - 1.0 / geometric ** 2
         blur_sigma = BLUR_CYCLES * math.sqrt(excess) if excess > 0 else 0.0
-    if jpeg_q is None and face_px is None:
-        jpeg_q = jpeg_ghost_quality(chip)
+    channels = channels or channel_kind(chip)
+    noise = math.sqrt(max(0.0, raw_noise ** 2 - NOISE_FLOOR ** 2))
+    if face_px is None:
+        if jpeg_q is None:
+            jpeg_q = jpeg_ghost_quality(chip)
+        if jpeg_q is not None:             # compressed on the chip's grid, after the noise
+            noise = jpeg_noise(chip, jpeg_q, channels)
     centre = gray[CHIP // 4:3 * CHIP // 4, CHIP // 4:3 * CHIP // 4]
     return {"face_px": None if face_px is None else round(float(face_px), 2),
             "effective_px": round(float(effective), 2),
             "blur_sigma": round(float(blur_sigma), 3),
             "jpeg_quality": jpeg_q,
-            "noise": round(float(math.sqrt(max(0.0, raw_noise ** 2 - NOISE_FLOOR ** 2))), 3),
+            "noise": round(float(noise), 3),
             "brightness": round(float(centre.mean()), 2),
             "contrast": round(float(centre.std()), 2),
-            "channels": channels or channel_kind(chip)}
+            "channels": channels}
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -612,7 +659,7 @@ def check_output(out: str | os.PathLike, photos_dir: str | os.PathLike, overwrit
         raise CameraError(f"{photos_dir}: no such folder")
     if not Path(photos_dir).is_dir():
         raise CameraError(f"{photos_dir}: not a folder")
-    out, src = Path(out).resolve(), Path(photos_dir).resolve()
+    out, src = resolved(out, "-o"), resolved(photos_dir, "PHOTOS_DIR")
     if out.suffix.lower() == ".png":
         raise CameraError(f"{out}: the profile is JSON (its plot goes beside it as .png); name it e.g. camera.json")
     if out.is_relative_to(src):

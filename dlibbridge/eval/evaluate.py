@@ -25,13 +25,17 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .._io import sha256_file, write_atomic, write_json
+from .._paths import resolved
 from ..options import device_option, option, out_option, quiet_option, workers_option
-from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, clustering_metrics, far_key, kfold_decisions, pair_distances, rank1_identification, verification_metrics)
+from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, FPIR_TARGET, clustering_metrics, cross_verification, far_key,
+                      gallery_identification, kfold_decisions, one_per_person, pair_distances, rank1_identification,
+                      verification_metrics)
 from ..data.align import MULTI_HELP, PERSON_FOLDER_MULTI
 from ..data.images import CHIP_SIZE
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
-from .pairs import LFW_VIEW2_PAIRS, PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
+from .pairs import (LFW_VIEW2_PAIRS, PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs,
+                    scan_identities, writable_identities)
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -86,7 +90,7 @@ class ChipSource:
         temporary folder without a cache)."""
         src = cls(data_root, None, **kw)
         if cache_dir is not None:
-            root = Path(data_root).resolve()
+            root = resolved(data_root, "--data")
             h = hashlib.sha256(str(root).encode()).hexdigest()[:12]
             src.chips_dir = Path(cache_dir) / "chips" / f"{root.name}-{h}-{src.cache_tag()}"
         return src
@@ -109,7 +113,7 @@ class ChipSource:
         self.chips_dir.mkdir(parents=True, exist_ok=True)
         if self._sources is None:
             self._sources = {s.rel: s for s in list_sources(self.data_root)}
-        return Journal(self.data_root, self.chips_dir, self.settings)
+        return Journal(self.data_root, self.chips_dir, self.settings, command="dlibbridge evaluate")
 
     def _task(self, path: Path, chip_sized: bool, journal) -> tuple:
         """What a worker does for ``path`` (see :func:`_load`); photos an earlier run aligned
@@ -259,6 +263,9 @@ class EvalConfig(PhotoAlignment):
                          metavar="N", show_default=False)
     identification: bool = option(True, "skip rank-1 and clustering", flags=("--no-identification",),
                                   action="store_false")
+    probes: Path | None = option(None, "the same people's pictures from another camera, DIR/<person>/<image>: "
+                                 "also each --data photo (the enrolment) against each probe, and the probes "
+                                 "identified in a gallery of one --data photo per person", type=Path, metavar="DIR")
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     workers: int | None = workers_option("processes decoding and aligning images while the network runs (0: none; "
                                          "default: one per core when photos need aligning, else as embed's: one per "
@@ -288,6 +295,10 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
     if cfg.gen_pairs is None:
         print(f"note: no --pairs given: pairs generated from the person folders of {cfg.data} "
               f"(as --gen-pairs {requested})", file=sys.stderr)
+    identities, unwritable = writable_identities(identities)
+    if unwritable:
+        print(f"note: {len(unwritable)} photos left out of the generated pairs: a pairs file cannot hold names "
+              f"with whitespace (e.g. {unwritable[0]!r}); rename them to include them", file=sys.stderr)
     n_pairs, n_folds, notes = fit_request(identities, requested, cfg.n_folds, cfg.seed)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -400,6 +411,37 @@ def _model_entry(spec: ModelSpec, emb: np.ndarray, i1, i2, same, folds, pair_pat
     return ModelOutcome(spec, m, dist, s, decided, paths)
 
 
+def enrolled_vs_probe(cfg: EvalConfig, embedders: Sequence[Embedder], images: Sequence[Path],
+                      embs: Sequence[np.ndarray]) -> list[dict]:
+    """``--probes``: per model, the deployment's figures — every enrolled photo (the images of
+    the pairs) against every probe of the enrolled people, a pair of one source photo (same
+    person folder and file stem in both folders) left out; and each probe identified in a
+    gallery of one enrolled photo per person (seeded), the gallery photo's own probe left out."""
+    found = scan_identities(cfg.probes)
+    people = {p.parent.name for p in images}
+    paths = [cfg.probes / n / f for n in sorted(found) if n in people for f in found[n]]
+    if not paths:
+        raise ValueError(f"--probes {cfg.probes}: none of its people is among the enrolled (--data) pairs' people")
+    loader = ChipSource.in_cache(cfg.probes, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
+                                 multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
+    probe_embs, _ = compute_embeddings(paths, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
+                                       cfg.batch_size, cfg.progress)
+    e_lab, p_lab = (np.array([p.parent.name for p in ps]) for ps in (images, paths))
+    e_src, p_src = (np.array([f"{p.parent.name}/{p.stem}" for p in ps]) for ps in (images, paths))
+    out = []
+    for enrol, probe in zip(embs, probe_embs):
+        e_ok = np.isfinite(enrol).all(1)
+        p_ok = np.isfinite(probe).all(1) & np.isin(p_lab, e_lab[e_ok])
+        e, el, es = enrol[e_ok], e_lab[e_ok], e_src[e_ok]
+        pe, pl, ps = probe[p_ok], p_lab[p_ok], p_src[p_ok]
+        gallery = one_per_person(el, cfg.seed)
+        searched = ~np.isin(ps, es[gallery])
+        out.append({"probes": str(cfg.probes), "n_probe_images": len(paths), "n_probes_embedded": int(p_ok.sum()),
+                    "verification": cross_verification(e, el, pe, pl, es, ps),
+                    "identification": gallery_identification(e[gallery], el[gallery], pe[searched], pl[searched])})
+    return out
+
+
 def _status_counts(status: Sequence[str]) -> dict:
     out = {"total": len(status), "chip": 0, "detected": 0, "fallback": 0, "failed": 0}
     for st in status:
@@ -416,9 +458,9 @@ def run(cfg: EvalConfig) -> Evaluation:
     if not cfg.models:
         raise ValueError("no model to evaluate")
     models = label_models(cfg.models)
-    # first: a bad model or --device is refused before pairs are generated and written
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     identities = scan_identities(cfg.data)
+    # every model is opened (and a bad model or --device refused) before anything is written
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
     images = sorted({p for ab in pair_paths for p in ab})   # identification too works on these
@@ -439,6 +481,9 @@ def run(cfg: EvalConfig) -> Evaluation:
     if cfg.identification:
         ident = (np.arange(len(images), dtype=np.int64), np.array([p.parent.name for p in images]))
     outcomes = [_model_entry(spec, e, i1, i2, same, folds, pair_paths, ident) for spec, e in zip(models, embs)]
+    if cfg.probes is not None:
+        for o, figures in zip(outcomes, enrolled_vs_probe(cfg, embedders, images, embs)):
+            o.metrics["enrolled_vs_probe"] = figures
 
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -496,6 +541,13 @@ def format_table(results: dict) -> str:
     for m in results["models"]:
         if m["skipped_pairs"]:
             notes.append(f"{m['name']}: {m['skipped_pairs']} pair(s) skipped (an image gave no face chip)")
+        ep = m.get("enrolled_vs_probe")
+        if ep:
+            v, i = ep["verification"], ep["identification"]
+            notes.append(f"{m['name']}: enrolled (--data) vs probe (--probes): TAR@1e-3 {_pct(v['tar_at_far']['1e-3'])}, "
+                         f"acc@0.6 {_pct(v['accuracy_at_0.6'])}, acc@best {_pct(v['accuracy_at_best_threshold'])} "
+                         f"(thr {v['best_threshold']:.4f}); rank-1 {_pct(i['rank1'])}, "
+                         f"TPIR@FPIR={FPIR_TARGET:g} {_pct(i['tpir'])} ({i['n_probes']} probes, {i['n_gallery']} enrolled)")
         coarse = [k for k, d in m["tar_at_far_details"].items() if d["far_resolution"] > float(k)]
         if coarse:
             notes.append(f"{m['name']}: {m['n_different']} impostor pairs cannot resolve FAR "

@@ -250,3 +250,71 @@ def clustering_metrics(emb: np.ndarray, labels: Sequence, threshold: float = DLI
     return {"purity": majority / len(labels), "n_clusters": int(len(np.unique(clusters))),
             "n_identities": int(len(np.unique(labels))), "adjusted_rand_index": float(adjusted_rand_score(labels, clusters)),
             "threshold": float(threshold), "n_images": int(len(labels))}
+
+
+# ============================================================================ enrolled photo vs probe
+
+FPIR_TARGET = 1e-2            # open-set identification's operating point (NIST FRVT's TPIR@FPIR)
+
+
+def _distance_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances, rows of ``a`` × rows of ``b``, in float64 (see :func:`pair_distances`)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d2 = np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def cross_verification(enrol: np.ndarray, enrol_labels, probe: np.ndarray, probe_labels,
+                       enrol_sources=None, probe_sources=None,
+                       far_targets: Sequence[float] = FAR_TARGETS) -> dict:
+    """Verification as deployed: every (enrolled photo, probe) pair, e.g. a clean enrolment
+    photo against a camera's picture — not two pictures of one camera.  A pair whose two
+    images come from the same source photo (``*_sources``, equal ids; the same photo through
+    two cameras) is left out: it is easier than any real pair.  TAR at each FAR, accuracy at
+    dlib's 0.6 and at the best threshold."""
+    d = _distance_matrix(enrol, probe)
+    same = np.asarray(enrol_labels)[:, None] == np.asarray(probe_labels)[None, :]
+    keep = np.ones(d.shape, bool)
+    if enrol_sources is not None:
+        keep = np.asarray(enrol_sources)[:, None] != np.asarray(probe_sources)[None, :]
+    dist, same = d[keep], same[keep]
+    t, acc = best_threshold(dist, same)
+    return {"n_pairs": int(len(dist)), "n_same": int(same.sum()), "n_different": int((~same).sum()),
+            "accuracy_at_0.6": accuracy_at(dist, same, DLIB_THRESHOLD), "best_threshold": t,
+            "accuracy_at_best_threshold": acc,
+            "tar_at_far": {far_key(f): tar_at_far(dist, same, f)["tar"] for f in far_targets}}
+
+
+def gallery_identification(gallery: np.ndarray, gallery_labels, probe: np.ndarray, probe_labels,
+                           fpir: float = FPIR_TARGET) -> dict:
+    """Identification against a gallery of enrolled people (e.g. one clean photo each).
+
+    * ``rank1``: fraction of probes whose nearest gallery entry is their own person (closed set;
+      every probe's person must be enrolled);
+    * ``tpir``: open set at FPIR = ``fpir``.  Each probe is also used as a non-mated search by
+      leaving its own person out of the gallery (its score: distance to the nearest other
+      person), so no people need be set aside as strangers.  The threshold accepts at most
+      floor(fpir × probes) non-mated searches (``d < t``, as :func:`tar_at_far`); TPIR is the
+      fraction of probes whose nearest entry is their own person *and* closer than it."""
+    g_lab, p_lab = np.asarray(gallery_labels), np.asarray(probe_labels)
+    if not np.isin(p_lab, g_lab).all():
+        raise ValueError("every probe's person must be in the gallery")
+    if len(np.unique(g_lab)) < 2:
+        raise ValueError("identification needs at least 2 people in the gallery")
+    d = _distance_matrix(probe, gallery)
+    mate = p_lab[:, None] == g_lab[None, :]
+    mated = np.where(mate, d, np.inf).min(1)
+    non_mated = np.where(mate, np.inf, d).min(1)
+    hit = mated < non_mated
+    k = int(math.floor(fpir * len(non_mated) + 1e-9))
+    t = float(np.sort(non_mated)[k]) if k < len(non_mated) else float("inf")
+    return {"rank1": float(hit.mean()), "tpir": float(np.mean(hit & (mated < t))), "fpir": float(np.mean(non_mated < t)),
+            "fpir_target": fpir, "threshold": t, "n_probes": int(len(p_lab)), "n_gallery": int(len(g_lab))}
+
+
+def one_per_person(labels, seed: int = 0) -> np.ndarray:
+    """Index of one seeded pick per person (in order of first appearance): an enrolment gallery."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    _, first = np.unique(labels, return_index=True)
+    return np.array([rng.choice(np.flatnonzero(labels == labels[i])) for i in np.sort(first)], np.int64)

@@ -159,6 +159,10 @@ class CnnFaceDetector:
     def __init__(self, path=None, device: str | torch.device = "cpu", precision: str = "float32"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "bfloat16" and torch.device(device).type == "cpu" and not cpu_runs_bfloat16():
+            raise generic._conversion_error(
+                f"bfloat16 convolutions need a CPU with AVX-512 (or AMX); this one offers "
+                f"{torch.backends.cpu.get_cpu_capability()}: use --cnn-precision float32")
         if path is None:
             from ..assets import cnn_face_detector_path
             path = cnn_face_detector_path()
@@ -453,6 +457,12 @@ def _nearest_rect(rects, x: float, y: float) -> int:
         if d < best_d:
             best, best_d = i, d
     return best
+
+
+def cpu_runs_bfloat16() -> bool:
+    """oneDNN's bfloat16 convolutions need AVX-512 (BW/VL/DQ) or newer; on an AVX2 CPU every
+    photo would fail inside the detector."""
+    return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2", "ZVECTOR", "VSX")
 
 
 def cnn_face_detector(path=None, device: str | torch.device = "cpu", precision: str = "float32") -> CnnFaceDetector:

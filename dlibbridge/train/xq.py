@@ -227,10 +227,13 @@ class XQTrainer:
         self.metric = MetricLoss()
         self.labels = torch.as_tensor(np.asarray(labels))
         lab = np.asarray(labels)
-        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab) if (lab == l).sum() >= 2}
+        # A person with one photo is drawn like any other: its K chips are that photo under K
+        # camera draws and mirrorings, positives of each other (instance discrimination) and
+        # negatives of everyone else in the batch.
+        self.groups = {int(l): np.flatnonzero(lab == l) for l in np.unique(lab)}
         self.ids = np.array(sorted(self.groups))
         if len(self.ids) < cfg.identities:
-            raise ValueError(f"{cfg.identities} identities per batch but only {len(self.ids)} have two or more chips")
+            raise ValueError(f"{cfg.identities} identities per batch but the data has {len(self.ids)}")
         n_chips, n_views = cache["teacher"].shape[:2]
         self.bank = (cache["teacher"].reshape(n_chips * n_views, -1).float(),
                      self.labels.repeat_interleave(n_views))
