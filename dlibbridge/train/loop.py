@@ -52,6 +52,7 @@ from torch import nn
 from ..data.augment import Augment, Jitter, parse_degradations
 from ..port.checkpoint import save_torch
 from ..port.convert import dlib_check
+from ..port.device import resolve_device
 from ..port.infer import embed_chips
 from .._io import sha256_file
 from .._load import read_torch
@@ -304,18 +305,12 @@ def verification_summary(emb: np.ndarray, labels: np.ndarray, far: float) -> dic
 # ------------------------------------------------------------------------------------------
 
 def _pick_device(spec: str, dist: Dist) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FinetuneError("--device cuda, but torch sees no CUDA device")
-        if dist.world > 1:
-            torch.cuda.set_device(dist.local_rank)
-            return torch.device("cuda", dist.local_rank)
-        return torch.device(spec)
-    if spec != "cpu":
-        raise FinetuneError(f"--device {spec!r}: choose cpu, cuda or auto")
-    return torch.device("cpu")
+    """``--device`` as every command reads it; under torchrun each rank takes its local GPU."""
+    device = resolve_device(spec)
+    if device.type == "cuda" and dist.world > 1:
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return device
 
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
@@ -395,7 +390,7 @@ def _finetune(cfg: FinetuneConfig, resume: bool) -> dict:
         from ..port.export import check_onnx_installed
         check_onnx_installed()
     base = load_base_model(cfg.base)       # a bad --base fails before the run folder exists
-    device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    device_kind = resolve_device(cfg.device).type
     dist = init_distributed(device_kind)
     try:
         return _run(setup(cfg, resume, dist, base))
@@ -714,9 +709,8 @@ def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
     c, dist = job.cfg, job.dist
     bar = None
     if dist.main and c.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=job.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
-                   file=sys.stderr, desc="finetune")
+        from .._progress import progress_bar
+        bar = progress_bar(total=job.total_steps, initial=state["step"], unit="step", desc="finetune")
     images_per_step = c.identities_per_batch * c.images_per_identity
     stop = state["step"] >= job.total_steps
     try:
