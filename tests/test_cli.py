@@ -40,12 +40,13 @@ from dlibbridge import __version__, cli
 
 # command -> the shared options it must have (every command that writes has -o/--out).
 _HAS = {
-    "out": {"unfreeze", "freeze", "align", "pack", "finetune", "export", "embed", "evaluate", "camera"},
-    "workers": {"align", "finetune", "embed", "evaluate"},
-    "device": {"finetune", "embed", "evaluate"},
-    "overwrite": {"align", "pack", "camera"},
-    "progress": {"unfreeze", "align", "pack", "finetune", "embed", "evaluate", "camera"},
-    "json": {"inspect", "evaluate"},
+    "out": {"unfreeze", "freeze", "align", "pack", "finetune", "export", "embed", "evaluate", "camera",
+            "finetune-detector", "identify", "cluster"},
+    "workers": {"align", "finetune", "embed", "evaluate", "identify", "cluster"},
+    "device": {"finetune", "embed", "evaluate", "compare", "identify", "cluster"},
+    "overwrite": {"align", "pack", "camera", "identify", "cluster"},
+    "progress": {"unfreeze", "align", "pack", "finetune", "embed", "evaluate", "camera", "identify", "cluster"},
+    "json": {"inspect", "evaluate", "compare"},
 }
 # dest -> (spellings, default)
 _SHARED = {

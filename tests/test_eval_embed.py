@@ -139,9 +139,12 @@ def test_embed_under_torchrun_equals_one_process_and_resumes_per_shard(tmp_path)
     files = embed.list_images(chips)
     lo, hi = Dist(0, 2).shard(len(files), 4)
     spec = ModelSpec.parse("default")
+    from dlibbridge.eval.evaluate import ChipSource, PhotoAlignment
+    tag = ChipSource(chips, None, **PhotoAlignment().alignment()).cache_tag()
     write_npz(tmp_path / "three.npz.rank0of2.partial.npz", fingerprint=np.array(embed._fingerprint(
-        spec.path, spec.engine, files[lo:hi])), done=np.array(hi - lo), paths=np.array(files[lo:hi]),
-        embeddings=np.zeros((hi - lo, 128), np.float32), skipped=np.zeros((0, 2), str))
+        spec.path, spec.engine, tag, files[lo:hi])), done=np.array(hi - lo), paths=np.array(files[lo:hi]),
+        statuses=np.array(["chip"] * (hi - lo)), embeddings=np.zeros((hi - lo, 128), np.float32),
+        skipped=np.zeros((0, 2), str))
     torchrun("embed", "default", str(chips), "-o", "three.npz", "--batch-size", "4", "-q", cwd=tmp_path)
     c = np.load(tmp_path / "three.npz")
     assert c["paths"].tolist() == files and not c["embeddings"][:hi].any()
