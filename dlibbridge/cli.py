@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _writable as w
+from . import __version__, _writable as w
 from ._writable import check_output_dir, check_output_file
 from ._paths import resolved
 from .codec.tree import DlibFormatError, is_dlib_file
@@ -25,10 +25,11 @@ from .data.camera import DetectionSearch
 from .errors import DlibbridgeError
 from .eval.cluster import ClusterArgs, run_cluster
 from .eval.compare import CompareArgs, run_compare
-from .eval.evaluate import EvalConfig
+from .eval.evaluate import EvalConfig, PhotoAlignment
 from .eval.faces import ModelOptions
 from .eval.identify import IdentifyArgs, run_identify
-from .options import add_options, given_fields, option
+from .options import (add_options, device_option, given_fields, json_option, option, out_option, overwrite_option,
+                      quiet_option, workers_option)
 from .train.config import FinetuneConfig
 from .train.detector_config import DetectorFinetune
 
@@ -38,24 +39,16 @@ class UsageError(DlibbridgeError):
 
 
 # ---- options shared by several commands -----------------------------------------------
-
-def _out(metavar: str, help: str, required: bool = True):
-    """Every command names what it writes ``-o/--out``; ``--output`` (the older spelling of
-    pack, export and embed) stays accepted, unlisted."""
-    return option(None, help, flags=("-o", "--out"), hidden_flags=("--output",), metavar=metavar, required=required)
-
-
-def _quiet(help: str = "no progress bar"):
-    return option(False, help, flags=("--quiet", "-q"), action="store_true")
-
+# The ones every command spells the same way (-o/--out, --workers, --device, --overwrite,
+# -q/--quiet, --json) are dlibbridge.options' out_option ... json_option; these are cli's own.
 
 def _flag(help: str):
     return option(False, help, action="store_true")
 
 
-def _count(help: str, flags: tuple[str, ...] | None = None):
+def _count(help: str):
     """An optional whole number (None: the command's own default, said in ``help``)."""
-    return option(None, help, flags=flags, type=int, metavar="N")
+    return option(None, help, type=int, metavar="N")
 
 
 def _engine(what: str):
@@ -78,7 +71,7 @@ def _height_by_width(text: str) -> tuple[int, int]:
 class _InspectArgs:
     file: str | None = option(None, "dlib .dat file (default: the installed dlib face model)", positional=True,
                               nargs="?")
-    json: bool = _flag("machine-readable output (schema in docs/inspect-json.md)")
+    json: bool = json_option("machine-readable output on stdout (schema in docs/inspect-json.md)")
     input_size: tuple[int, int] | None = option(
         None, "image size the output shapes are computed for, for networks that take any size "
               "(default: the network's fixed size, else 150x150)", type=_height_by_width, metavar="HxW")
@@ -87,7 +80,10 @@ class _InspectArgs:
 @dataclass
 class _AlignPaths:
     raw_dir: str = option(positional=True, metavar="RAW_DIR")
-    out_dir: str = option(positional=True, metavar="OUT_DIR")
+    # OUT_DIR after RAW_DIR is the older spelling of -o OUT_DIR, accepted unlisted
+    out_dir: str | None = option(None, argparse.SUPPRESS, positional=True, nargs="?", metavar="OUT_DIR")
+    out: str | None = out_option("OUT_DIR", "folder to write the chips, manifest.csv and summary.json into (required)",
+                                 required=False)
 
 
 @dataclass
@@ -98,27 +94,28 @@ class _AlignCamera:
 
 @dataclass
 class _AlignRun:
-    jobs: int | None = _count("worker processes (default: all cores)", flags=("--jobs", "-j"))
-    redo: bool = _flag("ignore an earlier run in OUT_DIR and redo everything")
-    quiet: bool = _quiet()
+    workers: int | None = workers_option("processes aligning photos (0 or 1: this process only; default: all cores)",
+                                         hidden_flags=("--jobs", "-j"))
+    overwrite: bool = overwrite_option("ignore an earlier run in OUT_DIR and redo everything", hidden_flags=("--redo",))
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _PackArgs:
     chips_dir: str = option(positional=True, metavar="CHIPS_DIR")
-    out: str = _out("STORE", "store folder to create")
-    overwrite: bool = _flag("replace an existing STORE")
-    quiet: bool = _quiet()
+    out: str = out_option("STORE", "store folder to create", hidden_flags=("--output",))
+    overwrite: bool = overwrite_option("replace an existing STORE")
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _CameraArgs:
     photos_dir: str = option(help="photos or 150x150 chips from the camera, any layout", positional=True,
                              metavar="PHOTOS_DIR")
-    out: str = _out("CAMERA_JSON", "profile to write (its plot goes beside it as .png)")
-    overwrite: bool = _flag("replace an existing camera profile (only one)")
+    out: str = out_option("CAMERA_JSON", "profile to write (its plot goes beside it as .png)")
+    overwrite: bool = overwrite_option("replace an existing camera profile (only one)")
     max_images: int | None = _count("measure N images spread over the folder (default all)")
-    quiet: bool = _quiet()
+    progress: bool = quiet_option()
 
 
 @dataclass
@@ -127,6 +124,10 @@ class _EvaluateArgs:
     cache: str | None = option(None, "chips and descriptor cache (default ~/.cache/dlibbridge/evaluate)",
                                metavar="DIR")
     no_cache: bool = _flag("keep nothing between runs")
+    # A switch, as everywhere; given a value it is the older spelling of -o (the results file).
+    json: bool | str = option(False, "print results.json on stdout instead of the table (--json PATH.json, the older "
+                              "spelling of -o PATH.json, still names the results file)", nargs="?", const=True,
+                              metavar="PATH.json")
 
 
 @dataclass
@@ -139,7 +140,7 @@ class _FinetuneArgs:
 @dataclass
 class _ExportArgs:
     model: str = option(positional=True, metavar="MODEL")
-    out: str | None = _out("OUT.dat", "dlib file to write", required=False)
+    out: str | None = out_option("OUT.dat", "dlib file to write", required=False, hidden_flags=("--output",))
     trainable: bool = _flag("write bn_con2 records instead of affine")
     onnx: str | None = option(None, "also write an ONNX graph (dynamic batch)", metavar="OUT.onnx")
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
@@ -155,21 +156,21 @@ class _EmbedArgs:
     model: str = option(help="dlib .dat, dlibbridge checkpoint, TorchScript or ONNX file; 'default' = dlib's model",
                         positional=True, metavar="MODEL")
     images_dir: str = option(positional=True, metavar="IMAGES_DIR")
-    out: str = _out("OUT.npz", "descriptors file to write")
+    out: str = out_option("OUT.npz", "descriptors file to write", hidden_flags=("--output",))
     batch_size: int = option(64, "chips per forward pass", metavar="N")
-    device: str = option("cpu", "torch device, e.g. cuda")
+    device: str = device_option()
     engine: str = _engine("a .dat")
-    workers: int | None = _count("processes decoding chips while the network runs (0: none; default: one per core "
-                                 "beyond the first, none for small folders)")
-    quiet: bool = _quiet()
+    workers: int | None = workers_option("processes decoding (and aligning) images while the network runs (0: none; "
+                                         "default: one per core beyond the first, none for small folders)")
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _UnfreezeArgs:
     model: str | None = option(None, "dlib .dat file (default: the installed dlib face model)", positional=True,
                                nargs="?", metavar="MODEL")
-    out: str | None = option(None, "output file (default: <name>_trainable.dat in the current folder)",
-                             flags=("-o", "--out"), metavar="OUT")
+    out: str | None = out_option("OUT", "output file (default: <name>_trainable.dat in the current folder)",
+                                 required=False)
     calibrate: str | None = option(
         None, "aligned 150x150 chips (a folder, e.g. `dlibbridge align` output, or a `dlibbridge pack` store) to "
         "estimate each batch-norm's input statistics on; without FACES_DIR, the 25 sample chips shipped in the "
@@ -177,14 +178,14 @@ class _UnfreezeArgs:
     max_chips: int = option(1000, "calibrate on at most N chips, a seeded random subset", metavar="N")
     batch_size: int = option(25, "training batch size the training-mode deviation is reported for (default 25, "
                              "dlib's 5x5)", metavar="B")
-    quiet: bool = _quiet()
+    progress: bool = quiet_option()
 
 
 @dataclass
 class _FreezeArgs:
     net: str = option(help="trainable dlib file (e.g. saved by dnn_trainer or unfreeze)", positional=True,
                       metavar="NET.dat")
-    out: str = option(help="output file (never the input)", flags=("-o", "--out"), metavar="OUT.dat", required=True)
+    out: str = out_option("OUT.dat", "output file (never the input)")
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,17 @@ def _run_align(args) -> int:
         settings = align_settings(args.camera, **given)
     else:
         settings = al.AlignSettings(**given)
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    if args.out and args.out_dir:
+        raise UsageError(f"two output folders: {args.out_dir} and -o {args.out}; give -o OUT_DIR only")
+    out_dir = args.out or args.out_dir
+    if not out_dir:
+        raise UsageError("give the output folder: dlibbridge align RAW_DIR -o OUT_DIR")
     cnn_factory = None
     if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
         cnn_factory = functools.partial(cnn_face_detector, settings.detector_model, precision=settings.cnn_precision)
-    summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
-                       progress=not args.quiet, cnn_factory=cnn_factory)
+    summary = al.align(args.raw_dir, out_dir, settings, jobs=None if args.workers is None else max(1, args.workers),
+                       redo=args.overwrite, progress=args.progress, cnn_factory=cnn_factory)
     if summary["files"] == 0:
         raise al.AlignError(f"nothing to do: {args.raw_dir} holds no files")
     print(al.format_summary(summary))
@@ -248,7 +252,7 @@ def _run_pack(args) -> int:
     -> STORE folder: chips.u8 (N x 150 x 150 x 3 uint8), labels.npy, index.json. Resumable; the
     store appears only when complete."""
     from .data.store import pack
-    store = pack(args.chips_dir, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    store = pack(args.chips_dir, args.out, overwrite=args.overwrite, progress=args.progress)
     named = sum(1 for lab in store.labels if lab >= 0)
     print(f"{store.path}: {len(store)} chips, {len(store.identities)} identities "
           f"({named} chips with identity), {len(store.skipped)} files skipped"
@@ -266,7 +270,7 @@ def _run_camera(args) -> int:
     camera.check_output(args.out, args.photos_dir, args.overwrite)
     from .port.mmod import cnn_face_detector
     search = camera.DetectionSearch(**given_fields(camera.DetectionSearch, args))
-    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images,
+    profile = camera.measure_folder(args.photos_dir, progress=args.progress, max_images=args.max_images,
                                     search=search, cnn_factory=cnn_face_detector)
     out, png = camera.write_camera(profile, args.out)
     print(profile.summary())
@@ -275,36 +279,48 @@ def _run_camera(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    """Evaluate one or more face models on LFW-style pairs (pairs.txt, or --gen-pairs from identity
-    folders): 10-fold accuracy, accuracy at 0.6, ROC AUC, EER, TAR@FAR 1e-3/1e-4, rank-1 and
-    clustering. Prints a table, writes results.json (schema: docs/evaluation.md) and, with --report,
-    an HTML/Markdown report with plots."""
+    """Evaluate one or more face models on LFW-style pairs (pairs.txt, --gen-pairs N, or without
+    either pairs generated from the person folders of DIR): 10-fold accuracy, accuracy at 0.6,
+    ROC AUC, EER, TAR@FAR 1e-3/1e-4, rank-1 and clustering. Prints a table (--json: the results
+    instead), writes results.json (schema: docs/evaluation.md) and, with --report, an
+    HTML/Markdown report with plots."""
     from pathlib import Path
     from .eval import evaluate as ev
     from .eval.embedders import ModelSpec, default_cache_dir
     fields = given_fields(ev.EvalConfig, args)
+    if isinstance(args.json, str):          # --json PATH: the older spelling of -o PATH
+        if not args.json.endswith(".json"):
+            raise UsageError(f"--json is a switch (the results on stdout) and {args.json!r} is no .json file "
+                             "to write them to; name the results file with -o PATH.json")
+        if args.out:
+            raise UsageError("--json PATH and -o both name the results file; give -o PATH only")
+        fields["out"] = Path(args.json)
     if args.report:
         from .eval.report import check_report_dir
         check_output_dir(args.report, "--report")
         check_report_dir(args.report)
-    if args.json_path:
-        check_output_file(args.json_path, "--json", kind="a dlibbridge results.json", is_kind=w.is_results_json)
+    if fields["out"]:
+        check_output_file(fields["out"], "-o", kind="a dlibbridge results.json", is_kind=w.is_results_json)
     for name, v in (("--folds", args.n_folds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1")
-    if args.jitter < 0 or (args.workers is not None and args.workers < 0):
-        raise UsageError("--jitter and --workers must be >= 0")
+    if args.jitter < 0:
+        raise UsageError("--jitter must be >= 0")
     cfg = ev.EvalConfig(**{
         **fields, "models": [ModelSpec.parse(m, args.engine) for m in args.models],
         "cache_dir": None if args.no_cache else (Path(args.cache) if args.cache else default_cache_dir())})
     evaluation = ev.run(cfg)
     if evaluation is None:  # under torchrun, a rank other than 0: its share is in rank 0's results
         return 0
-    print(ev.format_table(evaluation.results))
-    print(f"results: {evaluation.results_file}")
+    said = sys.stderr if args.json is True else sys.stdout
+    if args.json is True:
+        print(evaluation.results_file.read_text(encoding="utf-8"), end="")
+    else:
+        print(ev.format_table(evaluation.results))
+    print(f"results: {evaluation.results_file}", file=said)
     if cfg.report is not None:
         from .eval.report import write_report
-        print(f"report: {write_report(evaluation, cfg.report)}")
+        print(f"report: {write_report(evaluation, cfg.report)}", file=said)
     return 0
 
 
@@ -400,15 +416,17 @@ def _run_export(args) -> int:
 
 
 def _run_embed(args) -> int:
-    """Every image below IMAGES_DIR (recursive) must be an aligned 150x150 chip; others are reported
-    and left out, never resized. OUT.npz holds paths (relative, sorted), embeddings (float32 N x
-    128), skipped_paths and skipped_reasons. Resumable: rerun the same command after an
-    interruption."""
+    """Every image below IMAGES_DIR (recursive): a 150x150 image is taken as an aligned chip, any
+    other is a photo, aligned as evaluate aligns (--detector, --multi, --no-fallback); images that
+    give no chip are reported and left out. OUT.npz holds paths (the images, relative, sorted),
+    embeddings (float32 N x 128), identities (each image's person: its first sub-folder, as in
+    align's manifest), statuses (chip, detected or fallback), skipped_paths and skipped_reasons.
+    Resumable: rerun the same command after an interruption."""
     from .eval.embed import embed_folder
     check_output_file(args.out, "-o", kind="an embeddings file", is_kind=w.is_embeddings)
     res = embed_folder(args.model, args.images_dir, args.out, batch_size=args.batch_size,
-                       device=args.device, engine=args.engine, progress=not args.quiet,
-                       workers=args.workers)
+                       device=args.device, engine=args.engine, progress=args.progress,
+                       workers=args.workers, alignment=PhotoAlignment(**given_fields(PhotoAlignment, args)))
     if res.rank:            # under torchrun: rank 0 reports the whole
         return 0
     for path, reason in res.skipped:
@@ -437,7 +455,7 @@ def _run_unfreeze(args) -> int:
     if faces == "sample" and not Path(faces).exists():      # a folder really called "sample" wins
         faces = assets.sample_chips_dir()
     lines = unfreeze_file(src, out, faces, max_chips=args.max_chips, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=args.progress)
     print("\n".join(lines))
     if faces is None:
         print("note: uncalibrated. Inference is exact, but dlib's batch-norm trains on batch statistics, which "
@@ -494,7 +512,8 @@ _COMMANDS = (
              (FinetuneConfig, _FinetuneArgs), _run_finetune, given_only=(FinetuneConfig,)),
     _Command("export", "write a face model as a dlib .dat, ONNX, TorchScript or torch checkpoint",
              (_ExportArgs,), _run_export),
-    _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
+    _Command("embed", "descriptors of a folder of photos or aligned 150x150 chips -> OUT.npz",
+             (_EmbedArgs, PhotoAlignment), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
     _Command("finetune-detector", "fine-tune dlib's CNN face detector for a camera; export DET.dat for dlib",
@@ -516,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bridge dlib's face ResNet and PyTorch: inspect and rewrite dlib DNN files losslessly, "
                     "unfreeze/freeze for dlib's trainer, align faces as dlib does, fine-tune, export back "
                     "to dlib, evaluate.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in _COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.run.__doc__)
@@ -523,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_options(p, cls, suppress_defaults=cls in cmd.given_only)
         p.set_defaults(func=cmd.run)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 # What an interrupted command leaves behind and how to go on (exit code 130).
@@ -551,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     any handler imports torch."""
     from .port.runtime import tune_cpu
     tune_cpu()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:     # said with the command's usage, not the list of commands
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:
         return int(args.func(args) or 0)

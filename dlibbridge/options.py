@@ -87,3 +87,57 @@ def given_fields(cls: type, namespace: argparse.Namespace | dict) -> dict:
     """The values in ``namespace`` of ``cls``'s fields (the options parsed for it)."""
     values = vars(namespace) if isinstance(namespace, argparse.Namespace) else namespace
     return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+
+
+# ---- the options every command spells the same way ----------------------------------------
+# tests/test_cli.py walks every command's parser and checks these spellings and defaults.  A
+# command that spelled one differently before passes its older spellings as ``hidden_flags``:
+# accepted, unlisted, for one release.
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts where 0 means "none" (``--workers 0``: work in this process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+    return value
+
+
+def out_option(metavar: str, help: str, *, required: bool = True, default: Any = None, **extra) -> Any:
+    """``-o/--out``: what the command writes.  ``extra``: more :func:`option` keywords (``group``,
+    ``type``, ``hidden_flags``)."""
+    return option(default, help, flags=("-o", "--out"), metavar=metavar, required=required, **extra)
+
+
+def workers_option(help: str, **extra) -> Any:
+    """``--workers N``: helper processes; None leaves the choice to the command (said in ``help``)."""
+    return option(None, help, flags=("--workers",), type=non_negative_int, metavar="N", **extra)
+
+
+#: ``--device``'s default everywhere: the GPU when torch sees one.
+DEVICE_AUTO = "auto"
+
+
+def device_option(**extra) -> Any:
+    """``--device``: where the network runs (resolved, with a one-line error for a device this
+    torch lacks, by :func:`dlibbridge.port.device.resolve_device`)."""
+    return option(DEVICE_AUTO, "torch device: cpu, cuda, cuda:N, mps, or auto (default: cuda when torch sees a GPU, "
+                  "else cpu)", metavar="DEVICE", **extra)
+
+
+def overwrite_option(help: str, **extra) -> Any:
+    """``--overwrite``: replace what an earlier run left."""
+    return option(False, help, flags=("--overwrite",), action="store_true", **extra)
+
+
+def quiet_option(**extra) -> Any:
+    """``-q/--quiet``, stored as ``progress`` (False when given), the name the library's
+    functions take."""
+    return option(True, "no progress output", flags=("--quiet", "-q"), action="store_false", **extra)
+
+
+def json_option(help: str = "print the result as JSON on stdout instead of the table") -> Any:
+    """``--json``: a switch, machine-readable output on stdout; files are named with ``-o``."""
+    return option(False, help, action="store_true")

@@ -17,7 +17,7 @@ def _model_commands(d: str, johns: str, tmp) -> dict[str, list[str]]:
         "embed": ["embed", d, johns, "-o", str(tmp / "e.npz"), "-q"],
         "export": ["export", d, "-o", str(tmp / "m.dat")],
         "evaluate": ["evaluate", d, "--data", johns, "--gen-pairs", "40", "--folds", "2", "--no-cache", "-q",
-                     "--json", str(tmp / "r.json")],
+                     "-o", str(tmp / "r.json")],
         "finetune": ["finetune", johns, "--base", d, "--out", str(tmp / "run"), "-q"],
     }
 

@@ -1,4 +1,5 @@
-"""eval.embed (``dlibbridge embed``): descriptors of a folder of chips, resumable, matching dlib."""
+"""eval.embed (``dlibbridge embed``): descriptors of a folder of chips or photos, with each
+image's person, resumable, matching dlib."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from dlibbridge import assets, cli
 from dlibbridge._io import write_npz
-from dlibbridge.eval import embed
+from dlibbridge.eval import embed, embedders
 from dlibbridge.eval.embedders import ModelSpec
 from dlibbridge.port.dist import Dist
 from conftest import torchrun
@@ -15,7 +16,7 @@ from parity import ATOL
 
 @pytest.fixture
 def chip_folder(tmp_path, johns_dir, shared_dir):
-    """Eight johns chips in two sub-folders plus a wrong-sized photo and a non-image."""
+    """Eight johns chips in two sub-folders plus a photo (no face: the central box) and a non-image."""
     root = tmp_path / "chips"
     files = sorted(johns_dir.glob("*/*.jpg"))[:8]
     for f in files:
@@ -33,14 +34,44 @@ def test_cli_embed_reports_bad_images_and_matches_dlib(chip_folder, face_model_p
     out = tmp_path / "emb.npz"
     assert cli.main(["embed", str(face_model_path), str(root), "-o", str(out), "--batch-size", "3", "-q"]) == 0
     z = np.load(out)
-    assert z["paths"].tolist() == rel
-    assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape == (8, 128)
+    assert z["paths"].tolist() == rel + ["zz/dogs.jpg"]
+    assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape == (9, 128)
     idx = [johns_chips[0].index(p) for p in rel]
-    assert np.abs(z["embeddings"] - dlib_descriptors[idx]).max() <= ATOL
-    assert z["skipped_paths"].tolist() == ["zz/dogs.jpg", "zz/notes.png"]
-    assert "wrong size" in z["skipped_reasons"][0] and "not_an_image" in z["skipped_reasons"][1]
-    err = capsys.readouterr().err
-    assert "skipped zz/dogs.jpg" in err and "skipped zz/notes.png" in err
+    assert np.abs(z["embeddings"][:8] - dlib_descriptors[idx]).max() <= ATOL
+    assert z["identities"].tolist() == [p.split("/")[0] for p in rel] + ["zz"]
+    assert z["statuses"].tolist() == ["chip"] * 8 + ["fallback"]      # no face in dogs.jpg: evaluate's central box
+    assert z["skipped_paths"].tolist() == ["zz/notes.png"] and z["skipped_reasons"].tolist() == ["not_an_image"]
+    assert "skipped zz/notes.png: not_an_image" in capsys.readouterr().err
+
+
+def test_embed_aligns_photos_as_dlib_does_with_their_people(shared_dir, face_model_path, photo_chips,
+                                                           johns_chips, dlib_descriptors, tmp_path):
+    """Photos in person folders: the most central face of each (evaluate's policy), aligned as
+    dlib aligns (its own detector, landmarks and get_face_chip give the reference), labelled
+    with the folder."""
+    import dlib
+    faces = shared_dir / "data" / "faces"
+    photos = {"tom": ["Tom_Cruise_avp_2014_4.jpg"], "pascal": ["2009_004587.jpg", "2008_001009.jpg"]}
+    root = tmp_path / "photos"
+    want = []
+    detector = dlib.get_frontal_face_detector()
+    for person, names in photos.items():
+        (root / person).mkdir(parents=True)
+        for name in names:
+            (root / person / name).symlink_to(faces / name)
+            img = dlib.load_rgb_image(str(faces / name))
+            h, w = img.shape[:2]
+            dets = list(detector(img, 1))
+            central = min(range(len(dets)), key=lambda i: ((dets[i].left() + dets[i].right()) / 2 - (w - 1) / 2) ** 2
+                          + ((dets[i].top() + dets[i].bottom()) / 2 - (h - 1) / 2) ** 2)
+            want.append((f"{person}/{name}", len(johns_chips[0]) + photo_chips[0].index(f"{name}#{central}")))
+    want.sort()
+    res = embed.embed_folder(str(face_model_path), root, tmp_path / "e.npz", batch_size=2, progress=False, workers=0)
+    z = np.load(res.out)
+    assert z["paths"].tolist() == [p for p, _ in want] and not res.skipped
+    assert z["identities"].tolist() == [p.split("/")[0] for p, _ in want]
+    assert z["statuses"].tolist() == ["detected"] * len(want)
+    assert np.abs(z["embeddings"] - dlib_descriptors[[i for _, i in want]]).max() <= ATOL
 
 
 def test_embed_resumes_after_interruption(chip_folder, face_model_path, tmp_path, monkeypatch):
@@ -48,22 +79,26 @@ def test_embed_resumes_after_interruption(chip_folder, face_model_path, tmp_path
     full = embed.embed_folder(str(face_model_path), root, tmp_path / "full.npz", batch_size=3, progress=False)
     out = tmp_path / "emb.npz"
     monkeypatch.setattr(embed, "SAVE_EVERY_S", 0.0)
-    calls = {"n": 0}
-    real = embed._read_chip
+    real = embedders.make_embedder
 
-    def interrupted(path):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(path)
+    def interrupted_at_the_third_batch(*args, **kwargs):
+        engine, calls = real(*args, **kwargs), []
 
-    monkeypatch.setattr(embed, "_read_chip", interrupted)
+        def embed_or_interrupt(chips):
+            calls.append(len(chips))
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return type(engine).embed(engine, chips)
+        engine.embed = embed_or_interrupt
+        return engine
+
+    monkeypatch.setattr(embedders, "make_embedder", interrupted_at_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         embed.embed_folder(str(face_model_path), root, out, batch_size=3, progress=False)
     assert not out.exists() and out.with_name("emb.npz.partial.npz").exists()
-    monkeypatch.setattr(embed, "_read_chip", real)
+    monkeypatch.setattr(embedders, "make_embedder", real)
     res = embed.embed_folder(str(face_model_path), root, out, batch_size=3, progress=False)
-    assert res.resumed_from == 6 and res.paths == full.paths == rel
+    assert res.resumed_from == 6 and res.paths == full.paths == rel + ["zz/dogs.jpg"]
     np.testing.assert_array_equal(np.load(out)["embeddings"], np.load(tmp_path / "full.npz")["embeddings"])
     assert not out.with_name("emb.npz.partial.npz").exists()
 
@@ -74,7 +109,7 @@ def test_embed_decoding_in_worker_processes_gives_the_same_output(chip_folder, f
                              workers=0)
     two = embed.embed_folder(str(face_model_path), root, tmp_path / "b.npz", batch_size=3, progress=False,
                              workers=2)
-    assert one.paths == two.paths == rel and one.skipped == two.skipped and len(two.skipped) == 2
+    assert one.paths == two.paths == rel + ["zz/dogs.jpg"] and one.skipped == two.skipped and len(two.skipped) == 1
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
     assert a["skipped_reasons"].tolist() == b["skipped_reasons"].tolist()
@@ -104,9 +139,12 @@ def test_embed_under_torchrun_equals_one_process_and_resumes_per_shard(tmp_path)
     files = embed.list_images(chips)
     lo, hi = Dist(0, 2).shard(len(files), 4)
     spec = ModelSpec.parse("default")
+    from dlibbridge.eval.evaluate import ChipSource, PhotoAlignment
+    tag = ChipSource(chips, None, **PhotoAlignment().alignment()).cache_tag()
     write_npz(tmp_path / "three.npz.rank0of2.partial.npz", fingerprint=np.array(embed._fingerprint(
-        spec.path, spec.engine, files[lo:hi])), done=np.array(hi - lo), paths=np.array(files[lo:hi]),
-        embeddings=np.zeros((hi - lo, 128), np.float32), skipped=np.zeros((0, 2), str))
+        spec.path, spec.engine, tag, files[lo:hi])), done=np.array(hi - lo), paths=np.array(files[lo:hi]),
+        statuses=np.array(["chip"] * (hi - lo)), embeddings=np.zeros((hi - lo, 128), np.float32),
+        skipped=np.zeros((0, 2), str))
     torchrun("embed", "default", str(chips), "-o", "three.npz", "--batch-size", "4", "-q", cwd=tmp_path)
     c = np.load(tmp_path / "three.npz")
     assert c["paths"].tolist() == files and not c["embeddings"][:hi].any()

@@ -171,7 +171,7 @@ def test_reusing_generated_pairs_and_refusing_to_overwrite(celeba_eval, tmp_path
     cfg, res = celeba_eval
     pairs_file = Path(res.results["pairs"]["file"])
     again = ev.run(ev.EvalConfig(models=[emb.ModelSpec.parse("torch:default")], data=cfg.data, pairs=pairs_file,
-                                 json_path=tmp_path / "r.json", cache_dir=cfg.cache_dir, progress=False,
+                                 out=tmp_path / "r.json", cache_dir=cfg.cache_dir, progress=False,
                                  identification=False))
     assert again.results["models"][0]["accuracy"] == res.results["models"][1]["accuracy"]
     assert again.results["models"][0]["identification"] is None
@@ -186,7 +186,8 @@ def test_reusing_generated_pairs_and_refusing_to_overwrite(celeba_eval, tmp_path
 def test_cli_evaluate_on_johns(tmp_path, johns_dir, capsys):
     from dlibbridge.cli import main
     rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "40", "--folds", "2",
-               "--json", str(tmp_path / "r.json"), "--pairs", str(tmp_path / "p.txt"),
+               "--json", str(tmp_path / "r.json"),      # the older spelling of -o, still accepted
+               "--pairs", str(tmp_path / "p.txt"),
                "--cache", str(tmp_path / "cache"), "-q"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -200,7 +201,7 @@ def test_cli_evaluate_adapts_the_defaults_to_a_small_set_and_says_so(tmp_path, j
     """5 people: the default 10 folds become 2, and 3000 pairs what those folds hold."""
     from dlibbridge.cli import main
     rc = main(["evaluate", "default", "--data", str(johns_dir), "--gen-pairs", "3000", "-q",
-               "--json", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
+               "-o", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "note: --folds 10 lowered to 2: 5 identities" in cap.err
@@ -210,9 +211,27 @@ def test_cli_evaluate_adapts_the_defaults_to_a_small_set_and_says_so(tmp_path, j
     assert Path(r["pairs"]["file"]).name == f"pairs-{r['pairs']['n_pairs']}-seed0.txt"
 
 
+def test_cli_evaluate_without_pairs_generates_them_from_the_person_folders(tmp_path, johns_dir, capsys):
+    """No --pairs and no --gen-pairs: LFW's 6000 pairs asked of the person folders, lowered to
+    what 5 people hold, each step said; --json prints the results instead of the table."""
+    from dlibbridge.cli import main
+    rc = main(["evaluate", "default", "--data", str(johns_dir), "-q", "--json", "-o", str(tmp_path / "r.json"),
+               "--cache", str(tmp_path / "cache")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert f"note: no --pairs given: pairs generated from the person folders of {johns_dir} (as --gen-pairs 6000)" \
+        in cap.err
+    assert "note: --folds 10 lowered to 2: 5 identities" in cap.err and "note: --gen-pairs 6000 lowered to " in cap.err
+    printed = json.loads(cap.out)
+    assert printed == json.loads((tmp_path / "r.json").read_text())
+    assert printed["pairs"]["n_folds"] == 2 and printed["pairs"]["generated"]["n"] == printed["pairs"]["n_pairs"]
+    assert Path(printed["pairs"]["file"]).is_file() and "acc 2-fold" not in cap.out
+
+
 @pytest.mark.parametrize("model, extra, words", [
     ("default", ["--pairs", "{bad}"], "bad.txt:1: header"),
-    ("default", [], "give --pairs FILE"),
+    ("default", ["--json", "{good}"], "--json is a switch"),
+    ("default", ["--gen-pairs", "40", "--json", "x.json"], "--json PATH and -o both"),
     ("default", ["--gen-pairs", "30"], "multiple of 20"),
     ("default", ["--pairs", "{missing}"], "not found"),
     ("default", ["--pairs", "{wrong_person}"], "John_Stockton"),
@@ -229,7 +248,7 @@ def test_cli_evaluate_bad_input_is_a_clear_error(tmp_path, johns_dir, capsys, mo
     for k, text in files.items():
         paths[k].write_text(text)
     rc = main(["evaluate", model.format(**paths), "--data", str(johns_dir), "--no-cache", "-q",
-               "--json", str(tmp_path / "r.json")] + [a.format(**paths) for a in extra])
+               "-o", str(tmp_path / "r.json")] + [a.format(**paths) for a in extra])
     assert rc == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
@@ -246,7 +265,7 @@ def test_pairs_file_aligns_and_embeds_only_the_images_it_names(shared_dir, tmp_p
     (tmp_path / "p.txt").write_text(f"2\n{a}\t{fa[0].name}\t{fa[1].name}\n{b}\t{fb[0].name}\t{fb[1].name}\n"
                                     f"{a}\t{fa[0].name}\t{b}\t{fb[0].name}\n{a}\t{fa[1].name}\t{b}\t{fb[1].name}\n")
     rc = main(["evaluate", "default", "--data", str(data), "--pairs", str(tmp_path / "p.txt"), "-q",
-               "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")])
+               "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert err.count("are in no pair") == 1 and "5 of the 9 images" in err, err
@@ -338,7 +357,7 @@ def test_evaluate_without_workers_gives_the_same_numbers(celeba_eval, tmp_path):
     an empty cache: every number of results.json is the same."""
     cfg, res = celeba_eval
     serial = ev.run(ev.EvalConfig(models=[emb.ModelSpec.parse("torch:default")], data=cfg.data,
-                                  pairs=Path(res.results["pairs"]["file"]), json_path=tmp_path / "r.json",
+                                  pairs=Path(res.results["pairs"]["file"]), out=tmp_path / "r.json",
                                   cache_dir=tmp_path / "cache", workers=0, progress=False))
     assert serial.results["images"] == res.results["images"]
     assert serial.results["models"][0] == res.results["models"][1]
@@ -356,7 +375,7 @@ def test_evaluate_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, shared_d
     data = _subset(shared_dir / "data" / "celeba-dev", tmp_path / "data", 10, 6)
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "dlibbridge", "evaluate", "default", "--data", str(data), "--gen-pairs", "100",
-           "--folds", "5", "--cache", str(cache), "--json", str(tmp_path / "r.json"), "--workers", "2", "-q",
+           "--folds", "5", "--cache", str(cache), "-o", str(tmp_path / "r.json"), "--workers", "2", "-q",
            "--batch-size", "8"]
     repo = Path(__file__).resolve().parents[1]
     proc = ctrl_c_popen(cmd, cwd=repo)

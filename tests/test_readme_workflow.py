@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +54,13 @@ def test_the_readme_workflow_runs_as_written_on_a_small_photo_set(shared_dir, tm
         p = subprocess.run(line, shell=True, cwd=work, env=env, capture_output=True, text=True)
         assert p.returncode == 0, f"{line}\n{p.stderr[-3000:]}"
         said[line.split()[1] + (" --camera" if "--camera" in line else "")] = p.stdout + p.stderr
-    assert "note: --folds 10 lowered to 4" in said["evaluate"] and "--gen-pairs 3000 lowered to" in said["evaluate"]
+    assert "note: no --pairs given: pairs generated from the person folders" in said["evaluate"]
+    assert "note: --folds 10 lowered to 4" in said["evaluate"] and "--gen-pairs 6000 lowered to" in said["evaluate"]
     assert "note: -P lowered from 16 to 6" in said["finetune --camera"]
     if "exported step 0 " in said["finetune"]:
         assert "note: the exported model is the base model (step 0)" in said["finetune"]
     for f in ("run/model.dat", "run/model.pt", "cam/model.dat", "cam/threshold.json", "camera.json",
-              "report/report.html", "model.onnx", "model.ts", "ids.csv", "clusters/summary.json"):
+              "report/report.html", "model.onnx", "model.ts", "ids.csv", "clusters/summary.json", "photos.npz"):
         assert (work / f).is_file(), f
     threshold = json.loads((work / "cam" / "threshold.json").read_text())["threshold"]
     assert f"at threshold {threshold:.4f} (the run's recommended threshold" in said["identify"]
@@ -66,3 +68,5 @@ def test_the_readme_workflow_runs_as_written_on_a_small_photo_set(shared_dir, tm
     assert all(p.is_symlink() for p in (work / "clusters").glob("cluster_*/*"))
     for f in ("run/model.dat", "cam/model.dat", "model.dat", "deployed.dat"):
         dlib.face_recognition_model_v1(str(work / f))
+    people = np.load(work / "photos.npz")["identities"].tolist()        # embed labels each photo's person
+    assert sorted(set(people)) == sorted(d.name for d in (work / "photos").iterdir()) and len(people) <= 48

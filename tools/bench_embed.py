@@ -434,6 +434,7 @@ def overlap_study(photos_dir: Path, n_photos: int, n_chips: int, batch: int, rou
 
     from dlibbridge.data.align import AlignSettings, align
     from dlibbridge.data.prefetch import MAX_DECODE_WORKERS, cores, default_workers
+    from dlibbridge.data.images import read_image
     from dlibbridge.eval import embed
     from dlibbridge.eval.embedders import ModelSpec, make_embedder
     from dlibbridge.eval.evaluate import ChipSource, compute_embeddings
@@ -463,7 +464,7 @@ def overlap_study(photos_dir: Path, n_photos: int, n_chips: int, batch: int, rou
         chip_files = embed.list_images(d / "chips")
         chip_paths = [d / "chips" / rel for rel in chip_files]
         photo_paths = sorted(p for p in data.glob("*/*.jpg"))
-        chips = np.stack([embed._read_chip(p) for p in chip_paths])     # warms the page cache
+        chips = np.stack([read_image(p).rgb for p in chip_paths])     # warms the page cache
         net.embed(chips[:batch])
 
         def fresh(name: str) -> Path:
@@ -477,7 +478,7 @@ def overlap_study(photos_dir: Path, n_photos: int, n_chips: int, batch: int, rou
 
         def decode():
             for p in chip_paths:
-                embed._read_chip(p)
+                read_image(p).rgb
 
         def align_only():
             for _ in ChipSource(data, fresh("aligned"), workers=0).load(photo_paths, batch):

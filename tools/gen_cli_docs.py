@@ -21,6 +21,14 @@ def _option(a: argparse.Action) -> str:
     return names
 
 
+def _listed(parser: argparse.ArgumentParser, hidden: argparse.Action) -> argparse.Action:
+    """The listed option that a hidden older spelling stands for: the same field, or (an older
+    positional) the option of the same metavar."""
+    listed = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    return next((a for a in listed if a.dest == hidden.dest), None) or next(
+        a for a in listed if a.metavar == hidden.metavar)
+
+
 def render() -> str:
     sys.path.insert(0, str(REPO))
     from dlibbridge.cli import build_parser
@@ -28,12 +36,23 @@ def render() -> str:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     out = ["# Command-line reference", "",
            "Generated from the parsers by `python tools/gen_cli_docs.py`; `dlibbridge CMD --help` says the same.",
-           "Every command reports bad input as one line `dlibbridge CMD: message` and exit code 2.", ""]
+           "Every command reports bad input as one line `dlibbridge CMD: message` and exit code 2, and a bad",
+           "argument with the command's own usage; `dlibbridge --version` prints the version.", "",
+           "Every command spells the options it shares with others the same way (tests/test_cli.py checks it):",
+           "`-o/--out` what it writes, `--workers N` helper processes, `--device` (default `auto`: cuda when",
+           "torch sees a GPU, else cpu; a device this torch lacks is one line and exit code 2), `--overwrite`,",
+           "`-q/--quiet`, and `--json`, a switch printing the result as JSON on stdout. Progress is a bar on a",
+           "terminal and a plain line every few seconds anywhere else (a log, a pipe). Older spellings listed",
+           "under a command are still accepted, unlisted in `--help`, for one release.", ""]
     helps = {a.dest: a.help for a in sub._choices_actions}
     for name, p in sub.choices.items():
         out += [f"## `dlibbridge {name}`", "", _cell(helps.get(name, "")), ""]
         if p.description:
             out += [_cell(p.description), ""]
+        older = [a for a in p._actions if a.help == argparse.SUPPRESS]
+        if older:
+            out += ["Older spellings, still accepted: " + "; ".join(
+                f"{_option(a)} (now {_option(_listed(p, a))})" for a in older) + ".", ""]
         out += ["| argument | meaning | default |", "| --- | --- | --- |"]
         for a in p._actions:
             if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:

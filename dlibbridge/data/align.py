@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import pickle
-import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -51,6 +50,7 @@ from .images import CHIP_SIZE, DECODERS, DEFAULT_MAX_PIXELS, ImageReadError, rea
 from .prefetch import children_ignore_sigint, cores, worker_pool
 from .._lock import folder_lock
 from .._paths import Folder, check_link, resolved
+from .._progress import progress_bar
 from .._io import TMP_PREFIX, png_bytes, sha256_file, write_atomic, write_csv, write_json
 from ..errors import DlibbridgeError
 from ..options import option
@@ -58,7 +58,7 @@ from ..options import option
 __all__ = ["CHIP_SIZE", "CHIP_PADDING", "DETECTORS", "MULTI_POLICIES", "FALLBACKS", "CNN_PRECISIONS", "CENTER_BOX_FRACTION",
            "MANIFEST_FIELDS", "STATUSES", "RETRY_REASONS", "AlignError", "OutputError", "AlignSettings", "Face",
            "FaceAligner", "pyramid_up", "frontal_face_detector", "hog_detector_pickle", "use_hog_detector_pickle", "center_box",
-           "choose_faces", "Source", "process_photo", "align_photo", "list_sources", "default_jobs", "Journal", "align",
+           "choose_faces", "Source", "process_photo", "align_photo", "identity_of", "list_sources", "default_jobs", "Journal", "align",
            "write_manifest", "read_manifest", "format_summary"]
 
 CHIP_PADDING = 0.25   # compute_face_descriptor's padding at CHIP_SIZE: the chip the network was trained on
@@ -69,6 +69,14 @@ DETECTORS = ("hog", "cnn")
 #: bf16 CPUs: several times faster) and is not dlib-exact (docs/benchmarks.md, bench_detect).
 CNN_PRECISIONS = ("float32", "bfloat16")
 MULTI_POLICIES = ("largest", "center", "all", "skip")
+#: ``--multi`` of photos in person folders, in ``align`` (and ``finetune`` on photos),
+#: ``evaluate`` and ``embed`` alike, so a photo gives the same chip whichever command cut it.
+#: The most central face: folders of a person hold pictures framed on them (LFW's, CelebA's and
+#: VGGFace2's crops are centred on their subject by construction), where a bigger face off the
+#: centre is usually someone nearer the camera.
+PERSON_FOLDER_MULTI = "center"
+MULTI_HELP = ("several faces in a photo: the most central (the default with person folders: a photo of someone is "
+              "framed on them, a bigger face off-centre is usually someone else) or the largest")
 FALLBACKS = ("center",)
 
 #: Side of the ``--fallback center`` box as a fraction of min(height, width), centred: the
@@ -119,8 +127,7 @@ class AlignSettings:
     detector_model: str | None = option(None, "the CNN detector's .dat for --detector cnn (default dlib's "
                                         "mmod_human_face_detector; e.g. one made by dlibbridge finetune-detector)",
                                         metavar="DET.dat")
-    multi: str | None = option(None, "several faces in a photo: keep the largest, the most central, all, or skip the "
-                               "photo (default: largest with identity folders, all in a flat folder)",
+    multi: str | None = option(None, MULTI_HELP + ", all (the default in a flat folder), or skip the photo",
                                choices=MULTI_POLICIES)
     fallback: str | None = option(None, "no face found: take a central box (for pre-cropped sets such as LFW)",
                                   choices=FALLBACKS)
@@ -433,17 +440,23 @@ def align_photo(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, src: Sou
 # A folder
 # --------------------------------------------------------------------------------------------
 
+def identity_of(rel: str) -> str:
+    """The person of a file at ``rel`` (POSIX, relative to the input folder): its first
+    sub-folder; '' for a file at the top (a flat folder)."""
+    first, sep, _ = rel.partition("/")
+    return first if sep else ""
+
+
 def list_sources(raw_dir: str | os.PathLike) -> list[Source]:
     """Every file under ``raw_dir`` (hidden files and folders excluded), sorted, with its
-    identity (first sub-folder) and a collision-free chip stem."""
+    identity (:func:`identity_of`) and a collision-free chip stem."""
     rels = walk_files(raw_dir)
     stems = Counter(r.rsplit(".", 1)[0] if "." in r.rsplit("/", 1)[-1] else r for r in rels)
     sources = []
     for rel in rels:
-        parts = rel.split("/")
-        stem = rel.rsplit(".", 1)[0] if "." in parts[-1] else rel
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
         # a.jpg and a.png in one folder would both become a.png: keep their full names.
-        sources.append(Source(rel, parts[0] if len(parts) > 1 else "", stem if stems[stem] == 1 else rel))
+        sources.append(Source(rel, identity_of(rel), stem if stems[stem] == 1 else rel))
     return sources
 
 
@@ -523,7 +536,7 @@ def align(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
         wanted = set(only)
         sources = [s for s in sources if s.rel in wanted]
     layout = "identities" if any(s.identity for s in sources) else "flat"
-    policy = settings.multi or ("largest" if layout == "identities" else "all")
+    policy = settings.multi or (PERSON_FOLDER_MULTI if layout == "identities" else "all")
     resolved = dataclasses.replace(settings, multi=policy)
 
     with Journal(raw, out, resolved, redo) as journal:
@@ -595,7 +608,7 @@ def _check_settings(state: Path, settings: AlignSettings, redo: bool) -> None:
             diff = ", ".join(f"{k}: {before.get(k)!r} → {v!r}" for k, v in wanted.items()
                              if isinstance(before, dict) and before.get(k) != v) or "unreadable settings"
             raise AlignError(f"{state.parent} holds chips made with other settings ({diff}); "
-                             "use another output folder or --redo")
+                             "use another output folder or --overwrite")
     write_json(path, wanted, indent=None, newline=False)
 
 
@@ -634,11 +647,8 @@ def _remove_stale_temporaries(tmp: Path) -> None:
 def _hash_sources(raw: Path, sources: list[Source], journal: dict, progress: bool) -> dict[str, str]:
     """SHA-256 of every file ('' when unreadable or empty: never a duplicate); reused from
     the journal when size and mtime are unchanged."""
-    from tqdm import tqdm
-
     hashes = {}
-    for s in tqdm(sources, desc="hashing", unit="file", disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True, leave=False):
+    for s in progress_bar(sources, desc="hashing", unit="file", enabled=progress, leave=False):
         path = raw / s.rel
         try:
             st = os.stat(path)
@@ -674,15 +684,12 @@ def _nonempty_file(path: Path) -> bool:
 def _run(todo: list[Source], hashes: dict, raw: Path, out: Path, settings: AlignSettings,
          policy: str, jobs: int | None, progress: bool,
          cnn_factory: Callable | None = None) -> Iterator[tuple[Source, str, list[dict]]]:
-    from tqdm import tqdm
-
     if not todo:
         return
     jobs = max(1, min(jobs or default_jobs(), len(todo)))
     tasks = [(s, hashes[s.rel]) for s in todo]
     counts = Counter()
-    bar = tqdm(total=len(todo), desc=f"aligning ({jobs} proc)", unit="photo", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc=f"aligning ({jobs} proc)", unit="photo", enabled=progress)
     results: Iterable = ()
     try:
         if jobs == 1:
@@ -734,7 +741,7 @@ def _unordered(pool: ProcessPoolExecutor, fn, items: list, window: int) -> Itera
         raise AlignError("a worker process died while processing one of: "
                          + ", ".join(task[0].rel for task in pending.values())
                          + "; finished photos are kept — move the culprit away (find it with "
-                           "--jobs 1) and rerun to continue") from None
+                           "--workers 1) and rerun to continue") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -391,8 +391,8 @@ def measure_folder(folder: str | os.PathLike, *, progress: bool = False, upsampl
     records, skipped, kinds = [], Counter(), Counter()
     it: Iterable[Path] = files
     if progress:
-        from tqdm import tqdm
-        it = tqdm(files, desc="measuring", unit="img")
+        from .._progress import progress_bar
+        it = progress_bar(files, desc="measuring", unit="img")
     for path in it:
         try:
             data = path.read_bytes()

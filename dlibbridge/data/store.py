@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -59,6 +58,7 @@ from .._io import write_json
 from .._load import read_npz
 from .._lock import LOCK_NAME, folder_lock
 from .._paths import Folder, resolved
+from .._progress import progress_bar
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
@@ -206,7 +206,7 @@ def _pack(chips_dir: Path, store: Path, overwrite: bool, progress: bool,
 
     n = len(entries)
     chips = np.memmap(partial / _CHIPS, dtype=np.uint8, mode="r+", shape=(n, *CHIP_SHAPE))
-    bar = _progress_bar(n, "packing", progress, initial=state["next"])
+    bar = progress_bar(total=n, initial=state["next"], desc="packing", unit="img", enabled=progress)
     try:
         for i in range(state["next"], n):
             entry = entries[i]
@@ -312,12 +312,6 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if state.get("fingerprint") == fingerprint else None
-
-
-def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled,
-                dynamic_ncols=True, file=sys.stderr)
 
 
 class ChipStore:

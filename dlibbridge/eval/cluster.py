@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import TMP_PREFIX, csv_bytes, json_bytes, write_atomic
-from ..options import option
+from ..options import option, overwrite_option, quiet_option, workers_option
 from .faces import FacesError, ModelOptions, describe, descriptors, image_files
 from .metrics import chinese_whispers
 
@@ -38,10 +38,10 @@ class ClusterArgs:
                                nargs="+", metavar="PHOTOS")
     out: str = option(help="folder to create: a folder of links per cluster, clusters.csv, summary.json",
                       flags=("-o", "--out"), required=True, metavar="OUT")
-    workers: int | None = option(None, "processes detecting and aligning faces while the network runs "
-                                 "(0: none; default: one per core)", type=int, metavar="N")
-    overwrite: bool = option(False, "replace an OUT that an earlier cluster run wrote", action="store_true")
-    quiet: bool = option(False, "no progress bar", flags=("--quiet", "-q"), action="store_true")
+    workers: int | None = workers_option("processes detecting and aligning faces while the network runs "
+                                         "(0: none; default: one per core)")
+    overwrite: bool = overwrite_option("replace an OUT that an earlier cluster run wrote")
+    progress: bool = quiet_option()
 
 
 def _own_entries(out: Path) -> set[str] | None:
@@ -164,7 +164,7 @@ def run_cluster(args) -> int:
     out = Path(args.out)
     check_out(out, args.photos, args.overwrite)
     result = cluster(args.photos, ModelOptions(**given_fields(ModelOptions, args)),
-                     workers=cores() if args.workers is None else args.workers, progress=not args.quiet)
+                     workers=cores() if args.workers is None else args.workers, progress=args.progress)
     write_clusters(result, out)
     sizes = [c["faces"] for c in result["clusters"]]
     print(f"{out}: {result['faces']} faces in {result['images']} images -> {len(sizes)} clusters "

@@ -18,6 +18,7 @@ import numpy as np
 from .._io import sha256_file, write_npz
 from .._load import DamagedFileError, read_npz
 from ..assets import resolve_model
+from ..options import DEVICE_AUTO
 from ..data.images import CHIP_SIZE
 from ..port.infer import EMBED_DIM, in_batches, torch_forward
 
@@ -108,10 +109,10 @@ class TorchEmbedder(_NetEmbedder):
 
     engine = "torch"
 
-    def __init__(self, path, module, flip=False, jitter=0, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, path, module, flip=False, jitter=0, device: str = DEVICE_AUTO, batch_size: int = 64):
         super().__init__(path, flip, jitter, batch_size)
-        import torch
-        self.device = torch.device(device)
+        from ..port.device import resolve_device
+        self.device = resolve_device(device)
         self.module = module.to(self.device).eval()
         self._run = torch_forward(self.module, self.device)
 
@@ -194,13 +195,16 @@ def label_models(specs: list[ModelSpec]) -> list[ModelSpec]:
     return out
 
 
-def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: str = "cpu",
+def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: str = DEVICE_AUTO,
                   batch_size: int = 64) -> Embedder:
+    """The engine of ``spec``; ``device`` (torch engine only) is checked before the model loads."""
     if spec.engine == "dlib":
         return DlibEmbedder(spec.path, flip, jitter)
     if spec.engine == "onnx":
         return OnnxEmbedder(spec.path, flip, jitter, batch_size)
     from ..port.checkpoint import open_model
+    from ..port.device import resolve_device
+    device = resolve_device(device)
     if _sniff(spec.path) == "torchscript":
         _check_exported_input(spec.path)
     try:

@@ -13,6 +13,7 @@ which is the port's end-to-end proof.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -25,15 +26,16 @@ import numpy as np
 
 from .._io import sha256_file, write_atomic, write_json
 from .._paths import resolved
-from ..options import option
+from ..options import device_option, option, out_option, quiet_option, workers_option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, FPIR_TARGET, clustering_metrics, cross_verification, far_key,
                       gallery_identification, kfold_decisions, one_per_person, pair_distances, rank1_identification,
                       verification_metrics)
+from ..data.align import MULTI_HELP, PERSON_FOLDER_MULTI
 from ..data.images import CHIP_SIZE, is_chip_sized
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
-from .pairs import (PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities,
-                    writable_identities)
+from .pairs import (LFW_VIEW2_PAIRS, PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs,
+                    scan_identities, writable_identities)
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -67,7 +69,7 @@ class ChipSource:
     ALIGN_COST = 8
 
     def __init__(self, data_root: Path, chips_dir: Path | None, detector: str = "hog", upsample: int = 1,
-                 multi: str = "center", fallback: str | None = "center", workers: int | None = None):
+                 multi: str = PERSON_FOLDER_MULTI, fallback: str | None = "center", workers: int | None = None):
         from ..data.align import AlignSettings
         self.data_root = Path(data_root)
         self.settings = AlignSettings(detector=detector, upsample=upsample, multi=multi, fallback=fallback)
@@ -213,8 +215,23 @@ def _load_chunk(tasks: list[tuple]) -> list[tuple[np.ndarray | None, str, list[d
 
 # ============================================================================ evaluation
 
+@dataclass(kw_only=True)
+class PhotoAlignment:
+    """How an image that is not a 150x150 chip becomes one (:class:`ChipSource`), the same in
+    ``evaluate`` and ``embed``: a photo gives the same chip, so the same descriptor, in both."""
+    detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
+    upsample: int = option(1, "detector upsampling", metavar="N")
+    multi: str = option(PERSON_FOLDER_MULTI, MULTI_HELP, choices=("center", "largest"))
+    fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
+                                  "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
+
+    def alignment(self) -> dict:
+        """These settings as :class:`ChipSource`'s keywords (also from a subclass's instance)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PhotoAlignment)}
+
+
 @dataclass
-class EvalConfig:
+class EvalConfig(PhotoAlignment):
     """Everything ``dlibbridge evaluate`` takes; defaults are the protocol's."""
     models: list[ModelSpec] = option(
         positional=True, nargs="+", metavar="MODEL",
@@ -224,13 +241,14 @@ class EvalConfig:
     pairs: Path | None = option(None, "LFW pairs.txt to evaluate on (with --gen-pairs: where to save the generated "
                                 "pairs)", type=Path, metavar="PAIRS")
     gen_pairs: int | None = option(None, "generate N balanced pairs in identity-disjoint folds from DIR (seeded, "
-                                   "saved for reuse)", type=int, metavar="N")
+                                   f"saved for reuse; without --pairs, as many as LFW's {LFW_VIEW2_PAIRS} or what the "
+                                   "folders allow)", type=int, metavar="N")
     n_folds: int = option(10, "folds for --gen-pairs", flags=("--folds",), metavar="K")
     seed: int = option(0, "seed for --gen-pairs and the gallery split")
     report: Path | None = option(None, "write report.html/report.md, plots and worst errors here", type=Path,
                                  metavar="OUT_DIR")
-    json_path: Path | None = option(None, "results.json path (default: OUT_DIR/results.json or ./results.json)",
-                                    flags=("--json",), type=Path, metavar="PATH")
+    out: Path | None = out_option("RESULTS.json", "results file to write (default: OUT_DIR/results.json with --report, "
+                                  "else ./results.json)", required=False, type=Path)
     flip: bool = option(False, "average each descriptor with its mirror image's", action="store_true")
     jitter: int = option(0, "average N of dlib's random jitters per face (dlib's 99.38%% LFW figure used 100)",
                          metavar="N", show_default=False)
@@ -240,34 +258,39 @@ class EvalConfig:
                                  "also each --data photo (the enrolment) against each probe, and the probes "
                                  "identified in a gallery of one --data photo per person", type=Path, metavar="DIR")
     cache_dir: Path | None = field(default_factory=default_cache_dir)
-    detector: str = option("hog", "face detector for non-chip images", choices=("hog", "cnn"), show_default=False)
-    upsample: int = option(1, "detector upsampling", metavar="N")
-    multi: str = option("center", "several faces in a photo: the most central (default; LFW's subject is centred) "
-                        "or largest", choices=("center", "largest"))
-    fallback: str | None = option("center", "photos without a detected face get no chip (default: a central box, as "
-                                  "for LFW crops)", flags=("--no-fallback",), action="store_const", const=None)
-    workers: int | None = option(None, "processes decoding and aligning images while the network runs (0: none; "
-                                 "default: one per core when photos need aligning, else as embed's: one per core "
-                                 "beyond the first, none for small sets)", hidden_flags=("--jobs", "-j"), type=int,
-                                 metavar="N")
-    device: str = option("cpu", "torch device, e.g. cuda")
+    workers: int | None = workers_option("processes decoding and aligning images while the network runs (0: none; "
+                                         "default: one per core when photos need aligning, else as embed's: one per "
+                                         "core beyond the first, none for small sets)", hidden_flags=("--jobs", "-j"))
+    device: str = device_option()
     batch_size: int = option(64, "faces per forward pass", metavar="N")
-    progress: bool = option(True, "no progress bars", flags=("--quiet", "-q"), action="store_false")
+    progress: bool = quiet_option()
+
+
+def pairs_to_generate(cfg: EvalConfig) -> int | None:
+    """How many pairs to generate from the person folders: ``--gen-pairs N``; without it and
+    without ``--pairs``, LFW View 2's count, lowered to what the folders allow (with a note,
+    as for any request); None: ``--pairs`` is read."""
+    if cfg.gen_pairs is not None:
+        return cfg.gen_pairs
+    return None if cfg.pairs is not None else LFW_VIEW2_PAIRS
 
 
 def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[PairSet, Path | None]:
-    """Read ``--pairs``, or generate ``--gen-pairs N`` and save it (to ``--pairs`` when
-    given, else beside results.json).  An existing file is reused only if it is exactly
-    what this seed generates; otherwise we refuse rather than overwrite someone's pairs."""
-    if cfg.gen_pairs is None:
-        if cfg.pairs is None:
-            raise ValueError("give --pairs FILE (LFW pairs.txt format) or --gen-pairs N")
+    """Read ``--pairs``, or generate pairs (:func:`pairs_to_generate`) and save them (to
+    ``--pairs`` when given, else beside results.json).  An existing file is reused only if it
+    is exactly what this seed generates; otherwise we refuse rather than overwrite someone's
+    pairs."""
+    requested = pairs_to_generate(cfg)
+    if requested is None:
         return read_pairs(cfg.pairs), cfg.pairs
+    if cfg.gen_pairs is None:
+        print(f"note: no --pairs given: pairs generated from the person folders of {cfg.data} "
+              f"(as --gen-pairs {requested})", file=sys.stderr)
     identities, unwritable = writable_identities(identities)
     if unwritable:
         print(f"note: {len(unwritable)} photos left out of the generated pairs: a pairs file cannot hold names "
               f"with whitespace (e.g. {unwritable[0]!r}); rename them to include them", file=sys.stderr)
-    n_pairs, n_folds, notes = fit_request(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
+    n_pairs, n_folds, notes = fit_request(identities, requested, cfg.n_folds, cfg.seed)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     ps = generate_pairs(identities, n_pairs, n_folds, cfg.seed)
@@ -275,7 +298,7 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
     text = format_pairs(ps)
     if out.exists():
         if out.read_text(encoding="utf-8", errors="replace") != text:
-            raise FileExistsError(f"{out} exists and differs from the pairs --gen-pairs {cfg.gen_pairs} "
+            raise FileExistsError(f"{out} exists and differs from the pairs --gen-pairs {requested} "
                                   f"--seed {cfg.seed} makes; drop --gen-pairs to evaluate on it, or pick another path")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +307,8 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
 
 
 def results_path(cfg: EvalConfig) -> Path:
-    if cfg.json_path is not None:
-        return cfg.json_path
+    if cfg.out is not None:
+        return cfg.out
     return (cfg.report if cfg.report is not None else Path.cwd()) / "results.json"
 
 
@@ -305,9 +328,9 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     before (the batches are the same with or without workers); caches are saved every
     ``save_every_s`` seconds and on exit, so an interrupted run picks up where it stopped."""
     import time
-    from tqdm import tqdm
-    keys = [content_key(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress,
-                                         leave=False)]
+    from .._progress import progress_bar
+    keys = [content_key(p) for p in progress_bar(paths, desc="hashing images", unit="img", enabled=progress,
+                                                 leave=False)]
     caches = [EmbeddingCache(f) for f in _cache_files(embedders, loader, cache_dir)]
     if share:       # a rank's share: what the shared cache knows, plus its own progress
         for cache, f in zip(caches, _cache_files(embedders, loader, cache_dir, share)):
@@ -319,8 +342,8 @@ def compute_embeddings(paths: Sequence[Path], embedders: Sequence[Embedder], loa
     last_save = time.monotonic()
     images = loader.load([paths[i] for i in todo], batch_size)
     try:
-        with contextlib.closing(images), tqdm(total=len(todo), desc="embedding", unit="img",
-                                              disable=not progress or not todo) as bar:
+        with contextlib.closing(images), progress_bar(total=len(todo), desc="embedding", unit="img",
+                                                      enabled=progress and bool(todo)) as bar:
             for s in range(0, len(todo), batch_size):
                 idx = todo[s:s + batch_size]
                 loaded = list(itertools.islice(images, len(idx)))
@@ -473,7 +496,7 @@ def run(cfg: EvalConfig) -> Evaluation | None:
     identities = scan_identities(cfg.data)
     from ..port.dist import init_distributed, rank_device
     dist = init_distributed("cpu")
-    # every model is opened (and a bad one refused) before anything is written
+    # every model is opened (and a bad model or --device refused) before anything is written
     embedders = [make_embedder(m, cfg.flip, cfg.jitter, rank_device(cfg.device, dist), cfg.batch_size)
                  for m in models]
     ps, pairs_file = load_pairs_for(cfg, identities)
@@ -484,8 +507,7 @@ def run(cfg: EvalConfig) -> Evaluation | None:
     if in_folder > len(images):
         print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
               "not aligned or embedded", file=sys.stderr)
-    loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
-                                 multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
+    loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, workers=cfg.workers, **cfg.alignment())
     shares = sharded_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",
                                 cfg.batch_size, cfg.progress, dist)
     if shares is None:
@@ -511,7 +533,7 @@ def run(cfg: EvalConfig) -> Evaluation | None:
         "data": str(cfg.data),
         "pairs": {"file": None if pairs_file is None else str(pairs_file), "n_folds": ps.n_folds,
                   "per_fold": ps.per_fold, "n_pairs": len(pair_paths),
-                  "generated": None if cfg.gen_pairs is None else {"n": len(pair_paths), "seed": cfg.seed}},
+                  "generated": None if pairs_to_generate(cfg) is None else {"n": len(pair_paths), "seed": cfg.seed}},
         "options": {"flip": cfg.flip, "jitter": cfg.jitter, "detector": cfg.detector, "upsample": cfg.upsample,
                     "multi": cfg.multi, "fallback": cfg.fallback, "threshold_fixed": DLIB_THRESHOLD,
                     "far_targets": [far_key(f) for f in FAR_TARGETS]},

@@ -66,22 +66,6 @@ def model_threshold(model: str | os.PathLike, given: float | None = None) -> Thr
     return Threshold(DLIB_THRESHOLD, "dlib's default")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; a named device must exist
-    (one clear error instead of a traceback from deep inside torch)."""
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise FacesError(f"--device {device}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FacesError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
-                         "use --device cpu or auto")
-    return str(dev)
-
-
 @dataclass
 class ModelOptions:
     """How the face jobs name their model, device and threshold."""
@@ -98,7 +82,7 @@ class ModelOptions:
     upsample: int = option(1, "detector upsampling", metavar="N")
 
     def embedder(self, batch_size: int = 64) -> Embedder:
-        return make_embedder(ModelSpec.parse(self.model, self.engine), device=resolve_device(self.device),
+        return make_embedder(ModelSpec.parse(self.model, self.engine), device=self.device,
                              batch_size=batch_size)
 
     def threshold_for(self) -> Threshold:

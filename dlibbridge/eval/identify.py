@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import csv_bytes, write_atomic
-from ..options import option
+from ..options import option, overwrite_option, quiet_option, workers_option
 from .compare import ONE_FACE
 from .faces import FacesError, ModelOptions, Threshold, describe, descriptors, image_files
 from .pairs import scan_identities
@@ -34,10 +34,10 @@ class IdentifyArgs:
     top_k: int = option(3, "nearest people listed per face", flags=("--top-k", "-k"), metavar="K")
     multi: str = option("all", "faces of a probe photo: all, or only the largest or most central",
                         choices=("all",) + ONE_FACE)
-    workers: int | None = option(None, "processes detecting and aligning faces while the network runs "
-                                 "(0: none; default: one per core)", type=int, metavar="N")
-    overwrite: bool = option(False, "replace an existing OUT.csv written by identify", action="store_true")
-    quiet: bool = option(False, "no progress bar", flags=("--quiet", "-q"), action="store_true")
+    workers: int | None = workers_option("processes detecting and aligning faces while the network runs "
+                                         "(0: none; default: one per core)")
+    overwrite: bool = overwrite_option("replace an existing OUT.csv written by identify")
+    progress: bool = quiet_option()
 
 
 def fields(top_k: int) -> list[str]:
@@ -106,7 +106,7 @@ def run_identify(args) -> int:
         raise FacesError("--workers must be 0 or more")
     rows, threshold = identify(args.gallery, args.probes, ModelOptions(**given_fields(ModelOptions, args)),
                                top_k=args.top_k, multi=args.multi,
-                               workers=cores() if args.workers is None else args.workers, progress=not args.quiet)
+                               workers=cores() if args.workers is None else args.workers, progress=args.progress)
     data = csv_bytes(rows, fields(args.top_k))
     faces = [r for r in rows if r["status"] == "ok"]
     known = sum(r["identity"] != UNKNOWN for r in faces)

@@ -20,6 +20,8 @@ from .._paths import confined
 from ..data.images import is_image_file
 from ..errors import DlibbridgeError
 
+#: Pairs in LFW's View 2 (10 folds of 300 matched and 300 mismatched pairs).
+LFW_VIEW2_PAIRS = 6000
 
 
 class PairsFormatError(DlibbridgeError, ValueError):

@@ -177,11 +177,11 @@ def calibrate(module, chips: np.ndarray, *, batch_size: int = 25, report_max: in
     sample = chips[rng.permutation(len(chips))[:n_report]]
     was_training = module.training
     module.eval()
-    from tqdm import tqdm
+    from .._progress import progress_bar
     # The bar counts forward passes of one chip: the statistics pass over every chip plus the
     # before/after deviation checks (4 passes over the report sample).
-    with tqdm(total=len(chips) + 4 * len(sample), desc=f"calibrating on {len(chips)} chips",
-              unit=" chip passes", disable=not progress) as bar:
+    with progress_bar(total=len(chips) + 4 * len(sample), desc=f"calibrating on {len(chips)} chips",
+                      unit=" chip passes", enabled=progress) as bar:
         try:
             infer0 = _descriptors(module, sample, bs, device, bar)
             train0 = _descriptors(module, sample, bs, device, bar, norms)

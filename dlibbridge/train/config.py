@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DlibbridgeError
-from ..options import option
+from ..options import device_option, option, out_option, quiet_option, workers_option
 
 
 CONFIG_FILE = "config.json"
@@ -77,7 +77,8 @@ class FinetuneConfig:
     the others, and the resolved config is what ``config.json`` records.  The fields made with
     :func:`~dlibbridge.options.option` are the options of ``dlibbridge finetune``."""
     data: str = option(positional=True, nargs="?", metavar="DATA")
-    out: str = option(help="run folder to create (required unless --resume)", metavar="RUN_DIR")
+    out: str = out_option("RUN_DIR", "run folder to create (required unless --resume)", required=False,
+                          default=dataclasses.MISSING)
     base: str | None = option(None, "dlib .dat (deployed or trainable) or a dlibbridge model.pt (default: dlib's model)",
                               metavar="MODEL")
     loss: str = option("metric", "metric = dlib's loss_metric (default); arcface/cosface: normalised head, s=64; "
@@ -136,14 +137,14 @@ class FinetuneConfig:
                          "runs) = the last step unless it fails the --clean-limit guard, else the selected one",
                          choices=EXPORT_CHOICES, group=_DATA)
     checkpoint_every: int = option(200, "steps between checkpoints", metavar="N", group=_RUN)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (default)", group=_RUN)
+    device: str = device_option(group=_RUN)
     amp: str = option("auto", "mixed precision (default: bf16 on CUDA, off on CPU)",
                       choices=("auto", "off", "bf16", "fp16"), group=_OPTIMISATION)
     channels_last: bool | None = None        # default: on for CUDA
-    workers: int | None = option(None, "data loading processes (default: 8 on CUDA, 0 on CPU)", type=int, group=_RUN)
+    workers: int | None = workers_option("data loading processes (default: 8 on CUDA, 0 on CPU)", group=_RUN)
     seed: int = option(0, group=_RUN)
     onnx: bool = option(False, "also write model.onnx", action="store_true", group=_RUN)
-    progress: bool = option(True, "no progress bar", flags=("--quiet", "-q"), action="store_false", group=_RUN)
+    progress: bool = quiet_option(group=_RUN)
     recipe: str | None = option(
         None, "a named preset of the options above, under what is given explicitly; " + "; ".join(
             f"{name}: {_as_options(values)}" for name, values in RECIPES.items()) + " (chosen by --camera)",

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import sha256_file, write_torch
+from ..port.device import resolve_device
 from .._load import read_torch
 from .._lock import LOCK_NAME, folder_lock
 from ..assets import resolve_model
@@ -235,18 +236,12 @@ def split_identities(store, cfg: FinetuneConfig, world: int) -> Split:
 # ------------------------------------------------------------------------------------------
 
 def _pick_device(spec: str, dist: Dist) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FinetuneError("--device cuda, but torch sees no CUDA device")
-        if dist.world > 1:
-            torch.cuda.set_device(dist.local_rank)
-            return torch.device("cuda", dist.local_rank)
-        return torch.device(spec)
-    if spec != "cpu":
-        raise FinetuneError(f"--device {spec!r}: choose cpu, cuda or auto")
-    return torch.device("cpu")
+    """``--device`` as every command reads it; under torchrun each rank takes its local GPU."""
+    device = resolve_device(spec)
+    if device.type == "cuda" and dist.world > 1:
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return device
 
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
@@ -345,7 +340,7 @@ def _finetune(cfg: FinetuneConfig, resume: bool, origin: dict | None) -> dict:
     # --base is resolved here once; a bad one fails before the run folder exists.
     path = base_path(cfg.base)
     base = load_model(path, trainable=objective_cls.TRAINABLE_FORM)
-    device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    device_kind = resolve_device(cfg.device).type
     dist = init_distributed(device_kind)
     try:
         return _run(setup(cfg, resume, dist, base, path, objective_cls, pre, origin))
@@ -746,9 +741,8 @@ def fit(job: Job, state: dict, stop_request: "_GracefulStop") -> None:
     c, dist, obj = job.cfg, job.dist, job.objective
     bar = None
     if dist.main and c.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=job.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
-                   file=sys.stderr, desc="finetune")
+        from .._progress import progress_bar
+        bar = progress_bar(total=job.total_steps, initial=state["step"], unit="step", desc="finetune")
     stop = state["step"] >= job.total_steps
     try:
         while not stop:
