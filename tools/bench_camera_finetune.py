@@ -534,6 +534,21 @@ def eval_base(args) -> None:
         print(k, {a: round(b, 4) for a, b in v.items()})
 
 
+def reeval(args) -> None:
+    """Measure finished ``run``s again (their ``model_state.pt``) with the current metrics, e.g.
+    the enrolled-vs-camera figures added after they ran; result.json keeps everything else."""
+    torch.set_num_threads(args.threads)
+    _, _, te_c, te_l = load_data()
+    for name in args.names:
+        path = WORK / "runs" / name / "result.json"
+        res = json.loads(path.read_text())
+        model = base_model()
+        model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+        res["metrics"] = evaluate(model, domains(te_c), te_l)
+        path.write_text(json.dumps(res, indent=1))
+        print(name, {k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}, flush=True)
+
+
 def fit(args) -> None:
     """How well runs fit the people they trained on: TAR@FAR=1e-3, clean and camera ``--camera``,
     on ``--ids`` training identities (at most 12 chips each), their chips degraded with another
@@ -683,6 +698,9 @@ def main() -> int:
                    help="the camera profile `estimate` measured on degraded chips or on the camera's photos")
     p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("reeval")
+    p.add_argument("names", nargs="+", help="run names (`run`)")
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("fit")
     p.add_argument("names", nargs="+", help="run names (`run`), or base")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
@@ -730,7 +748,7 @@ def main() -> int:
     p.add_argument("--shared-cache", action="store_true",
                    help="one cache of every celeba-dev training chip and every LFW chip for all runs on them")
     args = ap.parse_args()
-    {"prepare": prepare, "lfw-subset": lfw_subset, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table,
+    {"prepare": prepare, "lfw-subset": lfw_subset, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "reeval": reeval, "table": table,
      "scaling": scaling}[args.cmd](args)
     return 0
 
