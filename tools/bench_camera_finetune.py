@@ -199,7 +199,7 @@ def training_set(args, tr_c: np.ndarray, tr_l: np.ndarray) -> tuple[np.ndarray, 
     larger one), then the ``--lfw`` people (``multi``: those with 2+ chips; ``all``: the one-chip
     people too)."""
     ids = np.random.default_rng(0).permutation(np.unique(tr_l))
-    if args.people:
+    if args.people is not None:
         ids = ids[: args.people]
     keep = np.isin(tr_l, ids)
     info = {"celeba_people": int(len(ids)), "celeba_chips": int(keep.sum()), "lfw_people": 0, "lfw_single": 0, "lfw_chips": 0}
@@ -324,7 +324,7 @@ def run(args) -> None:
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
-        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people else "")
+        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people is not None else "")
         key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}{data_tag}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
@@ -742,7 +742,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
-    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all)")
+    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all; 0: none)")
     p.add_argument("--lfw", default="none", choices=["none", "multi", "all"],
                    help="add LFW people (`prepare-lfw`): those with 2+ chips, or all, one-chip people too")
     p.add_argument("--shared-cache", action="store_true",
