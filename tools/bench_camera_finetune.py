@@ -28,6 +28,7 @@ import copy
 import csv
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -637,23 +638,37 @@ def scaling(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    x = [r["data"]["celeba_people"] + r["data"]["lfw_people"] for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+
+    def people(r):
+        return r["data"]["celeba_people"] + r["data"]["lfw_people"]
+    # The curve: seed-0 runs that start from celeba-dev people; other seeds and runs without
+    # them (LFW only) are single markers.
+    curve = [r for r in runs if not re.search(r"-s\d+$", r["name"]) and r["data"]["celeba_people"]]
     for (d, k, title), colour in zip(series, ("#cc3311", "#0077bb", "#009988", "#ee7733")):
-        if not all(d in r["metrics"] for r in runs):
+        if not all(d in r["metrics"] for r in curve):
             continue
-        ax.plot(x, [100 * r["metrics"][d][k] for r in runs], "o-", color=colour, label=title)
+        ax.plot([people(r) for r in curve], [100 * r["metrics"][d][k] for r in curve], "o-", color=colour, label=title)
+        for r in runs:
+            if r not in curve and d in r["metrics"]:
+                ax.plot(people(r), 100 * r["metrics"][d][k], "o" if r["data"]["celeba_people"] else "s",
+                        color=colour, ms=4 if r["data"]["celeba_people"] else 6,
+                        mfc=colour if r["data"]["celeba_people"] else "none")
         if d in base:
             ax.axhline(100 * base[d][k], color=colour, ls=":", lw=1)
-    for xi, r in zip(x, runs):
-        if r["data"]["lfw_single"]:
-            ax.annotate("+1-photo", (xi, 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
+    for r in runs:
+        note = "LFW only" if not r["data"]["celeba_people"] else "+1-photo" if r["data"]["lfw_single"] and r in curve else ""
+        if note:
+            ax.annotate(note, (people(r), 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10))
     ax.set_xscale("log")
+    ticks = sorted({people(r) for r in runs})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training people (celeba-dev, then + LFW)")
     ax.set_ylabel("TAR @ FAR=1e-3 on 69 unseen people (%)")
     ax.set_title(args.title, fontsize=9)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)
