@@ -2,16 +2,13 @@
 
 ``codec`` (the file codec) never imports torch; the torch port (``port``) is imported lazily
 so ``import dlibbridge`` stays cheap for tools that only read or rewrite files.  The package
-map is docs/architecture.md.  Imported before torch, it makes torch's idle OpenMP threads sleep
-instead of spin (``port.threads``).
+map is docs/architecture.md.  Importing it, or calling it, never changes the process (threads,
+environment, allocator): :func:`tune_cpu` does, when the application asks.
 """
 from .codec.tree import (  # noqa: F401
     DlibFormatError, Details, Field, Model, AddLayer, InputLayer, TagOrSkip, TagOnInput,
     Repeat, Loss, ShapePredictor, load, loads, dumps, save,
 )
-from .port import threads as _threads
-
-_threads.prefer_passive_openmp()
 
 __version__ = "0.1.0"
 
@@ -21,6 +18,7 @@ _LAZY = {
     "cnn_face_detector": "port.mmod",
     "set_threads": "port.threads",
     "threads": "port.threads",
+    "tune_cpu": "port.runtime",
 }
 
 

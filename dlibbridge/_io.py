@@ -20,7 +20,7 @@ from typing import Callable, Iterable, TypeVar
 
 from .errors import DlibbridgeError
 
-TMP_PREFIX = ".tmp-"     # every temporary file dlibbridge makes starts so (align cleans up stale ones)
+TMP_PREFIX = ".tmp-"     # every temporary file dlibbridge makes starts so
 
 T = TypeVar("T")
 
@@ -45,13 +45,15 @@ def _umask() -> int:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True,
-                 shown_as: str | os.PathLike | None = None) -> None:
+                 shown_as: str | os.PathLike | None = None, tmp_dir: str | os.PathLike | None = None) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename, so a
     crash never leaves a half-written file where a good one is expected.  ``fsync=False`` for
     files that can always be remade (aligned chips: the fsync cost 10 % of an align run).
+    ``tmp_dir``: a folder of the tool's own on the same file system for the temporary file, so
+    that the leftovers of a killed run can be removed without touching the user's files.
     A failing write raises :class:`WriteError` naming ``shown_as`` (default ``path``)."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
+    d = os.fspath(tmp_dir) if tmp_dir is not None else os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.basename(path), dir=d)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DlibbridgeError
+from ._paths import check_link
 
 
 class OutputError(DlibbridgeError, ValueError):
@@ -43,6 +44,7 @@ def check_output_file(path: str | os.PathLike, option: str, need_bytes: int = 0,
     is replaced only when ``is_kind`` recognises it as what we write (``kind``, e.g. "a dlib
     DNN file"): a rerun replaces its own output, never a photo or a document typed as -o."""
     path = Path(path)
+    check_link(path, option)
     if path.is_dir():
         raise OutputError(f"{option} {path} is a directory; give a file name")
     if is_kind is not None and path.is_file() and not _safely(is_kind, path):
@@ -74,9 +76,8 @@ def is_onnx(path: Path) -> bool:
 
 
 def is_embeddings(path: Path) -> bool:
-    import numpy as np
-    with np.load(path, allow_pickle=False) as z:
-        return "embeddings" in z.files
+    from ._load import read_npz
+    return "embeddings" in read_npz(path, what="embeddings file")
 
 
 def is_results_json(path: Path) -> bool:
@@ -87,6 +88,7 @@ def is_results_json(path: Path) -> bool:
 def check_output_dir(path: str | os.PathLike, option: str) -> None:
     """``path`` will be a folder we create or write into."""
     path = Path(path)
+    check_link(path, option)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {path} is a file, not a folder")
     _probe(path / "x", option)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from ._paths import check_link
 from .errors import DlibbridgeError
 
 FACE_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
@@ -68,6 +69,7 @@ def resolve_model(spec: str | os.PathLike | None, what: str = "model") -> Path:
     if not spec or (os.fspath(spec) == "default" and not Path(spec).exists()):
         return face_model_path()
     path = Path(spec)
+    check_link(path, what)
     if path.is_dir():
         raise ModelPathError(f"{what} {path} is a directory, expected a model file (a dlib .dat, or a "
                              "dlibbridge checkpoint where the command takes one)")

@@ -17,13 +17,16 @@ from typing import Callable
 
 from . import _writable as w
 from ._writable import check_output_dir, check_output_file
+from ._paths import resolved
 from .codec.tree import DlibFormatError, is_dlib_file
 from .assets import resolve_model
 from .data.align import AlignSettings
+from .data.camera import DetectionSearch
 from .errors import DlibbridgeError
 from .eval.evaluate import EvalConfig
 from .options import add_options, given_fields, option
 from .train.config import FinetuneConfig
+from .train.detector_config import DetectorFinetune
 
 
 class UsageError(DlibbridgeError):
@@ -84,6 +87,12 @@ class _AlignPaths:
 
 
 @dataclass
+class _AlignCamera:
+    camera: str | None = option(None, "camera profile (dlibbridge camera): detect with the detector and upsampling "
+                                "it chose (--detector/--upsample given here win)", metavar="CAMERA_JSON")
+
+
+@dataclass
 class _AlignRun:
     jobs: int | None = _count("worker processes (default: all cores)", flags=("--jobs", "-j"))
     redo: bool = _flag("ignore an earlier run in OUT_DIR and redo everything")
@@ -130,8 +139,8 @@ class _ExportArgs:
     torchscript: str | None = option(None, "also write a traced TorchScript module", metavar="OUT.pt")
     pt2: str | None = option(None, "also write a torch.export program (load: torch.export.load(OUT.pt2).module())",
                              metavar="OUT.pt2")
-    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (loads with "
-                                    "torch.load(weights_only=True))", metavar="OUT.pt")
+    checkpoint: str | None = option(None, "also write a dlibbridge torch checkpoint (plain torch loads it "
+                                    "with weights_only=True)", metavar="OUT.pt")
     atol: float = option(1e-5, "largest accepted max |diff| of the checks")
 
 
@@ -198,13 +207,14 @@ def _run_align(args) -> int:
     dlib.get_face_chip(img, shape, 150, 0.25) in OUT_DIR (mirrored tree), plus manifest.csv and
     summary.json. Resumable: rerun to continue."""
     from .data import align as al
-    settings = al.AlignSettings(**given_fields(al.AlignSettings, args))
+    given = given_fields(al.AlignSettings, args)
+    settings = al.AlignSettings.for_camera(args.camera, **given) if args.camera else al.AlignSettings(**given)
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     cnn_factory = None
     if settings.detector == "cnn":
         from .port.mmod import cnn_face_detector
-        cnn_factory = functools.partial(cnn_face_detector, precision=settings.cnn_precision)
+        cnn_factory = functools.partial(cnn_face_detector, settings.detector_model, precision=settings.cnn_precision)
     summary = al.align(args.raw_dir, args.out_dir, settings, jobs=args.jobs, redo=args.redo,
                        progress=not args.quiet, cnn_factory=cnn_factory)
     if summary["files"] == 0:
@@ -238,7 +248,10 @@ def _run_camera(args) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise UsageError("--max-images must be at least 1")
     camera.check_output(args.out, args.photos_dir, args.overwrite)
-    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images)
+    from .port.mmod import cnn_face_detector
+    search = camera.DetectionSearch(**given_fields(camera.DetectionSearch, args))
+    profile = camera.measure_folder(args.photos_dir, progress=not args.quiet, max_images=args.max_images,
+                                    search=search, cnn_factory=cnn_face_detector)
     out, png = camera.write_camera(profile, args.out)
     print(profile.summary())
     print(f"wrote {out} and {png}")
@@ -317,8 +330,9 @@ def _run_export(args) -> int:
     """MODEL (a dlib .dat in affine or bn_con form, a dlibbridge torch checkpoint, or 'default' for
     the installed dlib model) -> the deployed dlib file that dlib.face_recognition_model_v1 loads
     (-o), checked by loading it in dlib; with --trainable the bn_con form for dlib's trainer.
-    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take float32 N x 3 x
-    150 x 150 RGB 0-255 (dynamic N) and are checked against the torch module."""
+    Unchanged weights give a byte-identical file. --onnx/--torchscript/--pt2 take uint8 RGB chips
+    N x 150 x 150 x 3 (dynamic N), as the torch module does, record that in the file, and are
+    checked against the torch module."""
     import os
     from pathlib import Path
     from .port import convert
@@ -328,9 +342,9 @@ def _run_export(args) -> int:
     if not outputs:
         raise UsageError("nothing to do; give -o OUT.dat and/or --onnx/--torchscript/--pt2/--checkpoint")
     args.model = str(resolve_model(args.model))
-    src = Path(args.model).resolve()
+    src = resolved(args.model, "MODEL")
     for o in outputs:
-        if Path(o).resolve() == src:
+        if resolved(o, "output") == src:
             raise UsageError(f"refusing to overwrite the input {args.model}")
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise UsageError("two outputs name the same file")
@@ -421,6 +435,25 @@ def _run_freeze(args) -> int:
     return 0
 
 
+def _run_finetune_detector(args) -> int:
+    """Fine-tune dlib's CNN face detector for a camera: PHOTOS_DIR holds clean photos (no labels:
+    the base detector's boxes on them are the labels), seen through the camera of CAMERA_JSON
+    (its degradation, at the upsampling its detection setting chose). Writes DET.dat, which
+    dlib.cnn_face_detection_model_v1 loads (checked in dlib: the same boxes as the torch model),
+    and DET.json: faces found and false detections on held-out photos, base vs fine-tuned. Use
+    it with: dlibbridge align --detector cnn --detector-model DET.dat --upsample N."""
+    from .train import detector as dt
+    cfg = dt.DetectorFinetune(**given_fields(dt.DetectorFinetune, args))
+    check_output_file(cfg.out, "-o", kind="a dlib DNN file", is_kind=is_dlib_file)
+    report = dt.run(cfg)
+    for name in ("base", "finetuned"):
+        r = report[name]
+        print(f"{name:>9}: {r['found']}/{r['faces']} faces found, {r['false_detections']} false detections "
+              f"on {r['photos']} unseen camera photos (upsample {report['upsample']})")
+    print(f"wrote {cfg.out} (same boxes in dlib on {report['export_boxes_checked_in_dlib']} detections) and its report")
+    return 0
+
+
 # The order shown by --help: the workflow's order.
 _COMMANDS = (
     _Command("inspect", "list the layers of a dlib DNN file", (_InspectArgs,), _run_inspect),
@@ -429,7 +462,7 @@ _COMMANDS = (
     _Command("freeze", "trainable dlib file (bn_con2) -> deployable model (affine_), as dlib converts it",
              (_FreezeArgs,), _run_freeze),
     _Command("align", "detect, align and save 150x150 face chips exactly as dlib does",
-             (_AlignPaths, AlignSettings, _AlignRun), _run_align),
+             (_AlignPaths, AlignSettings, _AlignCamera, _AlignRun), _run_align, given_only=(AlignSettings,)),
     _Command("pack", "pack aligned chips into one memory-mapped array for training", (_PackArgs,), _run_pack),
     # Only options given on the command line reach the config: the dataclass's defaults, or
     # --camera's recipe, or a resumed run's config fill the rest.
@@ -440,8 +473,10 @@ _COMMANDS = (
     _Command("embed", "descriptors of a folder of aligned 150x150 chips -> OUT.npz", (_EmbedArgs,), _run_embed),
     _Command("evaluate", "LFW-protocol verification, TAR@FAR, identification; models side by side",
              (EvalConfig, _EvaluateArgs), _run_evaluate),
+    _Command("finetune-detector", "fine-tune dlib's CNN face detector for a camera; export DET.dat for dlib",
+             (DetectorFinetune,), _run_finetune_detector),
     _Command("camera", "measure a camera from its unlabeled photos (face size, colour, JPEG, blur, noise, exposure)",
-             (_CameraArgs,), _run_camera),
+             (_CameraArgs, DetectionSearch), _run_camera),
 )
 
 
@@ -479,7 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command.  Every error about the input or the request — a
     :class:`~dlibbridge.errors.DlibbridgeError` or an ``OSError`` — becomes one line
     ``dlibbridge COMMAND: message`` on stderr and exit code 2; nothing else is caught, so a
-    bug still shows its traceback."""
+    bug still shows its traceback.  The command owns its process, so it first applies the CPU
+    settings a library call leaves alone (:func:`~dlibbridge.port.runtime.tune_cpu`), before
+    any handler imports torch."""
+    from .port.runtime import tune_cpu
+    tune_cpu()
     args = build_parser().parse_args(argv)
     bad_input = (DlibbridgeError, OSError) + _ALSO_BAD_INPUT.get(args.command, ())
     try:

@@ -367,3 +367,71 @@ def test_cli_writes_and_overwrites_only_its_profiles(tmp_path, capsys, johns_dir
     out.with_suffix(".png").write_bytes(b"\x89PNG someone else's")
     rc, _, err = _cli(capsys, johns_dir, "-o", out, "--overwrite")
     assert rc == 2 and "not a camera profile's plot" in err and not out.exists()
+
+
+# ---- detection settings ---------------------------------------------------------------------
+
+def _trial(detector, upsample, with_face, seconds, complete=True):
+    return {"detector": detector, "upsample": upsample, "photos": 10, "photos_with_face": with_face,
+            "faces": with_face, "seconds_per_photo": seconds, "photos_per_s": 1 / seconds, "complete": complete}
+
+
+def test_choose_detection_rule():
+    """The cheapest setting within the budget that finds (nearly) the most; none when none finds."""
+    trials = [_trial("hog", 0, 0, 0.01), _trial("hog", 1, 6, 0.05), _trial("hog", 2, 9, 0.2),
+              _trial("cnn", 1, 2, 0.3), _trial("cnn", 2, 10, 0.9), _trial("cnn", 3, 10, 3.0, complete=False)]
+    assert camera.choose_detection(trials, budget=1.0) == {"detector": "cnn", "upsample": 2}
+    assert camera.choose_detection(trials, budget=0.5) == {"detector": "hog", "upsample": 2}
+    trials[2]["photos_with_face"] = 10          # as many as the CNN, and cheaper
+    assert camera.choose_detection(trials, budget=1.0) == {"detector": "hog", "upsample": 2}
+    assert camera.choose_detection([_trial("hog", 0, 0, 0.01)], budget=1.0) is None
+    with pytest.raises(camera.CameraError, match="detect_budget"):
+        camera.DetectionSearch(detect_budget=0)
+
+
+@pytest.fixture(scope="module")
+def small_camera_photos(tmp_path_factory, shared_dir):
+    """Four celeba-dev photos (250×250, faces ~110 px across the chip region) as a small gray
+    JPEG camera gives them: shrunk to 70×70 (faces ~31 px), gray, quality 50."""
+    import dlib
+    folder = tmp_path_factory.mktemp("small_camera")
+    for i, f in enumerate(sorted((shared_dir / "data" / "celeba-dev").glob("*/*.jpg"))[::60][:4]):
+        small = cv2.resize(dlib.load_rgb_image(str(f)), (70, 70), interpolation=cv2.INTER_AREA)
+        _write(folder / f"{i}.jpg", augment.to_grayscale(small), quality=50)
+    return folder
+
+
+def test_detection_setting_found_on_small_faces(small_camera_photos, tmp_path, capsys):
+    """Faces of ~31 px: neither detector finds them at upsampling 0 (HOG's smallest are ~80 px,
+    the CNN's ~40), so the profile records a setting that upsamples, its faces' sizes are those
+    found at it, and ``align --camera`` detects with it."""
+    from dlibbridge.port.mmod import cnn_face_detector
+    profile = camera.measure_folder(small_camera_photos, cnn_factory=cnn_face_detector,
+                                    search=camera.DetectionSearch(detect_photos=4, detect_budget=5.0))
+    trials = {(t["detector"], t["upsample"]): t for t in profile.detection["trials"]}
+    assert trials["hog", 0]["photos_with_face"] == 0 and trials["cnn", 0]["photos_with_face"] == 0
+    chosen = profile.detection["setting"]
+    assert chosen["upsample"] >= 1
+    assert trials[chosen["detector"], chosen["upsample"]]["photos_with_face"] == 4
+    assert profile.source["faces"] == trials[chosen["detector"], chosen["upsample"]]["faces"]
+    assert np.median(profile.values("face_px")) == pytest.approx(31, rel=0.2)
+    assert "chosen" in profile.summary()
+
+    out, _ = camera.write_camera(profile, tmp_path / "cam.json")
+    assert camera.load_camera(out).detection == json.loads(json.dumps(profile.detection))
+    from dlibbridge.data.align import AlignSettings
+    assert (AlignSettings.for_camera(out).detector, AlignSettings.for_camera(out).upsample) == (
+        chosen["detector"], chosen["upsample"])
+    assert AlignSettings.for_camera(out, upsample=3).upsample == 3
+    rc = cli.main(["align", str(small_camera_photos), str(tmp_path / "chips"), "--camera", str(out), "-q", "--jobs", "1"])
+    summary = json.loads((tmp_path / "chips" / "summary.json").read_text())
+    assert rc == 0 and summary["photos_with_chips"] == 4
+    assert summary["settings"]["detector"] == chosen["detector"] and summary["settings"]["upsample"] == chosen["upsample"]
+
+
+def test_align_camera_without_detection_setting(tmp_path, capsys):
+    out, _ = camera.write_camera(_profile(20), tmp_path / "cam.json")
+    (tmp_path / "raw").mkdir()
+    assert cli.main(["align", str(tmp_path / "raw"), str(tmp_path / "chips"), "--camera", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no detection setting" in err and len(err.strip().splitlines()) == 1

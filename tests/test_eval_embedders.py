@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -61,6 +62,24 @@ def test_checkpoint_and_onnx_models_run(tmp_path, johns_chips, port, torch_embed
         emb.ModelSpec.parse(str(tmp_path / "m.pt"), "dlib")
     with pytest.raises(FileNotFoundError):
         emb.ModelSpec.parse(str(tmp_path / "nope.dat"))
+
+
+def test_torchscript_exports_run_and_archives_without_an_input_record_are_refused(tmp_path, johns_chips, port,
+                                                                                  torch_embedder):
+    import torch
+
+    from dlibbridge.port.export import export_torchscript
+    chips = johns_chips[2][:3]
+    export_torchscript(port, tmp_path / "m.ts")
+    ts = emb.make_embedder(emb.ModelSpec.parse(str(tmp_path / "m.ts")))
+    assert np.abs(ts.embed(chips) - torch_embedder.embed(chips)).max() <= 1e-5
+    # a TorchScript archive that does not say it takes uint8 NHWC chips (an older export took
+    # float NCHW): it would run and give wrong descriptors, so it is refused up front
+    with warnings.catch_warnings():          # torch ≥ 2.13 marks TorchScript deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(torch.nn.Flatten(), torch.zeros(1, 3, 150, 150)), str(tmp_path / "old.ts"))
+    with pytest.raises(ValueError, match="does not record its input.*export the model again"):
+        emb.make_embedder(emb.ModelSpec.parse(str(tmp_path / "old.ts")))
 
 
 class CountingEmbedder(emb.TorchEmbedder):

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dlibbridge"
 
 # Lower layers first; a module may import its own layer and the layers before it.
 LAYERS = (
-    ("dlibbridge.errors", "dlibbridge._io", "dlibbridge._dlib", "dlibbridge._writable", "dlibbridge.assets", "dlibbridge.options", "dlibbridge._codec"),
+    ("dlibbridge.errors", "dlibbridge._io", "dlibbridge._dlib", "dlibbridge._writable", "dlibbridge._paths", "dlibbridge._lock", "dlibbridge._load", "dlibbridge.assets", "dlibbridge.options", "dlibbridge._codec"),
     ("dlibbridge.codec",),
     ("dlibbridge.data",),
     ("dlibbridge.port",),

@@ -15,6 +15,7 @@ import torch
 
 import dlib_reference as ref
 import dlibbridge
+from dlibbridge.errors import DlibbridgeError
 from dlibbridge.port import arch
 
 DESCRIPTOR_ATOL = 1e-5
@@ -52,10 +53,44 @@ def test_input_normalisation_matches_reference_in_every_layout():
     np.testing.assert_array_equal(_np(inp(x[0])), want[:1])   # a single chip
 
 
-@pytest.mark.parametrize("shape", [(2, 150, 151, 3), (2, 149, 149, 3), (2, 150, 150, 4), (150, 150), (1, 2, 3, 4, 5)])
-def test_input_rejects_wrong_shapes(shape):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("shape,says", [((2, 150, 151, 3), "got 150x151"), ((2, 149, 149, 3), "got 149x149"),
+                                        ((2, 112, 112, 3), "got 112x112"), ((2, 150, 150, 4), "no axis of 3 channels"),
+                                        ((2, 150, 150, 1), "no axis of 3 channels"), ((2, 1, 150, 150), "no axis of 3"),
+                                        ((150, 150), "got shape (150, 150)"), ((1, 2, 3, 4, 5), "got shape")])
+def test_input_rejects_wrong_shapes_saying_what_it_takes(shape, says):
+    with pytest.raises(arch.InputSpecError, match="the network takes 150x150 RGB chips") as e:
         arch.DlibInput()(torch.zeros(shape, dtype=torch.uint8))
+    assert says in str(e.value) and isinstance(e.value, DlibbridgeError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_input_refuses_a_float_batch_in_the_0_1_range(dtype):
+    chips = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 150, 150, 3), dtype=np.uint8))
+    unit = (chips.to(torch.float32) / 255).to(dtype)           # torchvision's ToTensor range
+    net = arch.DlibInput()
+    for x in (unit, unit.permute(0, 3, 1, 2), unit[0]):
+        with pytest.raises(arch.InputSpecError, match="0-1 range.*multiply it by 255"):
+            net(x)
+    np.testing.assert_array_equal(_np(net(chips.to(dtype))), _np(net(chips)))    # the same pixels, 0-255
+
+
+def test_dark_0_255_float_chips_are_taken_as_they_are():
+    """Pixels from 8-bit images are whole numbers: a black or nearly black chip as float is
+    not in the refused 0–1 range, and gives what its uint8 form gives."""
+    net = arch.DlibInput()
+    for chips in (torch.zeros(2, 150, 150, 3, dtype=torch.uint8),
+                  torch.randint(0, 2, (2, 150, 150, 3), dtype=torch.uint8),
+                  torch.randint(0, 8, (2, 150, 150, 3), dtype=torch.uint8)):
+        np.testing.assert_array_equal(_np(net(chips.float())), _np(net(chips)))
+
+
+def test_input_spec_states_what_the_network_takes(frozen):
+    spec = frozen.input_spec
+    assert spec["input_size"] == (3, 150, 150) and spec["channel_order"] == "RGB" and spec["range"] == (0, 255)
+    assert spec["layouts"][:2] == ("NHWC", "NCHW") and "uint8" in spec["dtypes"]
+    assert spec["mean"] == tuple(float(f"{m:.6g}") for m in np.float32(arch.DLIB_RGB_MEAN))
+    assert spec["std"] == (256.0,) * 3
+    assert arch.DlibInput(None).input_spec["input_size"] == (3, None, None)   # any size: the detectors
 
 
 def test_half_precision_keeps_float32_means():

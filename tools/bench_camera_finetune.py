@@ -39,6 +39,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import dlibbridge  # noqa: E402
+
+dlibbridge.tune_cpu()        # before torch, as the `dlibbridge` command does: sleeping OpenMP pool, heap kept
+
 import torch  # noqa: E402
 
 from dlibbridge.data import augment  # noqa: E402

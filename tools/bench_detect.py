@@ -63,6 +63,8 @@ def main() -> int:
                     help="then count faces (not timed) on N other photos: HOG and the torch CNN at each upsample")
     args = ap.parse_args()
 
+    import dlibbridge
+    dlibbridge.tune_cpu()           # as the `dlibbridge` command does: sleeping OpenMP pool, heap kept
     import dlib
     import torch
     from dlibbridge.port.mmod import PRECISIONS, cnn_face_detector

@@ -40,17 +40,22 @@ moves by ~10% over minutes).  ``--ghz`` overrides.  A 2048² sgemm is timed too.
 Threads: torch's OpenMP (libgomp) spins idle threads by default; on cores shared with other
 jobs that made the port ~4x slower at 2 threads (see ``dlibbridge.port.threads``).  This tool
 imports torch before dlibbridge, so the policy is the environment's; the value in effect is
-printed.  ``--threads-study`` measures, in fresh processes, what a user's script gets from
-each import order / thread setting, with and without a busy-loop process competing for a
-core, interleaved over ``--rounds``; ``--spin-counts`` adds dlibbridge-first runs with each
-bounded spin (``GOMP_SPINCOUNT``) between PASSIVE's 0 and libgomp's default 300,000.
+printed; it calls ``dlibbridge.tune_cpu()`` for the heap.  ``--threads-study`` measures, in
+fresh processes, what a user's script gets from each import order / thread setting, with and
+without a busy-loop process competing for a core, interleaved over ``--rounds``;
+``--spin-counts`` adds runs with each bounded spin (``GOMP_SPINCOUNT``) between PASSIVE's 0 and
+libgomp's default 300,000.  ``--import-orders`` times what the Python API gives a script that
+imports torch first or dlibbridge first, with and without ``tune_cpu()``, each in a fresh
+process, beside dlib-bin (dlib's ``compute_face_descriptor``) in the same rounds:
+
+    python tools/bench_embed.py --import-orders --batch-sizes 64 --rounds 3
 
 Timing: each cell runs until ``--min-time`` seconds and at least ``--reps`` calls have been
 timed after one warm-up call; faces/s is reported for the fastest call (the machine's
 capability) and the median (what a contended run sees).  Process CPU time of the fastest call
 gives "GFLOP per CPU-second": on cores shared with other jobs, wall-clock throughput measures
 the share of the machine a run got, CPU time the engine's own efficiency (% of one core's peak).
-Minor page faults per timed call are printed per cell: ``to_torch`` keeps freed feature maps
+Minor page faults per timed call are printed per cell: ``tune_cpu`` keeps freed feature maps
 for reuse (``dlibbridge.port.heap``); any ``glibc.malloc`` tunable in the environment, e.g.
 ``GLIBC_TUNABLES=glibc.malloc.perturb=0`` (a no-op value), leaves glibc's default heap, to
 compare.
@@ -78,7 +83,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from dlibbridge import _io, assets  # noqa: E402
-from dlibbridge.port import arch, convert, export, heap, onednn  # noqa: E402
+from dlibbridge.port import arch, convert, export, heap, onednn, runtime  # noqa: E402
 from dlibbridge.port import threads  # noqa: E402
 
 CPU_VARIANTS = ("eager", "unfused", "nchw", "unfolded", "jit_onednn", "compile", "onnxruntime")
@@ -235,27 +240,45 @@ def unfold_affines(module: arch.FaceResNet) -> arch.FaceResNet:
 
 
 # What a user's script does, per --threads-study configuration: import order, then threads.
+# Every configuration tunes the heap (tune_cpu), so the rows differ in threads only.
 THREAD_CONFIGS = {
-    # torch first (libgomp spins), all cores: what every to_torch user got before the guard
-    "spinning, all cores": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL); "
-                           "torch.set_num_threads(CORES)",
-    # torch first, to_torch's guard sizes the pool to the free cores (and warns)
-    "torch first (guarded)": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL)",
-    # dlibbridge first: OMP_WAIT_POLICY=PASSIVE before libgomp starts, all cores
-    "dlibbridge first (passive)": "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
+    # torch first (libgomp spins), all cores: what a script that never calls tune_cpu runs
+    "spinning, all cores": "import torch, dlibbridge; dlibbridge.set_threads(CORES); dlibbridge.tune_cpu(); "
+                           "net = dlibbridge.to_torch(MODEL)",
+    # torch first, then tune_cpu: the pool sized to the free cores
+    "torch first, tune_cpu (sized)": "import torch, dlibbridge; dlibbridge.tune_cpu(); net = dlibbridge.to_torch(MODEL)",
+    # tune_cpu before torch: OMP_WAIT_POLICY=PASSIVE before libgomp starts, all cores
+    "tune_cpu first (passive)": "import dlibbridge; dlibbridge.tune_cpu(); import torch; "
+                                "net = dlibbridge.to_torch(MODEL)",
     # the environment chose spinning (a dedicated machine), all cores: the environment wins
     "environment: OMP_WAIT_POLICY=ACTIVE": "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'; os.environ['OMP_NUM_THREADS'] = "
-                                           "str(CORES); import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
+                                           "str(CORES); import dlibbridge; dlibbridge.tune_cpu(); import torch; "
+                                           "net = dlibbridge.to_torch(MODEL)",
 }
 
 
 def thread_configs(spin_counts: list[int]) -> dict[str, str]:
-    """THREAD_CONFIGS plus dlibbridge first with each bounded spin before sleeping
+    """THREAD_CONFIGS plus tune_cpu first with each bounded spin before sleeping
     (``GOMP_SPINCOUNT`` iterations; libgomp's default is 300,000, PASSIVE's 0)."""
     return {**THREAD_CONFIGS, **{
-        f"dlibbridge first, GOMP_SPINCOUNT={n}": f"os.environ['GOMP_SPINCOUNT'] = '{n}'; "
-                                                "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)"
+        f"tune_cpu first, GOMP_SPINCOUNT={n}": f"os.environ['GOMP_SPINCOUNT'] = '{n}'; import dlibbridge; "
+                                               "dlibbridge.tune_cpu(); import torch; net = dlibbridge.to_torch(MODEL)"
         for n in spin_counts}}
+
+
+# --import-orders: what a Python API user gets from each import order, without and with
+# tune_cpu, beside dlib's own binary (``compute_face_descriptor`` on the same chips) in the
+# same run.
+DLIB_BIN = "dlib-bin"
+IMPORT_ORDER_CONFIGS = {
+    DLIB_BIN: "import dlib; fr = dlib.face_recognition_model_v1(MODEL); "
+              "net = lambda x: fr.compute_face_descriptor(list(x))",
+    "torch first": "import torch, dlibbridge; net = dlibbridge.to_torch(MODEL)",
+    "dlibbridge first": "import dlibbridge, torch; net = dlibbridge.to_torch(MODEL)",
+    "torch first, then tune_cpu()": "import torch, dlibbridge; dlibbridge.tune_cpu(); net = dlibbridge.to_torch(MODEL)",
+    "tune_cpu() before torch": "import dlibbridge; dlibbridge.tune_cpu(); import torch; "
+                               "net = dlibbridge.to_torch(MODEL)",
+}
 
 
 THREAD_CHILD = """
@@ -263,24 +286,29 @@ import json, os, sys, time, warnings
 warnings.simplefilter("ignore")
 MODEL, CORES = sys.argv[1], len(os.sched_getaffinity(0))
 {setup}
+import contextlib
 import numpy as np
-chips = torch.from_numpy(np.load(sys.argv[2]))
+chips = np.load(sys.argv[2])
 times = []
-with torch.inference_mode():
+torch = sys.modules.get("torch")
+with torch.inference_mode() if torch else contextlib.nullcontext():
     net(chips)
     start = time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < float(sys.argv[3]):
         t = time.perf_counter(); net(chips); times.append(time.perf_counter() - t)
 from dlibbridge.port import threads
 spin = os.environ.get("GOMP_SPINCOUNT")
-print(json.dumps({{"times": times, "threads": torch.get_num_threads(),
+print(json.dumps({{"times": times, "threads": torch.get_num_threads() if torch else "dlib's",
                   "policy": threads.openmp_wait_policy() + (f", GOMP_SPINCOUNT {{spin}}" if spin else "")}}))
 """
 
 
-def threads_study(chips: np.ndarray, rounds: int, min_time: float, configs: dict[str, str]) -> int:
+def process_study(chips: np.ndarray, rounds: int, min_time: float, configs: dict[str, str],
+                  baseline: str, busy_loops: tuple[bool, ...] = (False, True)) -> int:
     """Each of ``configs`` in a fresh process (the OpenMP policy is fixed at torch's
-    import), idle and beside one busy-loop process, interleaved; ms/face per call."""
+    import), for each of ``busy_loops`` alone or beside one busy-loop process, interleaved over
+    ``rounds``; ms/face per call, and each configuration's speed relative to ``baseline``'s
+    in the same round (the load of a shared machine moves between rounds, less within one)."""
     import subprocess
     import tempfile
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
@@ -290,7 +318,7 @@ def threads_study(chips: np.ndarray, rounds: int, min_time: float, configs: dict
         npy = Path(d) / "chips.npy"
         np.save(npy, chips)
         for r in range(rounds):
-            for busy in (False, True):
+            for busy in busy_loops:
                 for name, setup in configs.items():
                     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
                     try:
@@ -308,23 +336,24 @@ def threads_study(chips: np.ndarray, rounds: int, min_time: float, configs: dict
                                                              "policy": res["policy"]})
                     cell["median_ms"].append(statistics.median(ms))
                     cell["best_ms"].append(min(ms))
-                    cell["threads"].add(res["threads"])
-                    print(f"round {r + 1} {'busy core' if busy else 'no hog   '} {name:28s}: "
-                          f"{statistics.median(ms):6.2f} ms/face median, {min(ms):6.2f} best, "
-                          f"{res['threads']} threads, policy {res['policy']}", flush=True)
-    print(f"\nbatch {len(chips)}, {rounds} rounds; load average during the study "
+                    cell["threads"].add(str(res["threads"]))
+                    print(f"round {r + 1} {'busy core' if busy else 'no hog   '} {name:30s}: "
+                          f"{statistics.median(ms):7.2f} ms/face median, {min(ms):7.2f} best, "
+                          f"{res['threads']} threads, policy {res['policy']}, load {loads[-1]:.1f}", flush=True)
+    print(f"\nbatch {len(chips)}, {rounds} rounds; 1-minute load average during the study "
           f"{min(loads):.1f}–{max(loads):.1f} (includes this study's own processes)\n")
     print("| configuration | competing busy loop | threads | OpenMP policy | ms/face (median of rounds) "
-          "| range over rounds | vs spinning, all cores |")
-    print("|---|---|---:|---|---:|---|---:|")
-    for busy in (False, True):
-        base = statistics.median(results[("spinning, all cores", busy)]["median_ms"])
+          f"| range over rounds | × {baseline} (median of rounds) | range over rounds |")
+    print("|---|---|---:|---|---:|---|---:|---|")
+    for busy in busy_loops:
+        base = results[(baseline, busy)]["median_ms"]
         for name in configs:
             c = results[(name, busy)]
-            med = statistics.median(c["median_ms"])
-            print(f"| {name} | {'yes' if busy else 'no'} | {'/'.join(map(str, sorted(c['threads'])))} | "
-                  f"{c['policy']} | {med:.2f} | {min(c['median_ms']):.2f}–{max(c['median_ms']):.2f} | "
-                  f"{base / med:.2f}× |")
+            ratios = [b / m for b, m in zip(base, c["median_ms"])]
+            print(f"| {name} | {'yes' if busy else 'no'} | {'/'.join(sorted(c['threads']))} | "
+                  f"{c['policy']} | {statistics.median(c['median_ms']):.2f} | "
+                  f"{min(c['median_ms']):.2f}–{max(c['median_ms']):.2f} | "
+                  f"{statistics.median(ratios):.2f}× | {min(ratios):.2f}–{max(ratios):.2f}× |")
     return 0
 
 
@@ -361,13 +390,12 @@ class Runner:
             so.intra_op_num_threads = torch.get_num_threads()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-            self.nchw_float = True
         self.module = m
         self.setup_s = time.perf_counter() - t
 
     def prepare(self, chips: np.ndarray):
         if self.name == "onnxruntime":
-            return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
+            return np.ascontiguousarray(chips)     # the export takes the module's uint8 NHWC chips
         x = torch.from_numpy(chips).to(self.device)
         if self.nchw_float:
             x = x.permute(0, 3, 1, 2).float().contiguous()
@@ -578,7 +606,12 @@ def main(argv=None) -> int:
                     help="only compare thread policies, idle and beside a busy core (batch: first of --batch-sizes)")
     ap.add_argument("--spin-counts", type=positive_ints, default="3000,10000,30000,100000",
                     help="--threads-study: GOMP_SPINCOUNT values to try with dlibbridge imported first")
-    ap.add_argument("--rounds", type=int, default=3, help="--threads-study/--overlap rounds (default 3)")
+    ap.add_argument("--import-orders", action="store_true",
+                    help="only time the port from the Python API in fresh processes, torch or dlibbridge imported "
+                         "first, without and with tune_cpu(), beside dlib-bin in the same rounds "
+                         "(batch: first of --batch-sizes)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="--threads-study/--import-orders/--overlap rounds (default 3)")
     ap.add_argument("--overlap", metavar="PHOTOS_DIR", type=Path, nargs="?", const=SHARED / "data" / "celeba-dev",
                     help="only time `embed` and `evaluate` end to end, serial and overlapped, beside their stages, "
                          "on photos of identity folders (default celeba-dev) and their chips (batch: first of "
@@ -606,11 +639,15 @@ def main(argv=None) -> int:
         return overlap_study(args.overlap, args.photos, args.chips, args.batch_sizes[0], args.rounds,
                              args.device)
     if args.threads_study:
-        return threads_study(load_chips(args.batch_sizes[0]), args.rounds, args.min_time,
-                             thread_configs(args.spin_counts))
+        return process_study(load_chips(args.batch_sizes[0]), args.rounds, args.min_time,
+                             thread_configs(args.spin_counts), "spinning, all cores")
+    if args.import_orders:
+        return process_study(load_chips(args.batch_sizes[0]), args.rounds, args.min_time,
+                             IMPORT_ORDER_CONFIGS, DLIB_BIN, busy_loops=(False,))
 
     device = torch.device(args.device)
-    threads.set_threads(args.threads)     # chosen explicitly: to_torch's spinning-pool guard stays out
+    threads.set_threads(args.threads)     # chosen explicitly: tune_cpu's spinning-pool sizing stays out
+    runtime.tune_cpu()                    # the heap: freed feature maps reused
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # fp32 means IEEE fp32 (parity): compiled graphs do not see the port's own TF32 toggle.
@@ -673,7 +710,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     info = {"device": str(device), "threads": args.threads, "gflop_per_face": gflop,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
-            "heap": "freed memory reused (dlibbridge.port.heap)" if heap.reuse_freed_memory()
+            "heap": "freed memory reused (dlibbridge.port.heap)" if heap.in_effect()
                     else "glibc's default or the environment's",
             "sgemm_gflops": gemm, "loadavg_start": load0, "loadavg_end": load1,
             "torch": torch.__version__, "platform": platform.platform()}

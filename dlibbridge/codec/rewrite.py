@@ -27,6 +27,7 @@ import numpy as np
 from .._dlib import face_descriptors
 from ..assets import resolve_model
 from .._io import replace_verified
+from .._paths import resolved
 from .._writable import check_output_file
 from . import tree as fmt
 from .records import _BN_MODE, BatchNormError, affine_to_bn, bn_to_affine
@@ -109,7 +110,7 @@ def _check_paths(src: Path, out: Path) -> None:
     resolve_model(src)                  # a directory: the message every command gives
     if not src.is_file():
         raise BatchNormError(f"{src}: no such file")
-    if out.exists() and os.path.samefile(src, out) or out.resolve() == src.resolve():
+    if out.exists() and os.path.samefile(src, out) or resolved(out, "-o") == resolved(src, "input"):
         raise BatchNormError(f"refusing to write over the input {src}; choose another -o")
     check_output_file(out, "-o", src.stat().st_size, kind="a dlib DNN file", is_kind=is_dlib_file)
 

@@ -51,12 +51,15 @@ import numpy as np
 
 from . import augment
 from .._io import write_atomic, write_json
+from .._paths import resolved
 from ..errors import DlibbridgeError
+from ..options import option
 from .images import CHIP_SIZE as CHIP, IMAGE_EXTENSIONS, is_image_file, walk_files
 
 __all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "FIELDS", "CameraError", "jpeg_quality", "ijg_luma_table", "jpeg_ghost_quality",
            "channel_kind", "noise_sigma", "channel_noise", "flat_residual", "jpeg_noise", "band_spectrum_db", "spectral_cutoff", "measure_chip", "measure_folder",
-           "CameraSample", "CameraProfile", "CameraDegradations", "load_camera", "write_camera"]
+           "CameraSample", "CameraProfile", "CameraDegradations", "load_camera", "write_camera",
+           "DetectionSearch", "measure_detection", "choose_detection", "degrade_photo"]
 
 PROFILE_FORMAT = "dlibbridge-camera"
 PROFILE_VERSION = 1
@@ -352,13 +355,19 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def measure_folder(folder: str | os.PathLike, *, progress: bool = False, upsample: int = 1,
-                   max_images: int | None = None) -> "CameraProfile":
+                   max_images: int | None = None, search: "DetectionSearch | None" = None,
+                   cnn_factory=None) -> "CameraProfile":
     """Measure every image under ``folder`` (any layout), or ``max_images`` of them evenly
     spread over the sorted list (a few hundred describe a camera; HOG takes ~0.15 s for a
     250×250 photo, more for larger ones).  A 150×150 image is taken as an aligned chip; any
     other is a photo: dlib's HOG detector (upsampled ``upsample`` times, more for a small
     photo without a find: :data:`_CLOSER_LOOKS`) and 5-point landmarks give each face's chip and
-    ``face_px``.  Unreadable files and photos without a face are counted, not fatal."""
+    ``face_px``.  Unreadable files and photos without a face are counted, not fatal.
+
+    With ``search``, the detection settings are tried first (:func:`measure_detection`, the
+    CNN through ``cnn_factory`` as in :class:`~dlibbridge.data.align.FaceAligner`) and the
+    faces are found with the chosen one (:func:`choose_detection`), as ``align --camera`` will
+    find them: the profile's face sizes are those of the faces the deployment sees."""
     import dlib
 
     from .align import CHIP_PADDING, FaceAligner
@@ -375,6 +384,10 @@ def measure_folder(folder: str | os.PathLike, *, progress: bool = False, upsampl
     if max_images is not None and len(files) > max_images:
         files = [files[i] for i in np.linspace(0, len(files) - 1, max_images).round().astype(int)]
     aligners: dict[int, FaceAligner] = {}
+    detection = _search_detection(files, search, cnn_factory) if search is not None else None
+    chosen = detection and detection["setting"]
+    if chosen:
+        chosen_aligner = FaceAligner(chosen["detector"], chosen["upsample"], cnn_factory=cnn_factory)
     records, skipped, kinds = [], Counter(), Counter()
     it: Iterable[Path] = files
     if progress:
@@ -395,8 +408,9 @@ def measure_folder(folder: str | os.PathLike, *, progress: bool = False, upsampl
             records.append(measure_chip(photo.rgb, channels=channels, jpeg_q=q))
             continue
         kinds["photo"] += 1
-        faces = []
-        for extra, max_side in _CLOSER_LOOKS:      # small faces of a small photo: look closer
+        aligner = chosen_aligner if chosen else None
+        faces = aligner.detect(photo.rgb) if chosen else []
+        for extra, max_side in () if chosen else _CLOSER_LOOKS:   # small faces of a small photo: look closer
             if extra and max(h, w) > max_side:
                 break
             if extra not in aligners:
@@ -419,7 +433,7 @@ def measure_folder(folder: str | os.PathLike, *, progress: bool = False, upsampl
                           f"({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})")
     source = {"folder": str(root), "images": len(files), "photos": kinds["photo"], "chips": kinds["chip"],
               "faces": len(records), "skipped": dict(sorted(skipped.items()))}
-    return CameraProfile(records=_cap(records), source=source)
+    return CameraProfile(records=_cap(records), source=source, detection=detection)
 
 
 #: (extra upsampling, largest photo side it is tried on) when no face is found: HOG finds faces
@@ -486,6 +500,31 @@ class CameraSample:
         return camera(augment.down_up(chip, self.side or CHIP))
 
 
+def degrade_photo(sample: CameraSample, rgb: np.ndarray, face_px: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A whole clean photo as the camera of ``sample`` would take it, for training a detector on
+    it: shrunk so that a face whose chip region is ``face_px`` pixels across becomes
+    ``sample.side`` (area averaging; never enlarged), then, as :meth:`CameraSample.apply` does
+    for a chip, colour loss, optics blur (``blur_sigma`` is in chip pixels: scaled to the
+    photo's), exposure matched on the photo's central half, sensor noise and JPEG.  Returns the
+    photo and the scale its coordinates were multiplied by."""
+    import cv2
+    scale = min(1.0, (sample.side or face_px) / max(face_px, 1.0))
+    h, w = rgb.shape[:2]
+    img = rgb
+    if scale < 1.0:
+        img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    if sample.gray:
+        img = augment.to_grayscale(img)
+    img = augment.blur(img, sample.blur_sigma * (sample.side or CHIP) / CHIP)
+    ih, iw = img.shape[:2]
+    centre = _luma(img)[ih // 4:3 * ih // 4 + 1, iw // 4:3 * iw // 4 + 1]
+    img = augment.brightness_contrast(img, gain=float(np.clip(sample.contrast / max(centre.std(), 1.0), 0.25, 4.0)),
+                                      mean_from=float(centre.mean()), mean_to=sample.brightness)
+    img = augment.add_noise(img, sample.noise, rng)
+    return (augment.jpeg(img, sample.jpeg_quality) if sample.jpeg_quality else img), img.shape[1] / w
+
+
 def _valid_record(r) -> bool:
     def number(v, required):
         return (v is None and not required) or (isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -504,6 +543,8 @@ class CameraProfile:
     keys of :data:`FIELDS` and ``channels``) and where they came from (``source``)."""
     records: list[dict]
     source: dict = field(default_factory=dict)
+    #: what :func:`measure_detection` found and the setting chosen (None: not measured)
+    detection: dict | None = None
 
     def values(self, name: str) -> np.ndarray:
         return np.array([r[name] for r in self.records if r.get(name) is not None], np.float64)
@@ -554,7 +595,7 @@ class CameraProfile:
     def to_json(self) -> dict:
         return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "source": self.source,
                 "channels": self.channel_fractions(), "fields": self.summary_stats(),
-                "records": self.records}
+                "records": self.records} | ({"detection": self.detection} if self.detection else {})
 
     @classmethod
     def from_json(cls, obj: dict) -> "CameraProfile":
@@ -570,7 +611,8 @@ class CameraProfile:
             if not _valid_record(r):
                 raise CameraError(f"camera profile record {i} is not a face record "
                                   f"(needs {', '.join(FIELDS)}: numbers or null; channels: {', '.join(CHANNELS)})")
-        return cls(records=list(records), source=dict(obj.get("source", {})))
+        return cls(records=list(records), source=dict(obj.get("source", {})),
+                   detection=_valid_detection(obj.get("detection")))
 
     def summary(self) -> str:
         s = self.source
@@ -588,6 +630,8 @@ class CameraProfile:
             q = st["quantiles"]
             lines.append(f"  {name:<13} median {q['p50']:g}  [5%-95%: {q['p05']:g} - {q['p95']:g}]  "
                          f"({st['unit']}, n={st['count']})")
+        if self.detection:
+            lines.extend(format_detection(self.detection))
         return "\n".join(lines)
 
 
@@ -613,6 +657,132 @@ class CameraDegradations:
         return {"camera": {"prob": self.prob, "source": self.profile.source,
                            "channels": self.profile.channel_fractions(),
                            "fields": self.profile.summary_stats()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Detection settings: which detector and upsampling find this camera's faces
+# --------------------------------------------------------------------------------------------
+
+#: The settings tried, cheapest first within each detector: dlib's HOG detector and its CNN
+#: (MMOD) detector, each on the photo upsampled 0-3 times (each doubling finds faces half as
+#: large, HOG's ~80 px and the CNN's ~40 px smallest, at ~4x the cost).
+DETECTORS_TRIED = ("hog", "cnn")
+UPSAMPLES_TRIED = (0, 1, 2, 3)
+#: Share of the most photos with a face that a cheaper setting must reach to be preferred:
+#: the last few faces are not worth a several-fold slower detector.
+FOUND_SHARE = 0.97
+#: Photos timed before a setting over the budget is abandoned (its larger upsamplings too).
+TIMED_BEFORE_ABANDON = 3
+
+
+@dataclass(frozen=True)
+class DetectionSearch:
+    """How ``dlibbridge camera`` chooses the detection setting (:func:`choose_detection`)."""
+    detect_photos: int = option(24, "photos (spread over the folder) each detector and upsampling is tried on",
+                                metavar="N")
+    detect_budget: float = option(1.0, "most seconds per photo a detection setting may cost on this machine",
+                                  metavar="SECONDS")
+
+    def __post_init__(self):
+        if not (isinstance(self.detect_photos, int) and self.detect_photos >= 1):
+            raise CameraError(f"detect_photos must be a whole number >= 1, not {self.detect_photos!r}")
+        if not (isinstance(self.detect_budget, (int, float)) and self.detect_budget > 0):
+            raise CameraError(f"detect_budget must be a positive number of seconds, not {self.detect_budget!r}")
+
+
+def measure_detection(photos: list[np.ndarray], aligner_for, budget: float) -> list[dict]:
+    """Every setting of :data:`DETECTORS_TRIED` × :data:`UPSAMPLES_TRIED` run on ``photos`` (RGB
+    arrays): per setting the photos with a face, the faces, and the detector's seconds per photo
+    (the first photo is run once untimed: model and buffer set-up).  ``aligner_for(detector,
+    upsample)`` gives a :class:`~dlibbridge.data.align.FaceAligner` (this layer cannot build the
+    torch CNN itself).  A setting slower than ``budget`` after :data:`TIMED_BEFORE_ABANDON`
+    photos is abandoned (``complete`` False) and its detector's larger upsamplings skipped."""
+    import time
+
+    trials = []
+    for detector in DETECTORS_TRIED:
+        for upsample in UPSAMPLES_TRIED:
+            aligner = aligner_for(detector, upsample)
+            aligner.detect(photos[0])
+            with_face = faces = 0
+            seconds = 0.0
+            for n, rgb in enumerate(photos, 1):
+                start = time.perf_counter()
+                found = len(aligner.detect(rgb))
+                seconds += time.perf_counter() - start
+                with_face, faces = with_face + (found > 0), faces + found
+                if n >= TIMED_BEFORE_ABANDON and seconds / n > budget:
+                    break
+            per_photo = seconds / n
+            trials.append({"detector": detector, "upsample": upsample, "photos": n, "photos_with_face": with_face,
+                           "faces": faces, "seconds_per_photo": round(per_photo, 4),
+                           "photos_per_s": round(1 / max(per_photo, 1e-9), 2), "complete": n == len(photos)})
+            if per_photo > budget:
+                break
+    return trials
+
+
+def choose_detection(trials: list[dict], budget: float) -> dict | None:
+    """The rule: among the settings that ran on every photo within ``budget`` seconds per photo,
+    the cheapest whose photos with a face reach :data:`FOUND_SHARE` of the most any of them
+    found (more faces first, then cost); None when none found a face."""
+    ok = [t for t in trials if t["complete"] and t["seconds_per_photo"] <= budget]
+    best = max((t["photos_with_face"] for t in ok), default=0)
+    if best == 0:
+        return None
+    good = [t for t in ok if t["photos_with_face"] >= FOUND_SHARE * best]
+    t = min(good, key=lambda t: t["seconds_per_photo"])
+    return {"detector": t["detector"], "upsample": t["upsample"]}
+
+
+def _search_detection(files: list[Path], search: DetectionSearch, cnn_factory) -> dict | None:
+    """:func:`measure_detection` on ``search.detect_photos`` readable photos (not chips) spread
+    over ``files``, and its choice; None when there is no photo."""
+    from .align import FaceAligner
+    from .images import ImageReadError, read_image
+
+    photos = []      # a few more candidates than needed, spread over the folder: some are chips
+    for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), 4 * search.detect_photos)).round().astype(int)):
+        try:
+            rgb = read_image(files[i]).rgb
+        except (ImageReadError, OSError):
+            continue
+        if rgb.shape[:2] != (CHIP, CHIP):
+            photos.append(rgb)
+    if not photos:
+        return None
+    if len(photos) > search.detect_photos:
+        photos = [photos[i] for i in np.linspace(0, len(photos) - 1, search.detect_photos).round().astype(int)]
+    trials = measure_detection(photos, lambda d, u: FaceAligner(d, u, cnn_factory=cnn_factory), search.detect_budget)
+    return {"setting": choose_detection(trials, search.detect_budget), "budget_s": search.detect_budget,
+            "rule": f"cheapest setting within the budget whose photos with a face reach {FOUND_SHARE:.0%} of the most",
+            "trials": trials}
+
+
+def _valid_detection(obj) -> dict | None:
+    """A profile's ``detection`` entry, checked where ``align --camera`` will use it."""
+    if obj is None:
+        return None
+    setting = obj.get("setting") if isinstance(obj, dict) else "missing"
+    if setting is not None and not (isinstance(setting, dict) and setting.get("detector") in DETECTORS_TRIED
+                                    and isinstance(setting.get("upsample"), int)
+                                    and not isinstance(setting.get("upsample"), bool) and 0 <= setting["upsample"] <= 8):
+        raise CameraError(f"camera profile's detection setting is not {{\"detector\": {'|'.join(DETECTORS_TRIED)}, "
+                          f"\"upsample\": 0..8}}: {setting!r}")
+    return obj
+
+
+def format_detection(detection: dict) -> list[str]:
+    """The detection search as a few lines of the profile's summary."""
+    trials = detection.get("trials", [])
+    n = max((t["photos"] for t in trials), default=0)
+    lines = [f"  detection     on {n} photos: " + ", ".join(
+        f"{t['detector']}@{t['upsample']} {t['photos_with_face']}/{t['photos']} ({t['photos_per_s']:g}/s"
+        + ("" if t["complete"] else ", over budget") + ")" for t in trials)]
+    s = detection.get("setting")
+    lines.append(f"  chosen        {s['detector']} upsample {s['upsample']} ({detection.get('rule')})" if s
+                 else "  chosen        none: no setting found a face within the budget")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,7 +828,7 @@ def check_output(out: str | os.PathLike, photos_dir: str | os.PathLike, overwrit
         raise CameraError(f"{photos_dir}: no such folder")
     if not Path(photos_dir).is_dir():
         raise CameraError(f"{photos_dir}: not a folder")
-    out, src = Path(out).resolve(), Path(photos_dir).resolve()
+    out, src = resolved(out, "-o"), resolved(photos_dir, "PHOTOS_DIR")
     if out.suffix.lower() == ".png":
         raise CameraError(f"{out}: the profile is JSON (its plot goes beside it as .png); name it e.g. camera.json")
     if out.is_relative_to(src):

@@ -10,7 +10,9 @@ whose OpenMP pool (torch's) is running can hang.  A worker starts in ~0.3 s unde
 ``dlibbridge`` command (whose import is torch-free); spawn also re-runs the top-level imports
 of the calling script, so a script that imports torch at the top pays ~2 s more per worker.
 Workers ignore Ctrl-C (only the calling process acts on it: it stops handing out work and
-shuts the pool down), so an interrupted run prints no traceback from them.
+shuts the pool down), so an interrupted run prints no traceback from them.  Workers die with
+their parent: a parent killed with -9 cannot shut its pool down, and its workers would go on
+aligning for minutes (:func:`worker_pool`).
 """
 from __future__ import annotations
 
@@ -73,6 +75,39 @@ def children_ignore_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def worker_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+    """The process pool of every parallel stage (``align -j``, ``embed``/``evaluate`` workers):
+    spawned (see the module's docstring), each worker bound to this process's life."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(os.getpid(), initializer, initargs))
+
+
+def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    """In a new worker: exit when ``parent`` dies, then the pool's own initializer.  Linux's
+    parent-death signal does it at once; a thread watching the parent id covers other systems
+    and the moment before the signal was armed."""
+    import sys
+    import threading
+    import time
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="dlibbridge-parent-watch", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, *, ahead: int | None = None,
                initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[R]:
     """``fn(item)`` for each item, in order.  ``workers`` = 0 calls ``fn`` here, when the
@@ -89,12 +124,9 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], workers: int, *, ahead:
         for item in items:
             yield fn(item)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     ahead = max(workers, 2 * workers if ahead is None else ahead)   # the first submissions start every worker
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+    pool = worker_pool(workers, initializer, initargs)
     pending: deque = deque()
     todo = iter(items)
     try:

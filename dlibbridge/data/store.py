@@ -40,6 +40,7 @@ Decoding decisions (each is the one that keeps chips identical to what dlib comp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,9 +52,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .align import STATE_DIR as ALIGN_STATE_DIR
 from .images import CHIP_SHAPE, ImageReadError, read_image, walk_files
 from ..errors import DlibbridgeError
 from .._io import write_json
+from .._load import read_npz
+from .._lock import LOCK_NAME, folder_lock
+from .._paths import Folder, resolved
 
 _COMPACT_JSON = dict(indent=None, newline=False, fsync=False, ensure_ascii=False)   # index/progress: one line, no fsync (pack re-checks on resume)
 
@@ -94,11 +99,15 @@ def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
     if not root.is_dir():
         raise StoreError(f"{root} is not a folder")
     manifest = root / "manifest.csv"
+    _refuse_unfinished_align(root, manifest)
     entries = []
     if manifest.is_file():
         with open(manifest, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            folder = Folder(root, manifest)
+            for row in reader:
                 if row.get("chip"):
+                    folder.path(row["chip"], reader.line_num)
                     entries.append(ChipEntry(row["chip"], row.get("identity", ""), row.get("source", "")))
     else:
         for rel in walk_files(root):
@@ -107,6 +116,18 @@ def chip_entries(chips_dir: str | os.PathLike) -> list[ChipEntry]:
     # Identity-contiguous order: the K images of one identity in a batch lie close together.
     entries.sort(key=lambda e: (e.identity, e.path))
     return entries
+
+
+def _refuse_unfinished_align(root: Path, manifest: Path) -> None:
+    """An align that was killed leaves its state folder and no manifest.csv (or a manifest
+    older than its journal): its chips are a partial set, and packing them would train on it
+    without anyone noticing."""
+    journal = root / ALIGN_STATE_DIR / "journal.jsonl"
+    if not journal.is_file():
+        return
+    if not manifest.is_file() or journal.stat().st_mtime_ns > manifest.stat().st_mtime_ns:
+        raise StoreError(f"{root} is an unfinished align output (its journal is newer than manifest.csv, or "
+                         "there is no manifest.csv): run the same `dlibbridge align` command again to finish it")
 
 
 class NotAChipError(StoreError):
@@ -144,13 +165,23 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     called after each chip (progress hooks; an exception from it interrupts the pack cleanly).
     """
     chips_dir, store = Path(chips_dir), Path(store)
+    lock = store.with_name(f".{store.name}{LOCK_NAME}")
+    with contextlib.ExitStack() as held:
+        held.enter_context(folder_lock(store, "dlibbridge pack", lock_file=lock, create=False))
+        if (chips_dir / ALIGN_STATE_DIR).is_dir():   # no align may write the chips while they are packed
+            held.enter_context(folder_lock(chips_dir, "dlibbridge pack", lock_file=chips_dir / ALIGN_STATE_DIR / "lock"))
+        return _pack(chips_dir, store, overwrite, progress, on_chip)
+
+
+def _pack(chips_dir: Path, store: Path, overwrite: bool, progress: bool,
+          on_chip: Callable[[int], None] | None) -> "ChipStore":
     if store.exists() or store.is_symlink():
         if not overwrite:
             raise StoreError(f"{store} exists (add --overwrite to replace it)")
         if not is_store(store):
             raise StoreError(f"{store} exists and is not a chip store; --overwrite only "
                              f"replaces a store written by pack (left untouched)")
-    if store.resolve() == chips_dir.resolve() or chips_dir.resolve() in store.resolve().parents:
+    if resolved(store, "-o") == resolved(chips_dir, "CHIPS_DIR") or chips_dir.resolve() in store.resolve().parents:
         raise StoreError("the store must be outside the chips folder")
     entries = chip_entries(chips_dir)
     if not entries:
@@ -169,8 +200,7 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        with open(partial / _CHIPS, "wb") as f:
-            f.truncate(len(entries) * int(np.prod(CHIP_SHAPE)))
+        _allocate(partial / _CHIPS, len(entries) * int(np.prod(CHIP_SHAPE)))
         state = {"fingerprint": fingerprint, "next": 0, "written": 0, "skipped": []}
         write_json(partial / _PROGRESS, **_COMPACT_JSON, obj=state)
 
@@ -228,6 +258,23 @@ def pack(chips_dir: str | os.PathLike, store: str | os.PathLike, *, overwrite: b
     else:
         os.replace(partial, store)
     return ChipStore(store)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """Reserve every block of the memory-mapped chip array before a chip is written: a sparse
+    file on a full disk turns the first write into the map into SIGBUS (the process dies with
+    exit 135 and no message); reserved up front, a full disk is one clear error here."""
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise StoreError(f"no space for the store: {size / 2**20:.0f} MiB needed in {path.parent}, "
+                         f"{free / 2**20:.0f} MiB free")
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            f.truncate(0)
+            raise StoreError(f"no space for the store in {path.parent}: {e.strerror} "
+                             f"({size / 2**20:.0f} MiB needed)") from None
 
 
 _STORE_FILES = frozenset({_CHIPS, _LABELS, _INDEX})
@@ -296,7 +343,8 @@ class ChipStore:
         if actual != expected:
             raise StoreError(f"{self.path / _CHIPS} has {actual} bytes, expected {expected}")
         self.chips = np.memmap(self.path / _CHIPS, dtype=np.uint8, mode="r", shape=shape)
-        self.labels = np.load(self.path / _LABELS)
+        self.labels = read_npz(self.path / _LABELS, what="chip store labels file",
+                               advice="pack the store again")[""]
         self.identities: list[str] = index["identities"]
         self.paths: list[str] = index["paths"]
         self.sources: list[str] = index["sources"]

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from .._io import sha256_file, write_npz
+from .._load import DamagedFileError, read_npz
+from .._lock import LOCK_NAME, folder_lock
+from .._paths import resolved
 from ..data.images import CHIP_SHAPE, is_image_file, walk_files
 from ..data.prefetch import default_workers, prefetched
 from ..errors import DlibbridgeError
@@ -101,8 +104,6 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
     """Embed every chip below ``images_dir`` with ``model``; see the module docstring.
     ``workers``: decode processes (0 = decode in this process; default
     :func:`default_workers`)."""
-    from tqdm import tqdm
-
     from .embedders import ModelSpec, make_embedder
 
     if batch_size < 1:
@@ -111,26 +112,34 @@ def embed_folder(model: str, images_dir: str | os.PathLike, out: str | os.PathLi
         raise EmbedError("workers must be 0 or more")
     images_dir, out = Path(images_dir), Path(out)
     spec = ModelSpec.parse(model, engine)
-    if out.resolve() == spec.path.resolve():
+    if resolved(out, "-o") == resolved(spec.path, "MODEL"):
         raise EmbedError(f"refusing to write the output over the model {spec.path}")
     files = list_images(images_dir)
     if not files:
         raise EmbedError(f"no images found below {images_dir}")
     embedder = make_embedder(spec, device=device, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)      # as every output's folder: made before the work
+    with folder_lock(out.parent, "dlibbridge embed", lock_file=out.with_name(f".{out.name}{LOCK_NAME}")):
+        return _embed(embedder, spec, files, images_dir, out, batch_size, progress, workers)
+
+
+def _embed(embedder, spec, files: list[str], images_dir: Path, out: Path, batch_size: int, progress: bool,
+           workers: int | None) -> EmbedResult:
+    from tqdm import tqdm
 
     fp = _fingerprint(spec.path, spec.engine, files)
     partial = out.with_name(out.name + ".partial.npz")
     done, kept, embs, skipped = 0, [], [], []
     if partial.is_file():
         try:
-            with np.load(partial, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fp:
-                    done = int(z["done"])
-                    kept = z["paths"].tolist()
-                    embs = [z["embeddings"]]
-                    skipped = [tuple(x) for x in z["skipped"].tolist()]
-        except (OSError, ValueError, KeyError):
-            done = 0   # unreadable partial progress: start over
+            z = read_npz(partial, what="partial embeddings")
+            if str(z["fingerprint"]) == fp:
+                done = int(z["done"])
+                kept = z["paths"].tolist()
+                embs = [z["embeddings"]]
+                skipped = [tuple(x) for x in z["skipped"].tolist()]
+        except (DamagedFileError, KeyError):
+            done = 0   # unreadable partial progress (ours, remade from the chips): start over
     resumed_from = done
 
     def checkpoint(n: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import sha256_file, write_npz
+from .._load import DamagedFileError, read_npz
 from ..assets import resolve_model
 from ..data.images import CHIP_SIZE
 from ..port.infer import EMBED_DIM, in_batches, torch_forward
@@ -79,9 +80,9 @@ class DlibEmbedder(Embedder):
 
 
 class _NetEmbedder(Embedder):
-    """Engines that take float32 NCHW RGB 0–255 batches (the port, TorchScript, ONNX: the
-    layout the exporters use).  Jitter uses dlib's own ``jitter_image`` so these engines
-    draw from the same distribution of crops as dlib's ``num_jitters``."""
+    """Engines that take uint8 RGB chips (N,150,150,3) as they are (the port, TorchScript,
+    ONNX: what the module and its exports take).  Jitter uses dlib's own ``jitter_image`` so
+    these engines draw from the same distribution of crops as dlib's ``num_jitters``."""
 
     def __init__(self, path, flip=False, jitter=0, batch_size: int = 64):
         super().__init__(path, flip, jitter)
@@ -91,8 +92,7 @@ class _NetEmbedder(Embedder):
         raise NotImplementedError
 
     def _forward(self, chips: np.ndarray) -> np.ndarray:
-        return in_batches(lambda b: self._forward_batch(np.ascontiguousarray(b.transpose(0, 3, 1, 2), np.float32)),
-                          chips, self.batch_size)
+        return in_batches(self._forward_batch, chips, self.batch_size)
 
     def _embed(self, chips):
         if self.jitter <= 1:               # dlib: num_jitters 0 and 1 both mean "no jitter"
@@ -131,7 +131,11 @@ class OnnxEmbedder(_NetEmbedder):
             self._sess = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as e:             # onnxruntime raises its own exception types
             raise ValueError(f"onnxruntime cannot load {self.path}: {e}") from None
-        self._input = self._sess.get_inputs()[0].name
+        first = self._sess.get_inputs()[0]
+        if first.type != "tensor(uint8)":
+            raise ValueError(f"{self.path} takes {first.type} input, not the uint8 chips (N,H,W,3) that "
+                             "`dlibbridge export --onnx` writes today: export the model again")
+        self._input = first.name
 
     def _forward_batch(self, x):
         return self._sess.run(None, {self._input: x})[0]
@@ -197,6 +201,8 @@ def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: 
     if spec.engine == "onnx":
         return OnnxEmbedder(spec.path, flip, jitter, batch_size)
     from ..port.checkpoint import open_model
+    if _sniff(spec.path) == "torchscript":
+        _check_exported_input(spec.path)
     try:
         module = open_model(spec.path)
     except RuntimeError as e:              # a damaged TorchScript archive
@@ -204,6 +210,20 @@ def make_embedder(spec: ModelSpec, flip: bool = False, jitter: int = 0, device: 
     except ValueError as e:                # DlibFormatError, ConversionError: say which file
         raise ValueError(f"cannot load {spec.path} as a face model: {e}") from None
     return TorchEmbedder(spec.path, module, flip, jitter, device, batch_size)
+
+
+def _check_exported_input(path: Path) -> None:
+    """A TorchScript archive runs here only if it records that it takes uint8 chips
+    (N,H,W,3): an archive without the record (an older export took float NCHW, as may one
+    from elsewhere) would give wrong descriptors, not an error."""
+    import zipfile
+
+    from ..port.export import INPUT_SPEC_FILE
+    with zipfile.ZipFile(path) as z:
+        if not any(n.endswith(f"/extra/{INPUT_SPEC_FILE}") for n in z.namelist()):
+            raise ValueError(f"{path} does not record its input ({INPUT_SPEC_FILE}); only TorchScript archives "
+                             "written by `dlibbridge export --torchscript` (uint8 chips N,H,W,3) run here: "
+                             "export the model again")
 
 
 def _sniff(path: Path) -> str:
@@ -224,10 +244,10 @@ class EmbeddingCache:
         self.dirty = False
         if path is not None and path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as z:
-                    for k, e, s in zip(z["keys"].tolist(), z["embeddings"], z["status"].tolist()):
-                        self.emb[k], self.status[k] = e, s
-            except (OSError, ValueError, KeyError) as e:
+                z = read_npz(path, what="embedding cache")
+                for k, e, s in zip(z["keys"].tolist(), z["embeddings"], z["status"].tolist()):
+                    self.emb[k], self.status[k] = e, s
+            except (DamagedFileError, KeyError) as e:
                 print(f"warning: ignoring unreadable embedding cache {path} ({e})", file=sys.stderr)
                 self.emb.clear()
                 self.status.clear()

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .._io import sha256_file, write_atomic, write_json
+from .._paths import resolved
 from ..options import option
 from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, FPIR_TARGET, clustering_metrics, cross_verification, far_key,
                       gallery_identification, kfold_decisions, one_per_person, pair_distances, rank1_identification,
@@ -31,7 +32,8 @@ from .metrics import (DLIB_THRESHOLD, FAR_TARGETS, FPIR_TARGET, clustering_metri
 from ..data.images import CHIP_SIZE
 from .embedders import (EMBED_DIM, Embedder, EmbeddingCache, ModelSpec, content_key, default_cache_dir, label_models,
                         make_embedder)
-from .pairs import PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities
+from .pairs import (PairSet, fit_request, format_pairs, generate_pairs, read_pairs, resolve_pairs, scan_identities,
+                    writable_identities)
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -86,7 +88,7 @@ class ChipSource:
         temporary folder without a cache)."""
         src = cls(data_root, None, **kw)
         if cache_dir is not None:
-            root = Path(data_root).resolve()
+            root = resolved(data_root, "--data")
             h = hashlib.sha256(str(root).encode()).hexdigest()[:12]
             src.chips_dir = Path(cache_dir) / "chips" / f"{root.name}-{h}-{src.cache_tag()}"
         return src
@@ -109,7 +111,7 @@ class ChipSource:
         self.chips_dir.mkdir(parents=True, exist_ok=True)
         if self._sources is None:
             self._sources = {s.rel: s for s in list_sources(self.data_root)}
-        return Journal(self.data_root, self.chips_dir, self.settings)
+        return Journal(self.data_root, self.chips_dir, self.settings, command="dlibbridge evaluate")
 
     def _task(self, path: Path, chip_sized: bool, journal) -> tuple:
         """What a worker does for ``path`` (see :func:`_load`); photos an earlier run aligned
@@ -270,6 +272,10 @@ def load_pairs_for(cfg: EvalConfig, identities: dict[str, list[str]]) -> tuple[P
         if cfg.pairs is None:
             raise ValueError("give --pairs FILE (LFW pairs.txt format) or --gen-pairs N")
         return read_pairs(cfg.pairs), cfg.pairs
+    identities, unwritable = writable_identities(identities)
+    if unwritable:
+        print(f"note: {len(unwritable)} photos left out of the generated pairs: a pairs file cannot hold names "
+              f"with whitespace (e.g. {unwritable[0]!r}); rename them to include them", file=sys.stderr)
     n_pairs, n_folds, notes = fit_request(identities, cfg.gen_pairs, cfg.n_folds, cfg.seed)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -430,6 +436,8 @@ def run(cfg: EvalConfig) -> Evaluation:
         raise ValueError("no model to evaluate")
     models = label_models(cfg.models)
     identities = scan_identities(cfg.data)
+    # every model is opened (and a bad one refused) before anything is written
+    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     ps, pairs_file = load_pairs_for(cfg, identities)
     pair_paths = resolve_pairs(ps, cfg.data, identities)
     images = sorted({p for ab in pair_paths for p in ab})   # identification too works on these
@@ -438,7 +446,6 @@ def run(cfg: EvalConfig) -> Evaluation:
     if in_folder > len(images):
         print(f"note: {in_folder - len(images)} of the {in_folder} images in {cfg.data} are in no pair: "
               "not aligned or embedded", file=sys.stderr)
-    embedders = [make_embedder(m, cfg.flip, cfg.jitter, cfg.device, cfg.batch_size) for m in models]
     loader = ChipSource.in_cache(cfg.data, cfg.cache_dir, detector=cfg.detector, upsample=cfg.upsample,
                                  multi=cfg.multi, fallback=cfg.fallback, workers=cfg.workers)
     embs, status = compute_embeddings(images, embedders, loader, cfg.cache_dir and cfg.cache_dir / "embeddings",

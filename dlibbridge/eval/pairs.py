@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import write_atomic
+from .._paths import confined
 from ..data.images import is_image_file
 from ..errors import DlibbridgeError
 
@@ -142,9 +143,9 @@ def format_pairs(ps: PairSet) -> str:
                 or any(p.same for p in fold[n:]):
             raise ValueError(f"fold {i} is not {ps.per_fold} matched then {ps.per_fold} mismatched pairs")
     for p in ps.pairs():
-        for name in (p.name1, p.name2):
+        for name in (p.name1, p.name2, str(p.ref1), str(p.ref2)):
             if not name or any(c.isspace() for c in name):
-                raise ValueError(f"identity name {name!r} cannot be written to a pairs file (whitespace)")
+                raise ValueError(f"name {name!r} cannot be written to a pairs file (whitespace)")
     out = [f"{ps.per_fold}" if ps.n_folds == 1 else f"{ps.n_folds}\t{ps.per_fold}"]
     for p in ps.pairs():
         out.append(f"{p.name1}\t{p.ref1}\t{p.ref2}" if p.same else f"{p.name1}\t{p.ref1}\t{p.name2}\t{p.ref2}")
@@ -175,8 +176,10 @@ def image_path(root: Path, identities: dict[str, list[str]], name: str, ref: int
     """The file a pair reference points at: a name is taken literally; a number n is LFW's
     ``name/name_%04d.jpg`` when that exists, else the n-th image (1-based, sorted) of the
     folder, which is what LFW's numbering is for its own layout."""
+    # a pairs file may come from anywhere: it names files inside the data folder only
+    folder = confined(root, name, source="the pairs file", links=False)
     if isinstance(ref, str):
-        return root / name / ref
+        return confined(folder, ref, source="the pairs file", links=False)
     lfw = root / name / f"{name}_{ref:04d}.jpg"
     if lfw.is_file():
         return lfw
@@ -316,6 +319,19 @@ def fit_request(identities: dict[str, list[str]], n_pairs: int, n_folds: int = 1
                if per == capacity else f"a multiple of {2 * n_folds} (as many matched as mismatched pairs per fold)")
         notes.append(f"--gen-pairs {n_pairs} lowered to {2 * n_folds * per}: {why}")
     return 2 * n_folds * per, n_folds, notes
+
+
+def writable_identities(identities: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[str]]:
+    """The identities and photos a pairs file can name (LFW's format separates fields by
+    whitespace, so a name holding a space, a tab or a newline would be written as a file that
+    cannot be read back), and the ``identity/photo`` paths left out."""
+    kept, left = {}, []
+    for name, files in identities.items():
+        ok = [f for f in files if not any(c.isspace() for c in name + f)]
+        left += [f"{name}/{f}" for f in files if f not in ok]
+        if ok:
+            kept[name] = ok
+    return kept, left
 
 
 def generate_pairs(identities: dict[str, list[str]], n_pairs: int, n_folds: int = 10, seed: int = 0) -> PairSet:

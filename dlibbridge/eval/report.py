@@ -28,6 +28,8 @@ import numpy as np
 
 from .evaluate import Evaluation, ModelOutcome, format_table
 from .._io import json_bytes, png_bytes, write_atomic
+from .._lock import folder_lock
+from .._paths import confined, is_recorded, remove_recorded
 from ..errors import DlibbridgeError
 from .metrics import DLIB_THRESHOLD, FAR_TARGETS, far_key, roc_curve
 
@@ -49,13 +51,15 @@ class _Owned:
         self.out = out
         self.files: dict[str, str] = {}
         try:
-            self.files = dict(json.loads((out / MANIFEST).read_text())["files"])
+            files = dict(json.loads((out / MANIFEST).read_text())["files"])
         except (OSError, ValueError, KeyError, TypeError):
-            pass                              # no manifest (or not ours): nothing here is ours
+            files = {}                        # no manifest (or not ours): nothing here is ours
+        for rel in files:                     # a path in it leading out is refused, not followed
+            confined(out, rel, source=out / MANIFEST)
+        self.files = files
 
     def owns(self, rel: str) -> bool:
-        return rel in self.files and (self.out / rel).is_file() and hashlib.sha256(
-            (self.out / rel).read_bytes()).hexdigest() == self.files[rel]
+        return is_recorded(self.out, rel, self.files.get(rel), source=self.out / MANIFEST)
 
     def foreign(self) -> list[str]:
         """Existing files at the names a report writes that are not verifiably ours."""
@@ -71,9 +75,7 @@ class _Owned:
 
     def remove_old_errors(self) -> None:
         for rel in [r for r in self.files if r.startswith("errors/")]:
-            if self.owns(rel):
-                (self.out / rel).unlink()
-            del self.files[rel]
+            remove_recorded(self.out, rel, self.files.pop(rel), source=self.out / MANIFEST)
         self._save()
 
     def _save(self) -> None:
@@ -194,7 +196,11 @@ def write_report(ev: Evaluation, out_dir: str | Path, k: int = WORST_ERRORS) -> 
     """Write the report files into ``out_dir`` and return the path of report.html."""
     out = Path(out_dir)
     check_report_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "dlibbridge evaluate --report"):
+        return _write_report(ev, out, k)
+
+
+def _write_report(ev: Evaluation, out: Path, k: int) -> Path:
     owned = _Owned(out)
     owned.remove_old_errors()          # a previous run's mistakes would be mistaken for this one's
     owned.write("roc.png", plot_roc(ev.outcomes))

@@ -3,7 +3,8 @@
 Every quirk here is one of dlib's, documented in ../shared/docs/dlib-format.md §6–7:
 
 * :class:`DlibInput` — RGB pixels → ``(x − mean_c)/256`` (dlib divides by 256, not 255,
-  and does not divide by a std).
+  and does not divide by a std); it refuses input it would have to guess about
+  (:class:`InputSpecError`) and states what it takes (``input_spec``).
 * :func:`dlib_padding` — dlib's default padding: ``k//2`` at stride 1, **0** at any other
   stride (so the stride-2 3×3 convolutions of the down blocks are unpadded).
 * :func:`add_prev` — dlib's ``add_prev`` zero-pads the *smaller* operand at the *end* of
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, DLIB_RGB_MEAN
+from ..errors import DlibbridgeError
 from . import onednn
 
 
@@ -62,12 +64,29 @@ def _pad_end(t: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
     return F.pad(t, (0, w - t.shape[3], 0, h - t.shape[2], 0, c - t.shape[1]))
 
 
+class InputSpecError(DlibbridgeError, ValueError):
+    """Input the network cannot take as it is — wrong rank, channel count or size, or a
+    floating batch in the 0–1 range; the message says what it expects (``input_spec``)."""
+
+
 class DlibInput(nn.Module):
     """uint8 (or 0–255 float) RGB chips → dlib's normalised NCHW float tensor.
 
     Accepts ``(N,H,W,3)`` (the layout of an image array), ``(N,3,H,W)``, or a single chip
-    without the batch dimension.  dlib's ``input_rgb_image_sized`` refuses any other size,
-    and so does this: a resized chip would silently give a different descriptor.
+    without the batch dimension; :attr:`input_spec` states it.  Anything else is refused with
+    :class:`InputSpecError` rather than guessed at:
+
+    * a size other than the network's: dlib's ``input_rgb_image_sized`` refuses it too, and a
+      resized chip would silently give a different descriptor;
+    * a channel count other than 3 (grayscale, RGBA);
+    * a floating batch whose values all lie within [0, 1] with at least one strictly between
+      0 and 1 — torchvision's ``ToTensor`` range, which dlib's means would turn into
+      descriptors ~0.2 from dlib's.  Pixels converted from 8-bit images are whole numbers, so
+      the rule never fires on a real 0–255 batch, however dark (a 0–255 batch that does match
+      it is black: every pixel below 1).
+
+    The checks run in eager mode only: a traced or exported graph takes its input as the trace
+    did (the exports take uint8, where no range is ambiguous).
     """
 
     def __init__(self, size: tuple[int, int] | None = (150, 150), mean: Sequence[float] = DLIB_RGB_MEAN):
@@ -76,6 +95,21 @@ class DlibInput(nn.Module):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         # float32, like dlib's avg_red/avg_green/avg_blue fields.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def input_spec(self) -> dict:
+        """What the network takes, in the manner of timm's ``pretrained_cfg``: ``input_size``
+        (C, H, W; H and W None for a network that takes any size), the accepted ``layouts``
+        and ``dtypes``, the value ``range``, the ``channel_order``, and the normalisation dlib
+        applies — ``(x − mean) / std`` on the 0–255 scale (dlib divides by 256, not 255)."""
+        h, w = self.size or (None, None)
+        return {"input_size": (3, h, w), "layouts": ("NHWC", "NCHW", "HWC", "CHW"),
+                "dtypes": ("uint8", "float 0-255"), "range": (0, 255), "channel_order": "RGB",
+                "mean": tuple(float(f"{m:.6g}") for m in self.mean.flatten().tolist()), "std": (256.0, 256.0, 256.0)}
+
+    def _expects(self) -> str:
+        size = f"{self.size[0]}x{self.size[1]} " if self.size else ""
+        return f"the network takes {size}RGB chips, (N,H,W,3) or (N,3,H,W), uint8 or float 0-255"
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) must not round the means (122.782 is 122.75 in fp16): they stay
@@ -91,14 +125,22 @@ class DlibInput(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dim() != 4:
-            raise ValueError(f"expected RGB chips shaped (N,H,W,3) or (N,3,H,W), got {tuple(x.shape)}")
+            raise InputSpecError(f"{self._expects()}; got shape {tuple(x.shape)}")
         if x.shape[1] != 3 and x.shape[3] == 3:
             x = x.permute(0, 3, 1, 2)
         if x.shape[1] != 3:
-            raise ValueError(f"expected 3 RGB channels, got shape {tuple(x.shape)}")
+            raise InputSpecError(f"{self._expects()}; got shape {tuple(x.shape)}, which has no axis of 3 "
+                                 "channels (grayscale or RGBA: convert to RGB)")
         if self.size is not None and (x.shape[2], x.shape[3]) != self.size:
-            raise ValueError(f"dlib's input_rgb_image_sized needs {self.size[0]}x{self.size[1]} chips, "
-                             f"got {x.shape[2]}x{x.shape[3]} (align with dlib.get_face_chip; never resize)")
+            raise InputSpecError(f"{self._expects()}; got {x.shape[2]}x{x.shape[3]} (dlib's input_rgb_image_sized "
+                                 f"needs exactly {self.size[0]}x{self.size[1]}: align with dlib.get_face_chip, "
+                                 "never resize)")
+        if x.is_floating_point() and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            lo, hi = torch.aminmax(x)
+            if hi <= 1 and lo >= 0 and bool(((x > 0) & (x < 1)).any()):
+                raise InputSpecError(f"{self._expects()}; got a {str(x.dtype).replace('torch.', '')} batch in the "
+                                     "0-1 range (every value within [0, 1]): multiply it by 255, or pass the uint8 "
+                                     "pixels")
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,6 +427,11 @@ class FaceResNet(nn.Module):
     def trainable(self) -> bool:
         return bool(self.config["trainable"])
 
+    @property
+    def input_spec(self) -> dict:
+        """What ``forward`` takes: :attr:`DlibInput.input_spec`."""
+        return self.input.input_spec
+
     def levels(self) -> list[nn.Sequential]:
         return [getattr(self, n) for n in self.level_names]
 
@@ -479,7 +526,7 @@ def gflops_per_face(model: FaceResNet) -> float:
 
 
 __all__ = [
-    "DLIB_RGB_MEAN", "DLIB_BN_EPS", "DLIB_BN_WINDOW", "dlib_padding", "add_prev", "DlibInput",
+    "DLIB_RGB_MEAN", "DLIB_BN_EPS", "DLIB_BN_WINDOW", "dlib_padding", "add_prev", "InputSpecError", "DlibInput",
     "DlibAffine", "DlibBatchNorm2d", "norm_factory", "ConvNorm", "ResBlock", "ResDownBlock", "Stem",
     "FACE_RESNET_LEVELS", "default_config", "FaceResNet", "gflops_per_face",
 ]

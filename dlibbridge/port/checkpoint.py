@@ -7,12 +7,12 @@ is from its leading bytes, and :func:`load_model` opens a .dat or a checkpoint a
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 from torch import nn
 
 from .._io import write_torch
+from .._load import DamagedFileError, read_torch
 from .arch import FaceResNet
 from .convert import ConversionError, _channels_last, _unwrap, to_dlib_tree, to_torch
 
@@ -35,12 +35,11 @@ def save_torch(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FaceResNet:
-    """Inverse of :func:`save_torch` (``torch.load(weights_only=True)``), in eval mode."""
+    """Inverse of :func:`save_torch` (read with ``weights_only``: no code runs), in eval mode."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
-        # TorchScript archives, other zips (e.g. .npz), truncated files
-        raise ConversionError(f"{path}: not a dlibbridge FaceResNet checkpoint ({str(e).splitlines()[0][:200]})") from None
+        ckpt = read_torch(path, what="torch file", map_location=map_location)
+    except DamagedFileError as e:     # TorchScript archives, other zips (e.g. .npz), truncated files
+        raise ConversionError(f"{path}: not a dlibbridge FaceResNet checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConversionError(f"{path}: not a dlibbridge FaceResNet checkpoint")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:

@@ -41,7 +41,6 @@ from ..codec import tree as fmt
 from ..codec.records import DLIB_BN_EPS, DLIB_BN_WINDOW, affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Loss, Model, TagOrSkip
 from ..errors import DlibbridgeError
-from . import runtime
 from .arch import DlibBatchNorm2d, FaceResNet, dlib_padding
 
 
@@ -386,7 +385,6 @@ def to_torch(path_or_tree, trainable: bool = False) -> nn.Module:
     are kept on the module (``dlib_source``) so :func:`to_dlib` can write unchanged records
     back byte for byte.
     """
-    runtime.prepare_cpu()
     model, data = _as_model(path_or_tree)
     try:
         struct = parse_structure(model)
@@ -578,7 +576,7 @@ def dlib_check(path: str | os.PathLike, module: nn.Module, n: int = 3, chips: np
     on uint8 RGB ``chips`` (N,150,150,3), by default ``n`` :func:`check_chips`."""
     m = _export_copy(module)
     if chips is None:
-        chips = check_chips(n, 0, tuple(m.config["input_size"])).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        chips = check_chips(n, 0, tuple(m.config["input_size"])).numpy()
     got = face_descriptors(path, chips)
     if got is None:
         raise ExportCheckError(f"dlib cannot load {path} as a face recognition network")
@@ -692,9 +690,10 @@ def affine_layers(module: nn.Module) -> list[tuple[str, str]]:
 
 
 def check_chips(n: int = 3, seed: int = 0, size: tuple[int, int] = (150, 150)) -> torch.Tensor:
-    """Deterministic pseudo-random RGB chips (float 0–255, NCHW) for export checks."""
+    """Deterministic pseudo-random RGB chips (uint8, NHWC: what the module and every export
+    take) for export checks."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size[0], size[1]), generator=g, dtype=torch.uint8).float()
+    return torch.randint(0, 256, (n, size[0], size[1], 3), generator=g, dtype=torch.uint8)
 
 
 def _export_copy(module: nn.Module) -> FaceResNet:

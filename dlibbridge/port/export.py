@@ -1,8 +1,12 @@
 """Deployment exports of a FaceResNet beside dlib's own format: ONNX, TorchScript and a
 ``torch.export`` program (``.pt2``).
 
-All three take float32 chips (N,3,H,W), RGB 0–255, with a dynamic batch N, and give (N,128)
-descriptors.  Every export is reloaded and compared with the torch module on a batch of 3
+All three take what the torch module takes by default — uint8 RGB chips (N,H,W,3), the layout
+of an image array, with a dynamic batch N — and give (N,128) descriptors; the graph converts
+to float and normalises inside (the eager module's other layouts and its input checks are
+not traced: ``net.input_spec`` describes the module, the export's own spec is recorded in the
+file: ONNX metadata ``input_spec``, ``input_spec.json`` in a TorchScript or ``.pt2``
+archive).  Every export is reloaded and compared with the torch module on a batch of 3
 check chips (the trace used 2) before it is written (atomically): :func:`_checked_write`.
 The .dat export and its parity check in dlib itself are :mod:`dlibbridge.port.convert`.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import warnings
 from typing import Callable
@@ -23,19 +28,32 @@ from .convert import ExportCheckError, _export_copy, _max_diff, check_chips
 from .generic import DlibNet
 
 
+#: The name of the input specification inside a TorchScript or ``.pt2`` archive
+#: (``torch.jit.load(path, _extra_files={INPUT_SPEC_FILE: ""})``) and the ONNX metadata key.
+INPUT_SPEC_FILE = "input_spec.json"
+INPUT_SPEC_KEY = "input_spec"
+
+
+def export_input_spec(m: nn.Module) -> dict:
+    """The input an export of ``m`` takes: the module's ``input_spec`` narrowed to what the
+    trace fixed (uint8, NHWC with the batch; H and W dynamic where the network takes any
+    size)."""
+    return {**m.input_spec, "layouts": ("NHWC",), "dtypes": ("uint8",)}
+
+
 def _generic_inputs(net: DlibNet, n: int, seed: int) -> torch.Tensor:
-    """Random RGB images (N,3,H,W, 0–255 float) of the size the network takes: its
+    """Random uint8 RGB images (N,H,W,3) of the size the network takes: its
     ``input_rgb_image_sized`` size, else 150×150 (any size works; the export's H and W are
     dynamic)."""
     h, w = net.input.size or (150, 150)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, h, w), generator=g).to(torch.float32)
+    return check_chips(n, seed, (h, w))
 
 
 def _onnx_bytes(m: nn.Module, example: torch.Tensor, input_name: str, output_name: str, dims: dict) -> bytes:
     """The ``torch.export``-based ONNX exporter (``dynamo=True``, torch's supported one; the
-    TorchScript-based exporter is deprecated), dimensions ``dims`` of the input dynamic.  Its
-    notices (optional torchvision ops, pytree deprecations) are not the user's concern."""
+    TorchScript-based exporter is deprecated), dimensions ``dims`` of the input dynamic, the
+    export's input spec in the model's metadata.  Its notices (optional torchvision ops,
+    pytree deprecations) are not the user's concern."""
     import logging
     log = logging.getLogger("torch.onnx")
     level = log.level
@@ -47,7 +65,10 @@ def _onnx_bytes(m: nn.Module, example: torch.Tensor, input_name: str, output_nam
                                         output_names=[output_name], dynamic_shapes=(dims,), verbose=False)
     finally:
         log.setLevel(level)
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = INPUT_SPEC_KEY, json.dumps(export_input_spec(m))
+    return proto.SerializeToString()
 
 
 def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
@@ -58,7 +79,7 @@ def _export_onnx_generic(net: DlibNet, path, atol: float) -> float:
     m = copy.deepcopy(net).to("cpu").eval()
     dims = {0: torch.export.Dim("batch", min=1)}
     if not net.input.size:
-        dims.update({2: torch.export.Dim("height", min=32), 3: torch.export.Dim("width", min=32)})
+        dims.update({1: torch.export.Dim("height", min=32), 2: torch.export.Dim("width", min=32)})
     data = _onnx_bytes(m, _generic_inputs(m, 2, 1), "images", "output", dims)
     x = _generic_inputs(m, 3, 0)
     got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
@@ -102,7 +123,7 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) 
     """ONNX graph, input ``chips``, output ``descriptors``, checked with onnxruntime;
     returns max |Δ| vs the torch module."""
     if isinstance(getattr(module, "_orig_mod", module), DlibNet):
-        # any other dlib network: input ``images`` (N,3,H,W) RGB 0–255, output the tensor
+        # any other dlib network: input ``images`` (N,H,W,3) uint8 RGB, output the tensor
         # dlib's loss reads; the returned difference is relative to max(1, max |output|)
         return _export_onnx_generic(getattr(module, "_orig_mod", module), path, atol)
     import onnxruntime as ort
@@ -124,7 +145,7 @@ def export_torchscript(module: nn.Module, path: str | os.PathLike, atol: float =
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(m, (check_chips(2, 1, tuple(m.config["input_size"])),), check_trace=False)
         buf = io.BytesIO()
-        torch.jit.save(traced, buf)
+        torch.jit.save(traced, buf, _extra_files={INPUT_SPEC_FILE: json.dumps(export_input_spec(m))})
     data = buf.getvalue()
     loaded = load_torchscript(io.BytesIO(data))
     return _checked_write("TorchScript", data, loaded, m, path, atol)
@@ -139,10 +160,10 @@ def export_pt2(module: nn.Module, path: str | os.PathLike, atol: float = 1e-5) -
         program = torch.export.export(m, (check_chips(2, 1, tuple(m.config["input_size"])),),
                                       dynamic_shapes=({0: batch},))
     buf = io.BytesIO()
-    torch.export.save(program, buf)
+    torch.export.save(program, buf, extra_files={INPUT_SPEC_FILE: json.dumps(export_input_spec(m))})
     data = buf.getvalue()
     loaded = torch.export.load(io.BytesIO(data)).module()
     return _checked_write("torch.export", data, loaded, m, path, atol)
 
 
-__all__ = ["export_onnx", "export_torchscript", "export_pt2"]
+__all__ = ["INPUT_SPEC_FILE", "INPUT_SPEC_KEY", "export_input_spec", "export_onnx", "export_torchscript", "export_pt2"]

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import graph, tree as fmt
-from . import runtime
 from .arch import DlibAffine, DlibInput, add_prev
 from ..codec.records import affine_as_bn_variance, fold
 from ..codec.tree import AddLayer, Details, InputLayer, Model, TagOnInput
@@ -190,6 +189,11 @@ class DlibNet(nn.Module):
             if trace is not None:
                 trace.append((s, tuple(x.shape[1:])))
         return x.flatten(1) if self.output == "rows" else x
+
+    @property
+    def input_spec(self) -> dict:
+        """What ``forward`` takes: :attr:`~dlibbridge.port.arch.DlibInput.input_spec`."""
+        return self.input.input_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(self.input(x))
@@ -393,7 +397,6 @@ def _as_model(src) -> tuple[Model, bytes]:
 def to_torch(path_or_tree) -> DlibNet:
     """Any supported dlib file (path, bytes or parsed Model) → :class:`DlibNet` in eval mode,
     keeping the source bytes for :func:`to_dlib_tree`."""
-    runtime.prepare_cpu()
     model, data = _as_model(path_or_tree)
     net = build(model)
     net.dlib_source = data

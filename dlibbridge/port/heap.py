@@ -6,9 +6,10 @@ with fresh ``mmap`` pages and trims freed memory at the top of the heap above 2Ã
 threshold, so every batch faults its feature maps in again: ~13,000 minor page faults per
 forward, ~18% of a forward's time on this project's VMs (faults are expensive in a VM;
 the forward ran 1.27Ã— faster without them: tools/bench_embed.py, docs/benchmarks.md).
-:func:`reuse_freed_memory` sets both thresholds once, so blocks up to
-:data:`MMAP_THRESHOLD` come from the heap and up to :data:`TRIM_THRESHOLD` of freed memory
-stays mapped for reuse: no faults after the first batch, bit-identical results.
+:func:`reuse_freed_memory` (run by ``dlibbridge.tune_cpu``, never by a loader) sets both
+thresholds once, so blocks up to :data:`MMAP_THRESHOLD` come from the heap and up to
+:data:`TRIM_THRESHOLD` of freed memory stays mapped for reuse: no faults after the first
+batch, bit-identical results.
 
 The environment's choice wins, as with ``OMP_WAIT_POLICY`` (:mod:`.threads`): nothing is
 changed when ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a
@@ -38,12 +39,18 @@ def environment_chose() -> bool:
     return any(k in os.environ for k in _ENV_CHOICES) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
 
 
+def in_effect() -> bool:
+    """Whether :func:`reuse_freed_memory` set the thresholds in this process."""
+    return bool(_applied)
+
+
 def reuse_freed_memory() -> bool:
     """Once per process: glibc keeps freed feature maps for reuse (see the module docstring).
-    Returns whether this process runs with these thresholds because of this call."""
+    Returns whether this call set the thresholds (False when an earlier call did, or when the
+    environment or the C library keeps its own policy)."""
     global _applied
     if _applied is not None:
-        return _applied
+        return False
     _applied = False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or environment_chose():
         return False
@@ -58,4 +65,4 @@ def reuse_freed_memory() -> bool:
     return _applied
 
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "environment_chose", "reuse_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "environment_chose", "in_effect", "reuse_freed_memory"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import generic, onednn
-from ..data.align import CNN_PRECISIONS
+from ..data.align import CNN_PRECISIONS, pyramid_up
 from .arch import DlibAffine
 
 MIN_LEVEL_HEIGHT = 5
@@ -125,21 +125,6 @@ def _lround(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# dlib's bilinear resizes
-
-
-def pyramid_up(img: np.ndarray) -> np.ndarray:
-    """dlib's ``pyramid_up(img, pyramid_down<2>)`` of an RGB uint8 image: its bilinear
-    ``resize_image`` to (2·nr + 1) × (2·nc + 2) (``rect_up`` of the image rectangle, rounded),
-    run by the ``dlib`` package itself, so bit-identical by construction and ~3x faster than
-    the same arithmetic in torch ops."""
-    import dlib
-    nr, nc = img.shape[:2]
-    out_h, out_w = int(_lround(np.array((nr - 1 + 0.75) * 2))) + 1, int(_lround(np.array((nc - 1 + 1.25) * 2))) + 1
-    return dlib.resize_image(np.ascontiguousarray(img), out_h, out_w)
-
-
-# ---------------------------------------------------------------------------------------
 # The detector
 
 
@@ -159,6 +144,10 @@ class CnnFaceDetector:
     def __init__(self, path=None, device: str | torch.device = "cpu", precision: str = "float32"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "bfloat16" and torch.device(device).type == "cpu" and not cpu_runs_bfloat16():
+            raise generic._conversion_error(
+                f"bfloat16 convolutions need a CPU with AVX-512 (or AMX); this one offers "
+                f"{torch.backends.cpu.get_cpu_capability()}: use --cnn-precision float32")
         if path is None:
             from ..assets import cnn_face_detector_path
             path = cnn_face_detector_path()
@@ -265,7 +254,10 @@ class CnnFaceDetector:
             y = y * sy - py + ky // 2
         return x, y
 
-    def _decode(self, out: torch.Tensor, rects, adjust_threshold: float):
+    def scan(self, out: torch.Tensor, rects, adjust_threshold: float) -> list[tuple[float, tuple, int, int]]:
+        """``loss_mmod_::tensor_to_dets`` for one image's output (K, R, C): every window scoring
+        above ``adjust_threshold`` as (score, box on the image, window index, offset in the
+        output), by descending score."""
         out = out.detach().to("cpu")
         dets = []
         for k, win in enumerate(self.windows):
@@ -275,21 +267,15 @@ class CnnFaceDetector:
             scores = out[k][idx[:, 0], idx[:, 1]].double().numpy()
             px, py = self._to_input(idx[:, 1], idx[:, 0])
             hw, hh = (win.width - 1) / 2, (win.height - 1) / 2
-            box = np.stack([px - hw, py - hh, px + hw, py + hh], 1)
-            cx = np.floor((box[:, 0] + box[:, 2]) / 2 + 0.5)
-            cy = np.floor((box[:, 1] + box[:, 3]) / 2 + 0.5)
-            level = np.array([_nearest_rect(rects, a, b) for a, b in zip(cx, cy)])
-            ox = np.array([rects[i][0] for i in level], np.float64)
-            oy = np.array([rects[i][1] for i in level], np.float64)
-            box = box - np.stack([ox, oy, ox, oy], 1)
-            for n in range(int(level.max()) + 1 if len(level) else 0):
-                sel = level > n
-                box[sel] = box[sel] * (6 / 5.0) + 0.3
-            ib = _lround(box)
-            dets.extend((float(s), tuple(int(v) for v in b), k) for s, b in zip(scores, ib))
+            box = tensor_to_image(np.stack([px - hw, py - hh, px + hw, py + hh], 1), rects)
+            offsets = (k * out.shape[1] + idx[:, 0]) * out.shape[2] + idx[:, 1]
+            dets.extend((float(s), tuple(int(v) for v in b), k, int(o)) for s, b, o in zip(scores, _lround(box), offsets))
         dets.sort(key=lambda d: -d[0])
+        return dets
+
+    def _decode(self, out: torch.Tensor, rects, adjust_threshold: float):
         final: list[tuple[tuple[int, int, int, int], float, int]] = []
-        for s, b, k in dets:
+        for s, b, k, _ in self.scan(out, rects, adjust_threshold):
             if any(box_overlap(f[0], b, *self.nms) for f in final):
                 continue
             final.append((b, s, k))
@@ -442,6 +428,22 @@ class _RowSplitConv(torch.nn.Conv2d):
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
 
+def tensor_to_image(box: np.ndarray, rects) -> np.ndarray:
+    """dlib's ``tiled_pyramid_to_image`` of (n, 4) float boxes on the tiled canvas: each moved
+    from the tile nearest its rounded centre to image coordinates (``rect_up``: ``p·6/5 + 0.3``
+    per level below the first)."""
+    cx = np.floor((box[:, 0] + box[:, 2]) / 2 + 0.5)
+    cy = np.floor((box[:, 1] + box[:, 3]) / 2 + 0.5)
+    level = np.array([_nearest_rect(rects, a, b) for a, b in zip(cx, cy)], np.int64)
+    ox = np.array([rects[i][0] for i in level], np.float64)
+    oy = np.array([rects[i][1] for i in level], np.float64)
+    box = box - np.stack([ox, oy, ox, oy], 1)
+    for n in range(int(level.max()) + 1 if len(level) else 0):
+        sel = level > n
+        box[sel] = box[sel] * (6 / 5.0) + 0.3
+    return box
+
+
 def _nearest_rect(rects, x: float, y: float) -> int:
     """dlib's ``nearest_rect``: the first tile containing the point, else the nearest one."""
     best, best_d = 0, math.inf
@@ -453,6 +455,12 @@ def _nearest_rect(rects, x: float, y: float) -> int:
         if d < best_d:
             best, best_d = i, d
     return best
+
+
+def cpu_runs_bfloat16() -> bool:
+    """oneDNN's bfloat16 convolutions need AVX-512 (BW/VL/DQ) or newer; on an AVX2 CPU every
+    photo would fail inside the detector."""
+    return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2", "ZVECTOR", "VSX")
 
 
 def cnn_face_detector(path=None, device: str | torch.device = "cpu", precision: str = "float32") -> CnnFaceDetector:

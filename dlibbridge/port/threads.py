@@ -7,17 +7,19 @@ on 2 cores shared with other jobs the port ran 4–6× slower than with sleeping
 (docs/benchmarks.md, ``tools/bench_embed.py --threads-study``).
 
 libgomp reads ``OMP_WAIT_POLICY`` once, when torch is first imported, and offers no call to
-change it later.  So:
+change it later.  Nothing here runs by itself — a library call never changes the process; the
+application chooses, through :func:`dlibbridge.tune_cpu <dlibbridge.port.runtime.tune_cpu>`
+(which the ``dlibbridge`` command calls at start-up):
 
-* ``import dlibbridge`` before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment
-  already chose a policy (:func:`prefer_passive_openmp`);
-* when torch was imported first with the spinning default, the only remedy left is to run
-  no more threads than there are free cores: :func:`to_torch <dlibbridge.port.convert.to_torch>`
-  calls :func:`guard_spinning_pool`, which does that once and says so in a warning;
+* before torch is imported, :func:`prefer_passive_openmp` sets ``OMP_WAIT_POLICY=PASSIVE``
+  unless the environment already chose a policy;
+* after torch was imported with the spinning default, the only remedy left is to run no more
+  threads than there are free cores: :func:`guard_spinning_pool`;
 * :func:`set_threads` / :func:`threads` set the count explicitly (sized to the cores this
   process may use by default).
 
-This module does not import torch at import time: ``dlibbridge/__init__`` runs it first.
+This module does not import torch at import time, so :func:`prefer_passive_openmp` can run
+before it.
 """
 from __future__ import annotations
 
@@ -25,28 +27,26 @@ import contextlib
 import math
 import os
 import sys
-import warnings
 
-#: The policy libgomp saw: decided when dlibbridge is imported (torch may be imported later).
-_policy_at_torch_import: str | None = None
 _user_chose_threads = False
 _guard_done = False
 
 
-def prefer_passive_openmp() -> None:
-    """Before torch is imported: idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) unless
-    the environment set a policy.  After torch is imported: only record what libgomp saw."""
-    global _policy_at_torch_import
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _policy_at_torch_import = os.environ.get("OMP_WAIT_POLICY", "")
+def prefer_passive_openmp() -> bool:
+    """Before torch is imported: idle OpenMP threads will sleep (``OMP_WAIT_POLICY=PASSIVE``)
+    unless the environment set a policy.  Returns whether it set the variable (never once
+    torch is imported: libgomp has read the policy by then)."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def openmp_wait_policy() -> str:
     """``"passive"``, ``"active"`` or ``"default"`` (libgomp's spin-then-sleep, the value
-    that collapses on shared cores) — the policy in effect for torch's thread pool."""
-    p = _policy_at_torch_import if _policy_at_torch_import is not None else os.environ.get("OMP_WAIT_POLICY", "")
-    p = p.strip().lower()
+    that collapses on shared cores) — the policy torch's pool runs (or, before torch is
+    imported, will run) under, as the environment names it."""
+    p = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
     return p if p in ("passive", "active") else "default"
 
 
@@ -101,28 +101,24 @@ def _spinning_openmp() -> bool:
     return openmp_wait_policy() != "passive" and "OpenMP" in torch.__config__.parallel_info()
 
 
-def guard_spinning_pool() -> None:
-    """Once per process, when torch was imported before dlibbridge with libgomp's spinning
-    default and nobody chose a thread count (``OMP_NUM_THREADS``, :func:`set_threads`):
-    shrink the pool to :func:`free_cores` and warn with the lasting fixes."""
+def guard_spinning_pool() -> tuple[int, int] | None:
+    """When torch runs libgomp's spinning default and nobody chose a thread count
+    (``OMP_NUM_THREADS``, :func:`set_threads`): shrink the pool to :func:`free_cores`, once
+    per process.  Returns ``(before, after)`` when it changed the count, else None."""
     global _guard_done
     if _guard_done:
-        return
+        return None
     _guard_done = True
     import torch
     if (_user_chose_threads or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() < 2
             or not _spinning_openmp()):
-        return
+        return None
     before = torch.get_num_threads()
     n = min(before, free_cores())
-    if n < before:
-        torch.set_num_threads(n)
-    warnings.warn(
-        f"torch was imported before dlibbridge with OpenMP's default spin-waiting, which runs the "
-        f"network several times slower when other jobs share the cores; torch now uses {n} of "
-        f"{before} threads (free cores at load time). Lasting fixes: set OMP_WAIT_POLICY=PASSIVE "
-        f"in the environment or import dlibbridge before torch; or choose with "
-        f"dlibbridge.set_threads(n).", RuntimeWarning, stacklevel=4)
+    if n == before:
+        return None
+    torch.set_num_threads(n)
+    return before, n
 
 
 __all__ = ["prefer_passive_openmp", "openmp_wait_policy", "available_cores", "free_cores",

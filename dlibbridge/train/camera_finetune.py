@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from .._io import sha256_file, write_torch
+from .._load import read_torch
 from ..assets import resolve_model
 from . import xq
-from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, FinetuneConfig, FinetuneError
+from .config import CAMERA_RECIPE, CHECKPOINT_FILE, CONFIG_FILE, RESUME_ADVICE, FinetuneConfig, FinetuneError
 from .dist import Dist
 from .rundir import write_logs, write_run_json
 
@@ -174,7 +175,7 @@ class _CameraJob:
         """Training cache and validation features (built once; reused on --resume)."""
         path = self.run_dir / CACHE_FILE
         if path.is_file():
-            got = torch.load(path, weights_only=True)
+            got = read_torch(path, what="feature cache", advice=f"delete {path} to rebuild it")
             self.target_labels = got.get("target_labels")
             return got["train"], got["val"]
         t = time.perf_counter()
@@ -260,7 +261,7 @@ class _CameraJob:
         steps_log, vals, best = [], [], None
         ck = self.run_dir / CHECKPOINT_FILE
         if self.resume and ck.is_file():
-            st = torch.load(ck, weights_only=False)
+            st = read_torch(ck, what="checkpoint", advice=RESUME_ADVICE)
             trainer.load_state_dict(st["trainer"])
             steps_log, vals, best, self.timings = st["steps"], st["vals"], st["best"], st["timings"]
             self._log(f"resumed at step {trainer.n}")
@@ -296,7 +297,8 @@ class _CameraJob:
         fallback = c.export == "last-eligible" and len(vals) > 1 and not self.eligible(vals[-1], vals[0])
         if (c.export == "best" or fallback) and best is not None and best["step"] != trainer.n:
             model = copy.deepcopy(trainer.student)
-            model.load_state_dict(torch.load(self.run_dir / "best_state.pt", weights_only=True))
+            model.load_state_dict(read_torch(self.run_dir / "best_state.pt", what="best-step weights",
+                                             advice="export the last step with --export last"))
             exported = best["step"]
         summary = self.export(model.eval(), exported, trainer.n, best, vals, adaptation, val)
         self.timings["wall_s"] = time.perf_counter() - t0

@@ -11,6 +11,9 @@ from ..options import option
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+# What to do when a run's checkpoint cannot be read (truncated by a full disk, edited, foreign).
+RESUME_ADVICE = ("it cannot be resumed: restore checkpoint.pt from a backup, or start the run again "
+                 "with a new --out (the files exported so far are intact)")
 BEST_FILE = "best.pt"
 #: The losses of :func:`.losses.make_loss` (torch-free here, so the command line can list them).
 LOSSES = ("metric", "arcface", "cosface", "triplet")

@@ -54,8 +54,10 @@ from ..port.checkpoint import save_torch
 from ..port.convert import dlib_check
 from ..port.infer import embed_chips
 from .._io import sha256_file
+from .._load import read_torch
+from .._lock import LOCK_NAME, folder_lock
 from ..assets import resolve_model
-from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_OVERRIDABLE,
+from .config import (BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_LEVELS, PAIR_LOSSES, RESUME_ADVICE, RESUME_OVERRIDABLE,
                      FinetuneConfig, FinetuneError)
 from .dist import Dist, init_distributed
 from .losses import make_loss
@@ -323,7 +325,7 @@ def _amp_dtype(amp: str) -> torch.dtype | None:
 def _prepare_run_dir(cfg: FinetuneConfig, resume: bool, dist: Dist) -> Path:
     run_dir = Path(cfg.out)
     if dist.main:
-        if not resume and run_dir.exists() and any(run_dir.iterdir()) and not _never_trained(run_dir):
+        if not resume and _contents(run_dir) and not _never_trained(run_dir):
             if (run_dir / CONFIG_FILE).exists():
                 raise FinetuneError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                     "or choose another --out")
@@ -337,11 +339,16 @@ def _prepare_run_dir(cfg: FinetuneConfig, resume: bool, dist: Dist) -> Path:
     return run_dir
 
 
+def _contents(run_dir: Path) -> set[str]:
+    """The names in a run folder, but for the lock this process holds on it."""
+    return {p.name for p in run_dir.iterdir() if p.name != LOCK_NAME} if run_dir.is_dir() else set()
+
+
 def _never_trained(run_dir: Path) -> bool:
     """A run folder killed or failed before its first checkpoint: a readable dlibbridge
     config.json and nothing but what is written before step 0 (config, the packed or aligned
     data).  Starting it afresh loses no training."""
-    if not set(p.name for p in run_dir.iterdir()) <= {CONFIG_FILE, "data.store", "chips"}:
+    if not _contents(run_dir) <= {CONFIG_FILE, "data.store", "chips"}:
         return False
     try:
         FinetuneConfig.from_json(json.loads((run_dir / CONFIG_FILE).read_text())["config"])
@@ -369,7 +376,15 @@ def load_resume_config(run_dir: str | os.PathLike, overrides: dict | None = None
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
-    """Run (or continue) a fine-tuning job; returns the summary written to summary.json."""
+    """Run (or continue) a fine-tuning job; returns the summary written to summary.json.  The
+    run folder is locked for the whole job (by the main process of a torchrun job): a second
+    run or a ``--resume`` of a run still training is refused in one line."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(cfg.out, "dlibbridge finetune") if main else contextlib.nullcontext():
+        return _finetune(cfg, resume)
+
+
+def _finetune(cfg: FinetuneConfig, resume: bool) -> dict:
     if cfg.camera:
         from .camera_finetune import camera_finetune
         return camera_finetune(cfg, resume)
@@ -666,7 +681,7 @@ def _run(job: Job) -> dict:
     ckpt_path = job.run_dir / CHECKPOINT_FILE
     state = new_state()
     if job.resume and ckpt_path.is_file():
-        state = load_checkpoint(job, torch.load(ckpt_path, map_location=job.device, weights_only=True))
+        state = load_checkpoint(job, read_torch(ckpt_path, what="checkpoint", map_location=job.device, advice=RESUME_ADVICE))
     elif job.resume and job.dist.main:
         print(f"dlibbridge finetune: {job.run_dir} has no checkpoint yet; starting it from step 0", file=sys.stderr)
     if not state["initialised"]:

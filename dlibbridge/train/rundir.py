@@ -1,4 +1,5 @@
-"""A run directory's records: per-step and per-validation logs (CSV and JSON), curves, atomic torch saves."""
+"""A run directory's records: per-step and per-validation logs (CSV, JSON and, with the
+``tensorboard`` extra installed, TensorBoard event files), curves, atomic torch saves."""
 from __future__ import annotations
 
 import io
@@ -26,12 +27,59 @@ def _json_default(o):
 
 
 def write_logs(run_dir: Path, steps: list[dict], vals: list[dict], step_fields: list[str] = STEP_FIELDS) -> None:
-    """log.csv, val.csv, log.json and curves.png, each replaced atomically."""
+    """log.csv, val.csv, log.json, curves.png and (when ``tensorboard`` is importable) the
+    TensorBoard event files, each replaced atomically."""
     write_csv(run_dir / "log.csv", steps, step_fields)
     val_fields = ["step", "epoch"] + sorted({k for v in vals for k in v} - {"step", "epoch"})
     write_csv(run_dir / "val.csv", vals, val_fields)
     write_run_json(run_dir / "log.json", {"steps": steps, "validation": vals})
     plot_curves(run_dir / "curves.png", steps, vals)
+    if tensorboard_available():
+        clock = {r["step"]: float(r["elapsed_s"]) for r in steps if r.get("elapsed_s") is not None}
+        write_events(run_dir / TENSORBOARD_DIR / "events.out.tfevents.log", "log", steps, step_fields, clock)
+        write_events(run_dir / TENSORBOARD_DIR / "events.out.tfevents.val", "val", vals, val_fields, clock)
+
+
+#: Where a run's TensorBoard event files live: ``tensorboard --logdir RUN_DIR/tensorboard``.
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_available() -> bool:
+    """Whether the optional ``tensorboard`` package (``pip install 'dlibbridge[tensorboard]'``)
+    is importable; without it a run writes every other log and no event files."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_events(path: Path, prefix: str, rows: list[dict], fields: list[str], clock: dict[int, float]) -> None:
+    """``rows`` as one TensorBoard event file: each numeric field but ``step`` a scalar
+    ``PREFIX/FIELD`` at the row's step — the columns of the CSV written from the same rows.
+
+    The file is rewritten whole, atomically, at every log like the CSV beside it (a resumed
+    run rewrites it from the full log: no duplicated points), so its name is fixed rather than
+    TensorBoard's usual per-writer timestamp.  Wall times come from ``clock`` (step → the step
+    row's ``elapsed_s``, time since the run started; a step without one keeps the previous
+    row's), so the bytes depend on the log only and TensorBoard's "relative" axis is the run's
+    own clock."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    buf = io.BytesIO()
+    records = RecordWriter(buf)
+    records.write(Event(wall_time=0.0, file_version="brain.Event:2").SerializeToString())
+    wall = 0.0
+    for row in rows:
+        wall = clock.get(row["step"], wall)
+        values = [Summary.Value(tag=f"{prefix}/{f}", simple_value=float(row[f])) for f in fields
+                  if f != "step" and isinstance(row.get(f), (int, float, np.integer, np.floating))
+                  and not isinstance(row.get(f), bool)]
+        records.write(Event(wall_time=wall, step=int(row["step"]),
+                            summary=Summary(value=values)).SerializeToString())
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, buf.getvalue())
 
 
 def plot_curves(path: Path, steps: list[dict], vals: list[dict]) -> None:

@@ -88,21 +88,31 @@ def _compiler_id() -> str:
     return r.stdout.splitlines()[0] if r.stdout else CXX
 
 
-def build_key(sdist: Path, source: str = "oracle.cpp") -> str:
+def _key(*parts: str) -> str:
     h = hashlib.sha256()
-    for part in (SDIST_SHA256, (HERE / source).read_bytes().hex(), _compiler_id(),
-                 " ".join(CXXFLAGS + LIBS)):
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
+def build_key(sdist: Path, source: str = "oracle.cpp") -> str:
+    return _key(SDIST_SHA256, (HERE / source).read_bytes().hex(), _compiler_id(), " ".join(CXXFLAGS + LIBS))
+
+
+def _dlib_object() -> Path:
+    """Where dlib's own object (``dlib/all/source.cpp``, minutes to compile) is kept: it depends
+    on the sdist, the compiler and the flags only, so every oracle program and every edit of
+    one links the same object."""
+    return BUILD_ROOT / f"dlib_all-{_key(SDIST_SHA256, _compiler_id(), ' '.join(CXXFLAGS))}.o"
+
+
 def _compile(src_root: Path, out: Path, log, source: str = "oracle.cpp") -> None:
     jobs = []
-    objs = []
-    for name, src in (("dlib_all", src_root / "dlib" / "all" / "source.cpp"), ("oracle", HERE / source)):
-        obj = out.parent / f"{name}.o"
-        objs.append(obj)
+    dlib_obj = _dlib_object()
+    objs = [dlib_obj, out.parent / "oracle.o"]
+    sources = [(src_root / "dlib" / "all" / "source.cpp", out.parent / "dlib_all.o")] if not dlib_obj.is_file() else []
+    for src, obj in sources + [(HERE / source, objs[1])]:
         cmd = [CXX, *CXXFLAGS, "-I", str(src_root), "-c", str(src), "-o", str(obj)]
         jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = []
@@ -112,6 +122,8 @@ def _compile(src_root: Path, out: Path, log, source: str = "oracle.cpp") -> None
             failed.append(" ".join(cmd) + "\n" + text[-4000:])
     if failed:
         raise OracleBuildError("compiling the dlib oracle failed:\n" + "\n".join(failed))
+    if sources:
+        os.replace(sources[0][1], dlib_obj)
     cmd = [CXX, *map(str, objs), "-o", str(out), *LIBS]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:

@@ -10,6 +10,13 @@
 // the output tensor of net.subnet(), each as 4 int32 dimensions then float32 data; for the
 // mmod nets the input tensor is the tiled pyramid.  For the mmod nets it also prints one
 // line per detection: "det IMAGE LEFT TOP RIGHT BOTTOM CONFIDENCE LABEL".
+//
+//   zoo_oracle mmod_loss MODEL IMAGES N H W TRUTH OUT
+//
+// dlib's loss_mmod_ on one batch of the face detector: the N images (same size) as one tiled-
+// pyramid batch, TRUTH a text file of lines "IMAGE LEFT TOP RIGHT BOTTOM IGNORE" (mmod_rects).
+// OUT gets the output tensor of net.subnet(), the gradient loss_mmod_ puts on it, each as 4
+// int32 dimensions then float32 data, then the loss value as a float64.
 #include <dlib/dnn.h>
 #include <cstdio>
 #include <fstream>
@@ -80,35 +87,71 @@ static void print_dets(loss_mmod<S>& net, const matrix<rgb_pixel>& img, long i) 
                     d.rect.bottom(), d.detection_confidence, d.label.c_str());
 }
 
-template <typename NET>
-static int forward(const char* model, const char* images, long n, long h, long w, const char* outpath) {
-    NET net;
-    deserialize(model) >> net;
+static std::vector<matrix<rgb_pixel>> read_images(const char* images, long n, long h, long w) {
     std::ifstream in(images, std::ios::binary);
-    std::ofstream out(outpath, std::ios::binary);
     std::vector<unsigned char> buf(h * w * 3);
+    std::vector<matrix<rgb_pixel>> out;
     for (long i = 0; i < n; ++i) {
         in.read((char*)buf.data(), buf.size());
-        if (!in) { std::cerr << "short image file\n"; return 1; }
+        if (!in) throw std::runtime_error("short image file");
         matrix<rgb_pixel> img(h, w);
         for (long r = 0; r < h; ++r)
             for (long c = 0; c < w; ++c) {
                 const unsigned char* p = &buf[(r * w + c) * 3];
                 img(r, c) = rgb_pixel(p[0], p[1], p[2]);
             }
+        out.push_back(img);
+    }
+    return out;
+}
+
+template <typename NET>
+static int forward(const char* model, const char* images, long n, long h, long w, const char* outpath) {
+    NET net;
+    deserialize(model) >> net;
+    std::ofstream out(outpath, std::ios::binary);
+    auto imgs = read_images(images, n, h, w);
+    for (long i = 0; i < n; ++i) {
         resizable_tensor x;
-        net.to_tensor(&img, &img + 1, x);
+        net.to_tensor(&imgs[i], &imgs[i] + 1, x);
         net.subnet().forward(x);
         write_tensor(out, x);
         write_tensor(out, net.subnet().get_output());
-        print_dets(net, img, i);
+        print_dets(net, imgs[i], i);
     }
     return 0;
 }
 
+static int mmod_loss(const char* model, const char* images, long n, long h, long w, const char* truth_path,
+                     const char* outpath) {
+    face_mmod::net_type net;
+    deserialize(model) >> net;
+    auto imgs = read_images(images, n, h, w);
+    std::vector<std::vector<mmod_rect>> truth(n);
+    std::ifstream tin(truth_path);
+    long i, l, t, r, b, ignore;
+    while (tin >> i >> l >> t >> r >> b >> ignore) {
+        mmod_rect m(rectangle(l, t, r, b));
+        m.ignore = ignore != 0;
+        truth.at(i).push_back(m);
+    }
+    resizable_tensor x;
+    net.to_tensor(imgs.begin(), imgs.end(), x);
+    const double loss = net.compute_loss(x, truth.begin());
+    std::ofstream out(outpath, std::ios::binary);
+    write_tensor(out, net.subnet().get_output());
+    write_tensor(out, net.subnet().get_gradient_input());
+    out.write((const char*)&loss, sizeof loss);
+    return 0;
+}
+
 int main(int argc, char** argv) try {
+    if (argc == 9 && std::string(argv[1]) == "mmod_loss")
+        return mmod_loss(argv[2], argv[3], std::stol(argv[4]), std::stol(argv[5]), std::stol(argv[6]), argv[7],
+                         argv[8]);
     if (argc != 9 || std::string(argv[1]) != "forward") {
-        std::cerr << "usage: zoo_oracle forward NET MODEL IMAGES N H W OUT\n";
+        std::cerr << "usage: zoo_oracle forward NET MODEL IMAGES N H W OUT\n"
+                     "       zoo_oracle mmod_loss MODEL IMAGES N H W TRUTH OUT\n";
         return 2;
     }
     const std::string net = argv[2];
