@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -203,7 +204,7 @@ def training_set(args, tr_c: np.ndarray, tr_l: np.ndarray) -> tuple[np.ndarray, 
     larger one), then the ``--lfw`` people (``multi``: those with 2+ chips; ``all``: the one-chip
     people too)."""
     ids = np.random.default_rng(0).permutation(np.unique(tr_l))
-    if args.people:
+    if args.people is not None:
         ids = ids[: args.people]
     keep = np.isin(tr_l, ids)
     info = {"celeba_people": int(len(ids)), "celeba_chips": int(keep.sum()), "lfw_people": 0, "lfw_single": 0, "lfw_chips": 0}
@@ -328,7 +329,7 @@ def run(args) -> None:
         if args.method == "degrade":      # identity loss on degraded + clean only: no teacher terms
             cfg.w_xq = cfg.w_relational = cfg.w_same = 0.0
         log = lambda s: print(f"[{args.name}] {s}", flush=True)  # noqa: E731
-        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people else "")
+        data_tag = "-pool" if pooled else (f"-p{args.people}" if args.people is not None else "")
         key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}{data_tag}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
@@ -539,6 +540,21 @@ def eval_base(args) -> None:
         print(k, {a: round(b, 4) for a, b in v.items()})
 
 
+def reeval(args) -> None:
+    """Measure finished ``run``s again (their ``model_state.pt``) with the current metrics, e.g.
+    the enrolled-vs-camera figures added after they ran; result.json keeps everything else."""
+    torch.set_num_threads(args.threads)
+    _, _, te_c, te_l = load_data()
+    for name in args.names:
+        path = WORK / "runs" / name / "result.json"
+        res = json.loads(path.read_text())
+        model = base_model()
+        model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+        res["metrics"] = evaluate(model, domains(te_c), te_l)
+        path.write_text(json.dumps(res, indent=1))
+        print(name, {k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}, flush=True)
+
+
 def fit(args) -> None:
     """How well runs fit the people they trained on: TAR@FAR=1e-3, clean and camera ``--camera``,
     on ``--ids`` training identities (at most 12 chips each), their chips degraded with another
@@ -627,23 +643,37 @@ def scaling(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    x = [r["data"]["celeba_people"] + r["data"]["lfw_people"] for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+
+    def people(r):
+        return r["data"]["celeba_people"] + r["data"]["lfw_people"]
+    # The curve: seed-0 runs that start from celeba-dev people; other seeds and runs without
+    # them (LFW only) are single markers.
+    curve = [r for r in runs if not re.search(r"-s\d+$", r["name"]) and r["data"]["celeba_people"]]
     for (d, k, title), colour in zip(series, ("#cc3311", "#0077bb", "#009988", "#ee7733")):
-        if not all(d in r["metrics"] for r in runs):
+        if not all(d in r["metrics"] for r in curve):
             continue
-        ax.plot(x, [100 * r["metrics"][d][k] for r in runs], "o-", color=colour, label=title)
+        ax.plot([people(r) for r in curve], [100 * r["metrics"][d][k] for r in curve], "o-", color=colour, label=title)
+        for r in runs:
+            if r not in curve and d in r["metrics"]:
+                ax.plot(people(r), 100 * r["metrics"][d][k], "o" if r["data"]["celeba_people"] else "s",
+                        color=colour, ms=4 if r["data"]["celeba_people"] else 6,
+                        mfc=colour if r["data"]["celeba_people"] else "none")
         if d in base:
             ax.axhline(100 * base[d][k], color=colour, ls=":", lw=1)
-    for xi, r in zip(x, runs):
-        if r["data"]["lfw_single"]:
-            ax.annotate("+1-photo", (xi, 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
+    for r in runs:
+        note = "LFW only" if not r["data"]["celeba_people"] else "+1-photo" if r["data"]["lfw_single"] and r in curve else ""
+        if note:
+            ax.annotate(note, (people(r), 100 * r["metrics"]["A"]["tar_at_far_1e-3"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10))
     ax.set_xscale("log")
+    ticks = sorted({people(r) for r in runs})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training people (celeba-dev, then + LFW)")
     ax.set_ylabel("TAR @ FAR=1e-3 on 69 unseen people (%)")
     ax.set_title(args.title, fontsize=9)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)
@@ -688,6 +718,9 @@ def main() -> int:
                    help="the camera profile `estimate` measured on degraded chips or on the camera's photos")
     p.add_argument("--extra", help="JSON of further FinetuneConfig fields (ablations)")
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("reeval")
+    p.add_argument("names", nargs="+", help="run names (`run`)")
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("fit")
     p.add_argument("names", nargs="+", help="run names (`run`), or base")
     p.add_argument("--camera", default="A", choices=sorted(CAMERAS))
@@ -731,13 +764,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true")
-    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all)")
+    p.add_argument("--people", type=int, help="train on the first N celeba-dev training people (default all; 0: none)")
     p.add_argument("--lfw", default="none", choices=["none", "multi", "all"],
                    help="add LFW people (`prepare-lfw`): those with 2+ chips, or all, one-chip people too")
     p.add_argument("--shared-cache", action="store_true",
                    help="one cache of every celeba-dev training chip and every LFW chip for all runs on them")
     args = ap.parse_args()
-    {"prepare": prepare, "lfw-subset": lfw_subset, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "table": table,
+    {"prepare": prepare, "lfw-subset": lfw_subset, "prepare-lfw": prepare_lfw, "estimate": estimate, "product": product, "eval-base": eval_base, "run": run, "fit": fit, "reeval": reeval, "table": table,
      "scaling": scaling}[args.cmd](args)
     return 0
 
