@@ -297,7 +297,9 @@ def test_sgd_steps_match_dlib_dnn_trainer(tmp_path, johns_chips):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert ours == pytest.approx(dlib_run.losses, rel=1e-5) and ours[0] > 0
+    # the loss after one step: 1e-5 of dlib's on AVX-512 machines, 1.3e-5 on AVX2 ones (oneDNN's
+    # and dlib's float32 kernels sum in other orders); the weights' bound below is the real check
+    assert ours == pytest.approx(dlib_run.losses, rel=2e-5) and ours[0] > 0
 
     want = to_torch(after, trainable=True).state_dict()
     got = model.state_dict()
@@ -418,7 +420,7 @@ def test_config_json_reproduces_a_run(johns_store, tmp_path):
     assert cfg["origin"]["optimizer"] == "user" and cfg["origin"]["loss"] == "default"
     assert cfg["derived"]["optimizer"] == "AdamW"
     assert (a / "checkpoint.pt").stat().st_size < 1e6
-    assert {p.name for p in a.iterdir()} == {
+    assert {p.name for p in a.iterdir()} - {"tensorboard"} == {      # tensorboard: the optional extra's events
         "config.json", "checkpoint.pt", "log.csv", "val.csv", "log.json", "curves.png", "summary.json",
         "README.md", "model.dat", "model_trainable.dat", "model.pt"}
     # every model file a run writes is a --base: step 0 of a run from it is that model

@@ -81,6 +81,7 @@ def init_distributed(device_kind: str) -> Dist:
 def rank_device(device: str, dist: Dist) -> str:
     """``cuda`` without an index (or ``auto`` on a GPU machine) names this process's GPU
     (``LOCAL_RANK``) under torchrun."""
-    from .device import resolve_device
-    device = str(resolve_device(device))
+    if device == "auto":
+        from .device import resolve_device
+        device = str(resolve_device(device))
     return f"cuda:{dist.local_rank}" if dist.world > 1 and device == "cuda" else device
