@@ -84,16 +84,21 @@ def test_report_deletes_only_unchanged_files_it_recorded(tmp_path):
                                source="index")
 
 
-def test_align_never_deletes_user_files_named_like_its_temporaries(tmp_path, shared_dir, capsys):
-    raw = tmp_path / "raw" / "p1"
-    raw.mkdir(parents=True)
-    shutil.copy(shared_dir / "data" / "faces" / "2008_002470.jpg", raw)
+@pytest.fixture()
+def one_photo(tmp_path, shared_dir) -> Path:
+    """RAW/p1/<one photo with a face>."""
+    (tmp_path / "raw" / "p1").mkdir(parents=True)
+    shutil.copy(shared_dir / "data" / "faces" / "2008_002470.jpg", tmp_path / "raw" / "p1")
+    return tmp_path / "raw"
+
+
+def test_align_never_deletes_user_files_named_like_its_temporaries(one_photo, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "p1").mkdir(parents=True)
     (out / "p1" / ".tmp-notes.png").write_bytes(b"mine")
     (out / ".tmp-draft.png").write_bytes(b"mine too")
-    assert _cli(["align", tmp_path / "raw", out, "--jobs", "1", "--quiet"], capsys)[0] == 0
-    assert _cli(["align", tmp_path / "raw", out, "--jobs", "1", "--quiet"], capsys)[0] == 0
+    assert _cli(["align", one_photo, out, "--workers", "1", "--quiet"], capsys)[0] == 0
+    assert _cli(["align", one_photo, out, "--workers", "1", "--quiet"], capsys)[0] == 0
     assert (out / "p1" / ".tmp-notes.png").read_bytes() == b"mine"
     assert (out / ".tmp-draft.png").read_bytes() == b"mine too"
 
@@ -133,16 +138,13 @@ def test_pack_refuses_a_manifest_row_leading_outside(chips_with_manifest, tmp_pa
     assert not (tmp_path / "s.store").exists()
 
 
-def test_align_refuses_a_journal_row_leading_outside(tmp_path, shared_dir, capsys):
-    raw = tmp_path / "raw" / "p1"
-    raw.mkdir(parents=True)
-    shutil.copy(shared_dir / "data" / "faces" / "2008_002470.jpg", raw)
+def test_align_refuses_a_journal_row_leading_outside(one_photo, tmp_path, capsys):
     out = tmp_path / "out"
     (out / ".align").mkdir(parents=True)
     row = {"source": "p1/2008_002470.jpg", "identity": "p1", "status": "ok", "chip": "../../elsewhere/x.png"}
     (out / ".align" / "journal.jsonl").write_text(json.dumps(
         {"source": "p1/2008_002470.jpg", "sha256": "0", "rows": [row]}) + "\n")
-    code, err = _cli(["align", tmp_path / "raw", out, "--jobs", "1", "--quiet"], capsys)
+    code, err = _cli(["align", one_photo, out, "--workers", "1", "--quiet"], capsys)
     assert code == 2 and "journal.jsonl line 1" in _one_line(err)
     assert not (out / "manifest.csv").exists()
 
@@ -409,7 +411,7 @@ def test_kill_9_of_align_with_workers_takes_its_workers_along(tmp_path, shared_d
     for i in range(40):                                   # enough work to still be running when killed
         shutil.copy(photos[i % len(photos)], raw / f"{i:03d}.jpg")
     proc = subprocess.Popen([sys.executable, "-m", "dlibbridge", "align", str(raw), str(tmp_path / "out"),
-                             "--jobs", "2", "--quiet"], env=_env(), cwd=REPO,
+                             "--workers", "2", "--quiet"], env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
