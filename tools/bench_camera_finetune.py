@@ -44,6 +44,7 @@ dlibbridge.tune_cpu()        # before torch, as the `dlibbridge` command does: s
 
 import torch  # noqa: E402
 
+from dlibbridge._load import read_torch  # noqa: E402
 from dlibbridge.data import augment  # noqa: E402
 from dlibbridge.eval.metrics import (accuracy_at, best_threshold, kfold_accuracy, pair_distances,  # noqa: E402
                                 tar_at_far)
@@ -333,7 +334,7 @@ def run(args) -> None:
         key = (f"cache-{args.camera}-{args.sampler}-s{args.spread:g}-v{args.versions}-{args.train_from}-seed{args.seed}{data_tag}"
                + (f"-adabn{args.alpha:g}-{args.adabn_upto}-n{args.target_n}" if "adabn" in args.method else "") + ".pt")
         if (WORK / key).is_file():
-            cache = torch.load(WORK / key)
+            cache = read_torch(WORK / key, what="benchmark feature cache")
             times["cache_s"] = 0.0
             times["cache_reused_s"] = cache["seconds"]
         else:
@@ -549,7 +550,7 @@ def reeval(args) -> None:
         path = WORK / "runs" / name / "result.json"
         res = json.loads(path.read_text())
         model = base_model()
-        model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+        model.load_state_dict(read_torch(WORK / "runs" / name / "model_state.pt", what="benchmark weights"))
         res["metrics"] = evaluate(model, domains(te_c), te_l)
         path.write_text(json.dumps(res, indent=1))
         print(name, {k: round(v["tar_at_far_1e-3"], 4) for k, v in res["metrics"].items()}, flush=True)
@@ -569,7 +570,7 @@ def fit(args) -> None:
     for name in args.names:
         model = base_model()
         if name != "base":
-            model.load_state_dict(torch.load(WORK / "runs" / name / "model_state.pt"))
+            model.load_state_dict(read_torch(WORK / "runs" / name / "model_state.pt", what="benchmark weights"))
         res = evaluate(model, doms, labels)
         print(name, {k: round(v["tar_at_far_1e-3"] * 100, 2) for k, v in res.items()}, flush=True)
 
