@@ -463,7 +463,7 @@ def _run_unfreeze(args) -> int:
               "Add --calibrate FACES_DIR (your aligned chips), or --calibrate alone for the shipped sample.")
     print(f"next: train {out} with dlib's C++ dnn_trainer (its bn_con net_type loads it; docs/unfreeze.md), "
           "or fine-tune in PyTorch with `dlibbridge finetune DATA --base "
-          f"{out} --out RUN_DIR`")
+          f"{out} -o RUN_DIR`")
     return 0
 
 
