@@ -96,6 +96,8 @@ def is_torch_file(path: str | os.PathLike) -> bool:
     wrote, or TorchScript) — rather than a dlib file; torch-free, so commands that read dlib
     files can tell the two apart without importing torch."""
     try:
+        if not os.path.isfile(path):    # a pipe (inspect /dev/stdin): peeking would eat its first bytes
+            return False
         with open(path, "rb") as f:
             return f.read(4) == b"PK\x03\x04"
     except OSError:

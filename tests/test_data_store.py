@@ -39,6 +39,19 @@ def test_every_file_of_the_zoo_gives_its_pixels_or_its_reason(zoo):
             assert exp.note in photo.note, (name, photo.note)
 
 
+def test_truncation_is_found_whatever_pillows_process_flag_says(zoo, monkeypatch):
+    """``import face_recognition`` sets Pillow's process-wide LOAD_TRUNCATED_IMAGES: a truncated
+    photo must still be reported, and the flag left as the process had it."""
+    from PIL import ImageFile
+    folder, expected = zoo
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for name in (n for n, e in expected.items() if e.reason == "truncated"):
+        with pytest.raises(ImageReadError, match="") as info:
+            read_image(folder / name)
+        assert info.value.reason == "truncated", name
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def test_jpeg_is_decoded_by_dlib_unless_pillow_is_asked(zoo):
     import dlib
     folder, _ = zoo

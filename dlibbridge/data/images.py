@@ -70,6 +70,21 @@ class Photo:
     note: str = ""        # harmless decoder warnings, e.g. extraneous bytes in a JPEG
 
 
+@contextlib.contextmanager
+def _truncation_is_an_error():
+    """Pillow reads truncation as an error only while its process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False, and ``import face_recognition`` sets it True
+    for the whole process: a truncated photo would then decode with grey rows, silently.  The
+    flag is held False for our decode and put back as it was."""
+    from PIL import ImageFile
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                decoder: str = "dlib") -> Photo:
     """Decode ``path`` to 8-bit RGB, or raise :class:`ImageReadError` (never anything else
@@ -90,7 +105,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as e:
         raise ImageReadError("unreadable", f"{type(e).__name__}: {e.strerror or e}", path) from None
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _truncation_is_an_error():
         # Our own max_pixels check replaces Pillow's global limit (a process-wide setting we
         # must not change); its warning below 2x the limit would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

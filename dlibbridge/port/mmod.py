@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import generic, onednn
+from ..errors import ConversionError
 from ..data.align import CNN_PRECISIONS, pyramid_up
 from .arch import DlibAffine
 
@@ -145,7 +146,7 @@ class CnnFaceDetector:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if precision == "bfloat16" and torch.device(device).type == "cpu" and not cpu_runs_bfloat16():
-            raise generic._conversion_error(
+            raise ConversionError(
                 f"bfloat16 convolutions need a CPU with AVX-512 (or AMX); this one offers "
                 f"{torch.backends.cpu.get_cpu_capability()}: use --cnn-precision float32")
         if path is None:
@@ -154,11 +155,11 @@ class CnnFaceDetector:
         net = generic.to_torch(path)
         meta = net.dlib_meta
         if meta.get("loss") != "loss_mmod_":
-            raise generic._conversion_error(f"{path}: not an MMOD detector (loss {meta.get('loss')!r})")
+            raise ConversionError(f"{path}: not an MMOD detector (loss {meta.get('loss')!r})")
         model = generic.fmt.loads(net.dlib_source)
         inp = model.input
         if inp.version not in ("input_rgb_image_pyramid", "input_rgb_image_pyramid2"):
-            raise generic._conversion_error(f"{path}: input {inp.version!r} is not an RGB image pyramid")
+            raise ConversionError(f"{path}: input {inp.version!r} is not an RGB image pyramid")
         self.padding = inp.get("pyramid_padding", 10)
         self.outer_padding = inp.get("pyramid_outer_padding", 11)
         self._mean = np.array([inp["avg_red"], inp["avg_green"], inp["avg_blue"]], np.float32)
@@ -167,13 +168,13 @@ class CnnFaceDetector:
         else:
             self.windows = [Window(meta["detector_width"], meta["detector_height"], "")]
         if meta.get("use_bounding_box_regression", False):
-            raise generic._conversion_error(f"{path}: bounding-box regression is not supported")
+            raise ConversionError(f"{path}: bounding-box regression is not supported")
         self.nms = (meta["overlaps_nms_iou_thresh"], meta["overlaps_nms_percent_covered_thresh"])
         self.device = torch.device(device)
         self.net = net.to(self.device)
         chain = [net.layers[s.module] for s in net.steps if s.op == "layer"]
         if len(chain) != len(net.steps):
-            raise generic._conversion_error(f"{path}: the MMOD network is expected to be a plain chain")
+            raise ConversionError(f"{path}: the MMOD network is expected to be a plain chain")
         self.precision = precision
         self.chain = _fast_chain(_folded_chain(chain), precision)
         self._in_channels = self.chain[0].in_channels
