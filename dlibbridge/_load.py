@@ -74,4 +74,17 @@ def read_npz(path: str | os.PathLike, *, what: str, advice: str = "") -> dict:
                                + (f"; {advice}" if advice else "")) from None
 
 
-__all__ = ["DamagedFileError", "read_torch", "read_npz"]
+def npz_names(path: str | os.PathLike) -> list[str]:
+    """The array names of an ``.npz`` (``allow_pickle=False``), without reading the arrays:
+    what recognising a file needs, not a multi-GB load."""
+    import zipfile
+
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(z.files)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError, zipfile.BadZipFile) as e:
+        raise DamagedFileError(f"{path}: not a readable .npz ({_first_line(e)})") from None
+
+
+__all__ = ["DamagedFileError", "read_torch", "read_npz", "npz_names"]

@@ -76,8 +76,8 @@ def is_onnx(path: Path) -> bool:
 
 
 def is_embeddings(path: Path) -> bool:
-    from ._load import read_npz
-    return "embeddings" in read_npz(path, what="embeddings file")
+    from ._load import npz_names
+    return "embeddings" in npz_names(path)
 
 
 def is_results_json(path: Path) -> bool:
